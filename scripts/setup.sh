@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up Sumie in a virtual environment (.venv by default).
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --dev    plus the test oracles (diffusers, transformers, k-diffusion, sd-mecha) and tools
+# torch is installed first and pinned, so pip never swaps in another build. Users with CUDA can choose one:
+#   SUMIE_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${SUMIE_VENV:-.venv}
+TORCH_SPEC=${SUMIE_TORCH:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+# shellcheck disable=SC2086
+"${PIP[@]}" $TORCH_SPEC
+if [ "${1:-}" = "--dev" ]; then
+  "${PIP[@]}" -e ".[dev]"
+  # Reference code only (test oracles): their own dependency lists pull in packages we do not need.
+  "${PIP[@]}" --no-deps "k-diffusion==0.1.1.post1" "sd-mecha==1.1.8"
+else
+  "${PIP[@]}" -e .
+fi
+echo "sumie is set up in $VENV (activate with: source $VENV/bin/activate)"

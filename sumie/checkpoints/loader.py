@@ -1,0 +1,334 @@
+"""Load Stable Diffusion weights (single files, diffusers folders, standalone VAEs) into Sumie's modules."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sumie.checkpoints.detect import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Detection,
+    read_prediction_from_yaml,
+    split_checkpoint,
+    unet_config_for,
+)
+from sumie.checkpoints.io import (
+    PICKLE_EXT,
+    SAFETENSORS_EXT,
+    load_state_dict,
+    model_hash,
+    read_safetensors_header,
+    tensor_shapes,
+)
+from sumie.checkpoints.keymaps.clip import add_text_model_prefix
+from sumie.checkpoints.keymaps.unet import diffusers_to_ldm_unet
+from sumie.checkpoints.keymaps.vae import diffusers_to_ldm_vae, infer_vae_config, vae_attention_to_conv
+from sumie.configs import FAMILIES, ModelConfig, Prediction, TextEncoderConfig, VAEConfig
+from sumie.errors import CheckpointError
+from sumie.models.clip import CLIPTextModel
+from sumie.models.unet import UNetModel
+from sumie.models.vae import AutoencoderKL
+
+_PREDICTIONS = ("eps", "v")
+_DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
+
+
+@dataclass
+class StableDiffusionModels:
+    """The loaded networks of one checkpoint, ready for inference."""
+
+    config: ModelConfig
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoders: list[CLIPTextModel]
+    source: str
+    prediction_source: str
+    hash: str | None = None
+    ignored_keys: list[str] = field(default_factory=list)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Component name -> module (``unet``, ``vae``, ``clip_l``, ``clip_g`` ...)."""
+        out: dict[str, nn.Module] = {"unet": self.unet, "vae": self.vae}
+        for cfg, te in zip(self.config.text_encoders, self.text_encoders, strict=True):
+            out[cfg.name] = te
+        return out
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusionModels:
+        """Move every network (in place) and return self."""
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+
+def _describe_mismatch(module: nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None:
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(want.keys() - sd.keys())
+    extra = sorted(sd.keys() - want.keys())
+    if missing:
+        return f"{len(missing)} missing key(s), e.g. {missing[0]!r}"
+    if extra:
+        return f"{len(extra)} unexpected key(s), e.g. {extra[0]!r}"
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            return f"tensor {k!r} has shape {tuple(sd[k].shape)}, expected {shape}"
+    return None
+
+
+def build_module(
+    cls: type[nn.Module],
+    cfg: object,
+    sd: Mapping[str, torch.Tensor],
+    where: str,
+    what: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Construct on the meta device, take the tensors as they are (no second copy), then cast to the run dtype."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    problem = _describe_mismatch(module, sd)
+    if problem:
+        raise CheckpointError(f"{where}: {what} weights do not fit the detected architecture: {problem}")
+    module.load_state_dict(dict(sd), strict=True, assign=True)
+    module.to(device=device, dtype=dtype)
+    module.eval().requires_grad_(False)
+    return module
+
+
+def _check_prediction(prediction: str | None) -> Prediction | None:
+    if prediction is not None and prediction not in _PREDICTIONS:
+        raise CheckpointError(f"unknown prediction type {prediction!r}; use one of: eps, v")
+    return prediction  # type: ignore[return-value]
+
+
+def _assemble(det: Detection, where: str, device: torch.device | str, dtype: torch.dtype, **info: object) -> (
+        StableDiffusionModels):
+    cfg = det.config
+    unet = build_module(UNetModel, cfg.unet, det.parts["unet"], where, "UNet", device, dtype)
+    vae = build_module(AutoencoderKL, cfg.vae, det.parts["vae"], where, "VAE", device, dtype)
+    tes = [
+        build_module(CLIPTextModel, tcfg, det.parts[f"text{i}"], where, f"text encoder {tcfg.name}", device, dtype)
+        for i, tcfg in enumerate(cfg.text_encoders)
+    ]
+    return StableDiffusionModels(
+        config=cfg, unet=unet, vae=vae, text_encoders=tes,  # type: ignore[arg-type]
+        prediction_source=det.prediction_source, ignored_keys=det.ignored, **info,  # type: ignore[arg-type]
+    )
+
+
+def load_models(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    prediction: str | None = None,
+    vae: str | os.PathLike[str] | None = None,
+) -> StableDiffusionModels:
+    """Load a single-file checkpoint or a diffusers folder; ``vae`` replaces the built-in VAE with a file."""
+    pred = _check_prediction(prediction)
+    p = Path(path)
+    if p.is_dir():
+        det = inspect_diffusers_folder(p, prediction=pred, load=True)
+        models = _assemble(det, str(p), device, dtype, source=str(p), hash=None)
+    else:
+        sd = load_state_dict(p)
+        det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p))
+        del sd
+        models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p))
+    if vae is not None:
+        models.vae = load_vae(vae, dtype=dtype, device=device, scaling_factor=models.config.vae.scaling_factor)
+        models.config = replace(models.config, vae=models.vae.config)  # type: ignore[arg-type]
+    return models
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], prediction: str | None = None) -> Detection:
+    """Detect a model without loading its weights (shapes only; a few small tensors are read for heuristics)."""
+    pred = _check_prediction(prediction)
+    p = Path(path)
+    if p.is_dir():
+        return inspect_diffusers_folder(p, prediction=pred, load=False)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder; check the path")
+    shapes, _ = tensor_shapes(p)
+    probe = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    if p.suffix.lower() in SAFETENSORS_EXT and probe in shapes:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            shapes[probe] = f.get_tensor(probe)
+    return split_checkpoint(shapes, str(p), pred, read_prediction_from_yaml(p))
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model", ),
+    "vae": ("diffusion_pytorch_model", ),
+    "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the diffusers folder is incomplete") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _component_weights(folder: Path, names: tuple[str, ...], load: bool) -> dict[str, torch.Tensor]:
+    """Weights of one diffusers component: single file, fp16 variant or sharded index; meta tensors if not load."""
+    for base in names:
+        for variant in ("", ".fp16"):
+            for ext in (".safetensors", ".bin"):
+                f = folder / f"{base}{variant}{ext}"
+                if f.is_file():
+                    return load_state_dict(f) if load else tensor_shapes(f)[0]
+                index = folder / f"{base}{variant}{ext}.index.json"
+                if index.is_file():
+                    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                    out: dict[str, torch.Tensor] = {}
+                    for shard in shards:
+                        out.update(load_state_dict(folder / shard) if load else tensor_shapes(folder / shard)[0])
+                    return out
+    raise CheckpointError(f"{folder}: no weights file found (looked for {names[0]}.safetensors and variants)")
+
+
+def unet_config_from_diffusers(cfg: Mapping[str, object], family: str) -> object:
+    """Sumie UNetConfig from a diffusers ``unet/config.json`` (needed to map its keys)."""
+    from sumie.configs import UNetConfig
+
+    blocks = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))  # type: ignore[call-overload]
+    n = len(blocks)
+    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]))  # type: ignore
+    tlpb = cfg.get("transformer_layers_per_block", 1)
+    depths = list(tlpb) if isinstance(tlpb, list | tuple) else [int(tlpb)] * n  # type: ignore[arg-type]
+    depth = tuple(d if "CrossAttn" in t else 0 for d, t in zip(depths, down, strict=True))
+    mult = tuple(b // blocks[0] for b in blocks)
+    lpb = cfg.get("layers_per_block", 2)
+    if not isinstance(lpb, int):
+        raise CheckpointError("unet/config.json: per-level layers_per_block is not supported")
+    base = FAMILIES[family].unet
+    return UNetConfig(
+        in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),  # type: ignore
+        model_channels=blocks[0], channel_mult=mult, num_res_blocks=lpb, transformer_depth=depth,
+        transformer_depth_middle=max(depths[-1], 1) if family.startswith("sdxl") else 1,
+        num_heads=base.num_heads, num_head_channels=base.num_head_channels,
+        context_dim=int(cfg.get("cross_attention_dim", 768)),  # type: ignore[arg-type]
+        use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
+        adm_in_channels=cfg.get("projection_class_embeddings_input_dim"),  # type: ignore[arg-type]
+        norm_groups=int(cfg.get("norm_num_groups", 32)),  # type: ignore[arg-type]
+    )
+
+
+def inspect_diffusers_folder(folder: Path, prediction: Prediction | None, load: bool) -> Detection:
+    """Read a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder*/, scheduler/)."""
+    from sumie.checkpoints.detect import _text_config
+
+    index = _read_json(folder / "model_index.json")
+    has_te1 = (folder / "text_encoder").is_dir() and index.get("text_encoder", [None])[0] is not None
+    has_te2 = (folder / "text_encoder_2").is_dir()
+    unet_json = _read_json(folder / "unet" / "config.json")
+    ctx = int(unet_json.get("cross_attention_dim", 768))
+    if has_te2:
+        family = "sdxl" if has_te1 else "sdxl_refiner"
+    else:
+        family = "sd2" if ctx == 1024 else "sd1"
+    base = FAMILIES[family]
+    unet_cfg = unet_config_from_diffusers(unet_json, family)
+    unet_sd = diffusers_to_ldm_unet(_component_weights(folder / "unet", _WEIGHT_NAMES["unet"], load), unet_cfg)
+    unet_cfg = unet_config_for(family, unet_sd)
+    vae_json = _read_json(folder / "vae" / "config.json")
+    vae_sd = vae_attention_to_conv(
+        diffusers_to_ldm_vae(_component_weights(folder / "vae", _WEIGHT_NAMES["vae"], load)))
+    vae_cfg = replace(infer_vae_config(vae_sd),
+                      scaling_factor=float(vae_json.get("scaling_factor", base.vae.scaling_factor)))
+    te_dirs = (["text_encoder"] if has_te1 else []) + (["text_encoder_2"] if has_te2 else [])
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": unet_sd, "vae": vae_sd}
+    text_cfgs: list[TextEncoderConfig] = []
+    ignored: list[str] = []
+    for i, (d, base_te) in enumerate(zip(te_dirs, base.text_encoders, strict=True)):
+        sd = add_text_model_prefix(_component_weights(folder / d, _WEIGHT_NAMES[d], load))
+        if "text_model.embeddings.position_ids" in sd:
+            del sd["text_model.embeddings.position_ids"]
+            ignored.append(f"{d}/text_model.embeddings.position_ids")
+        parts[f"text{i}"] = sd
+        text_cfgs.append(_text_config(base_te, sd))
+    source = "option"
+    if prediction is None:
+        sched = folder / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            ptype = _read_json(sched).get("prediction_type", "epsilon")
+            if ptype not in _DIFFUSERS_PREDICTION:
+                raise CheckpointError(f"{sched}: unknown prediction_type {ptype!r}")
+            prediction, source = _DIFFUSERS_PREDICTION[ptype], "scheduler_config.json"  # type: ignore[assignment]
+        else:
+            prediction, source = base.prediction, f"{family} default"
+    config = ModelConfig(family=family, unet=unet_cfg, vae=vae_cfg, text_encoders=tuple(text_cfgs),
+                         prediction=prediction)  # type: ignore[arg-type]
+    return Detection(config=config, parts=parts, prediction_source=source, ignored=ignored)
+
+
+# ---------------------------------------------------------------- standalone VAE files
+
+
+def vae_state_dict_from_file(path: str | os.PathLike[str], load: bool = True) -> dict[str, torch.Tensor]:
+    """A standalone VAE in LDM layout (with or without ``first_stage_model.``) or diffusers layout -> LDM keys."""
+    p = Path(path)
+    sd = load_state_dict(p) if load else tensor_shapes(p)[0]
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    if any(".down_blocks." in k or ".up_blocks." in k for k in sd):
+        sd = diffusers_to_ldm_vae(sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+    if "decoder.conv_in.weight" not in sd:
+        raise CheckpointError(f"{p}: not a VAE file (no decoder.conv_in.weight in LDM or diffusers layout)")
+    return vae_attention_to_conv(sd)
+
+
+def load_vae(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    scaling_factor: float | None = None,
+) -> AutoencoderKL:
+    """Load a standalone VAE file; the scaling factor comes from the model it is used with."""
+    sd = vae_state_dict_from_file(path)
+    cfg: VAEConfig = infer_vae_config(sd)
+    if scaling_factor is not None:
+        cfg = replace(cfg, scaling_factor=scaling_factor)
+    return build_module(AutoencoderKL, cfg, sd, str(path), "VAE", device, dtype)  # type: ignore[return-value]
+
+
+def stored_dtype(path: str | os.PathLike[str]) -> str:
+    """The dominant floating dtype of a file's tensors (by element count), e.g. ``float16``."""
+    p = Path(path)
+    counts: dict[str, int] = {}
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.suffix in SAFETENSORS_EXT | PICKLE_EXT and ".index" not in f.name]
+    else:
+        files = [p]
+    for f in files:
+        if f.suffix.lower() in SAFETENSORS_EXT:
+            header, _ = read_safetensors_header(f)
+            for e in header.values():
+                n = 1
+                for s in e["shape"]:
+                    n *= s
+                counts[e["dtype"]] = counts.get(e["dtype"], 0) + n
+        else:
+            for t in tensor_shapes(f)[0].values():
+                counts[str(t.dtype).removeprefix("torch.")] = counts.get(str(t.dtype), 0) + t.numel()
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    floats = {names.get(k, k): v for k, v in counts.items() if names.get(k, k).startswith(("float", "bfloat"))}
+    return max(floats, key=floats.get) if floats else "unknown"  # type: ignore[arg-type]

@@ -1,0 +1,43 @@
+"""Write Sumie's networks back into the original single-file checkpoint layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sumie.checkpoints.detect import TEXT_PARTS, UNET_PREFIX, VAE_PREFIX
+from sumie.checkpoints.keymaps.clip import hf_to_openclip
+from sumie.configs import ModelConfig
+
+
+def single_file_state_dict(
+    config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module]
+) -> dict[str, torch.Tensor]:
+    """LDM/sgm keys (``model.diffusion_model.*``, ``first_stage_model.*``, text encoders in their own layout)."""
+    out = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    for (prefix, layout), te in zip(TEXT_PARTS[config.family], text_encoders, strict=True):
+        sd = te.state_dict()
+        if layout == "openclip":
+            sd = hf_to_openclip(sd)
+        out.update({prefix + k: v for k, v in sd.items()})
+    if config.prediction == "v":
+        out["v_pred"] = torch.tensor([])
+    return out
+
+
+def random_single_file(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint with random weights at the given config's shapes, in the real file layout (for tests)."""
+    from sumie.models.clip import CLIPTextModel
+    from sumie.models.unet import UNetModel
+    from sumie.models.vae import AutoencoderKL
+
+    torch.manual_seed(seed)
+    unet, vae = UNetModel(config.unet), AutoencoderKL(config.vae)
+    tes = [CLIPTextModel(t) for t in config.text_encoders]
+    with torch.no_grad():
+        for m in (unet, vae, *tes):
+            for p in m.parameters():
+                if not p.any():  # zero-initialised output layers would hide every later layer in tests
+                    p.normal_(0.0, 0.02)
+    return single_file_state_dict(config, unet, vae, tes)

@@ -1,0 +1,240 @@
+"""LDM / sgm ``UNetModel`` (Rombach et al. 2022; Podell et al. 2023) with the original checkpoint key layout.
+
+State-dict keys are those under ``model.diffusion_model.`` in SD1/SD2/SDXL single-file checkpoints:
+``time_embed``, ``label_emb`` (SDXL), ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sumie.configs import UNetConfig
+from sumie.models.attention import GroupNorm32, SpatialTransformer
+
+Control = Mapping[str, Sequence[Tensor | None]]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [N] -> [N, dim] in fp32, cos half first (LDM ``timestep_embedding``)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def sdxl_adm_vector(pooled: Tensor, time_ids: Tensor, embed_dim: int = 256) -> Tensor:
+    """SDXL ADM input y [B, P + 6*embed_dim]: pooled text [B, P] then each size/crop id embedded [B, 6].
+
+    time_ids per row: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) for the base model,
+    (orig_h, orig_w, crop_top, crop_left, aesthetic_score) for the refiner (Podell et al. 2023, sec. 2.2).
+    """
+    b = pooled.shape[0]
+    ids = timestep_embedding(time_ids.reshape(-1), embed_dim).reshape(b, -1)
+    return torch.cat([pooled.float(), ids], dim=-1).to(pooled.dtype)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with an additive timestep embedding and a 1x1 skip when widths differ."""
+
+    def __init__(self, in_ch: int, emb_ch: int, out_ch: int, norm_groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(norm_groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
+        # Index 2 is LDM's dropout slot, kept so the conv stays at out_layers.3.
+        self.out_layers = nn.Sequential(
+            GroupNorm32(norm_groups, out_ch), nn.SiLU(), nn.Identity(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
+        self.skip_connection: nn.Module = (
+            nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, kernel_size=1)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x [B, in_ch, H, W], emb [B, emb_ch] -> [B, out_ch, H, W]."""
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (key ``op``): [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H', W']."""
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling to ``size`` (2x by default) then 3x3 conv (key ``conv``)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """[B, C, H, W] -> [B, C, *size] (size defaults to 2H, 2W, which is what LDM does)."""
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+class UNetBlock(nn.ModuleList):
+    """One entry of input_blocks / middle_block / output_blocks (LDM ``TimestepEmbedSequential``)."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None = None
+    ) -> Tensor:
+        """x [B, C, H, W] -> [B, C', H', W']; ``size`` is the target size of a trailing Upsample."""
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """Noise/velocity predictor eps(x_t, t, c) of SD1, SD2, SDXL and the SDXL refiner, from a UNetConfig."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        ch = cfg.model_channels
+        emb_ch = ch * 4
+        groups = cfg.norm_groups
+        levels = len(cfg.channel_mult)
+        if len(cfg.transformer_depth) != levels:
+            raise ValueError(f"transformer_depth {cfg.transformer_depth} needs one entry per level")
+
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.label_emb: nn.Sequential | None = None
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
+
+        def attn(width: int, depth: int) -> SpatialTransformer:
+            if cfg.num_head_channels != -1:
+                heads, dim_head = width // cfg.num_head_channels, cfg.num_head_channels
+            else:
+                heads, dim_head = cfg.num_heads, width // cfg.num_heads
+            return SpatialTransformer(
+                width, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, groups
+            )
+
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        skip_chs = [ch]
+        cur = ch
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(cur, emb_ch, mult * ch, groups)]
+                cur = mult * ch
+                if cfg.transformer_depth[level] > 0:
+                    layers.append(attn(cur, cfg.transformer_depth[level]))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_chs.append(cur)
+            if level != levels - 1:
+                self.input_blocks.append(UNetBlock([Downsample(cur)]))
+                skip_chs.append(cur)
+
+        self.middle_block = UNetBlock(
+            [
+                ResBlock(cur, emb_ch, cur, groups),
+                attn(cur, cfg.transformer_depth_middle),
+                ResBlock(cur, emb_ch, cur, groups),
+            ]
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            mult = cfg.channel_mult[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(cur + skip_chs.pop(), emb_ch, mult * ch, groups)]
+                cur = mult * ch
+                if cfg.transformer_depth[level] > 0:
+                    layers.append(attn(cur, cfg.transformer_depth[level]))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(cur))
+                self.output_blocks.append(UNetBlock(layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters; inputs are cast to it."""
+        return self.time_embed[0].weight.dtype
+
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        control: Control | None = None,
+    ) -> Tensor:
+        """x [B, in_ch, H, W], t [B] (or scalar), context [B, L, ctx], y [B, adm] -> [B, out_ch, H, W].
+
+        The output has x's dtype; the network runs in the parameters' dtype. ``control`` (ControlNet hook):
+        ``control["skips"]`` holds one residual (or None) per input block, in input-block order, added to
+        that block's output where the decoder reads it as a skip connection; ``control["middle"]`` holds
+        one residual added to the middle block's output.
+        """
+        dtype = self.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError("this UNet has an ADM label embedding (SDXL): pass y [B, adm_in_channels]")
+            emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips: list[Tensor] = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+
+        skip_res: list[Tensor | None] = [None] * len(skips)
+        if control is not None:
+            for r in control.get("middle", ()):
+                if r is not None:
+                    h = h + r.to(dtype)
+            given = list(control.get("skips", ()))
+            if len(given) > len(skips):
+                raise ValueError(f"control['skips'] has {len(given)} tensors for {len(skips)} input blocks")
+            skip_res[: len(given)] = given
+
+        for block in self.output_blocks:
+            skip = skips.pop()
+            r = skip_res[len(skips)]
+            if r is not None:
+                skip = skip + r.to(dtype)
+            h = torch.cat([h, skip], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h).to(x.dtype)
