@@ -131,6 +131,7 @@ def _tiny_text(base: TextEncoderConfig) -> TextEncoderConfig:
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 # Random-weight stand-ins with the real key layout of each family, small enough for tests.
+# (diffusers ties the middle block's depth to the last level's, so the tiny SDXL configs do too.)
 TINY: dict[str, ModelConfig] = {
     "sd1": replace(
         SD1,
@@ -149,7 +150,7 @@ TINY: dict[str, ModelConfig] = {
     "sdxl": replace(
         SDXL,
         unet=replace(SDXL.unet, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-                     transformer_depth=(0, 2), transformer_depth_middle=1, context_dim=128,
+                     transformer_depth=(0, 2), transformer_depth_middle=2, context_dim=128,
                      adm_in_channels=64 + 6 * 256),
         vae=replace(_TINY_VAE, scaling_factor=SDXL.vae.scaling_factor),
         text_encoders=tuple(_tiny_text(t) for t in SDXL.text_encoders),
@@ -157,7 +158,7 @@ TINY: dict[str, ModelConfig] = {
     "sdxl_refiner": replace(
         SDXL_REFINER,
         unet=replace(SDXL_REFINER.unet, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-                     transformer_depth=(0, 2), transformer_depth_middle=1, context_dim=64,
+                     transformer_depth=(0, 2), transformer_depth_middle=2, context_dim=64,
                      adm_in_channels=64 + 5 * 256),
         vae=replace(_TINY_VAE, scaling_factor=SDXL.vae.scaling_factor),
         text_encoders=(_tiny_text(CLIP_G),),

@@ -221,7 +221,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, object], family: str) -> object
     return UNetConfig(
         in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),  # type: ignore
         model_channels=blocks[0], channel_mult=mult, num_res_blocks=lpb, transformer_depth=depth,
-        transformer_depth_middle=max(depths[-1], 1) if family.startswith("sdxl") else 1,
+        transformer_depth_middle=max(depths[-1], 1),
         num_heads=base.num_heads, num_head_channels=base.num_head_channels,
         context_dim=int(cfg.get("cross_attention_dim", 768)),  # type: ignore[arg-type]
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
