@@ -216,6 +216,17 @@ def test_html_entities_differ_from_openai(ours: CLIPTokenizer, refs: dict[str, o
         assert ours.encode(text) != ours.encode(openai_text)
 
 
+def test_word_regex_ignores_case(ours: CLIPTokenizer, refs: dict[str, object]) -> None:
+    """transformers 4.x and OpenAI compile the word regex with IGNORECASE: "'ſ" (long s folds to s) is one
+    "'s"-style piece, so "'" gets no word end. The 5.x tokenizers regex is case-sensitive and splits it."""
+    apostrophe_word_end = ours.encode("'")
+    assert len(apostrophe_word_end) == 1
+    assert ours.encode("'ſt")[0] != apostrophe_word_end[0]
+    for ref in refs.values():
+        if not getattr(ref, "fix_text", None):
+            assert ref("'ſt", add_special_tokens=False)["input_ids"][0] == apostrophe_word_end[0]
+
+
 # ---------------------------------------------------------------------------------------------- padding
 @pytest.mark.parametrize("text", ["wow!", "wow!!!", "!", "!!", "hi !", "! ! !"])
 def test_bang_padding_never_merges(ours: CLIPTokenizer, text: str) -> None:

@@ -161,7 +161,7 @@ class CLIPTokenizer:
         """``[BOS] + ids[:length-2] + [EOS]`` right-padded with ``pad_id`` to exactly ``length``."""
         if length < 2:
             raise ValueError(f"length must be >= 2, got {length}")
-        seq = [self.BOS, *ids[: length - 3], self.EOS]
+        seq = [self.BOS, *ids[: length - 2], self.EOS]
         return seq + [pad_id] * (length - len(seq))
 
     def __call__(self, texts: str | list[str], pad_id: int = 49407, length: int = 77) -> torch.Tensor:
