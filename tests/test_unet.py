@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import resource
 import time
 from dataclasses import replace
@@ -164,6 +165,22 @@ def test_parity_via_our_keymap(name: str) -> None:
     assert r.abs().max() > 0.1  # a real signal, not zeros
 
 
+def test_parity_float64() -> None:
+    """In fp64 rounding cannot hide a semantic difference (e.g. something computed in fp32 on the way)."""
+    dcfg, cfg = SDXL_TINY
+    ref = _reference(dcfg, seed=9).double()
+    model = _ours_from_reference(ref, cfg)
+    inp = _inputs(dcfg, cfg)
+    # /3: values that fp32 cannot represent, so a silent fp32 round trip shows up
+    inp["x"], inp["context"] = inp["x"].double() / 3, inp["context"].double() / 3
+    pooled, ids = inp["added"]["text_embeds"].double() / 3, inp["added"]["time_ids"].double()
+    inp["added"] = {"text_embeds": pooled, "time_ids": ids}
+    inp["y"] = sdxl_adm_vector(pooled, ids, embed_dim=dcfg["addition_time_embed_dim"])
+    out = _ours(model, inp)
+    assert out.dtype == torch.float64
+    _assert_close(out, _ref_out(ref, inp), rel=1e-10)
+
+
 @pytest.mark.parametrize("name", ["sd1", "sdxl", "refiner"])
 def test_parity_odd_latent_size(name: str) -> None:
     """Sizes not divisible by 2**(levels-1): upsampling goes to the skip's size, as diffusers does."""
@@ -264,6 +281,7 @@ def test_keymap_names_unmappable_keys() -> None:
 # Real checkpoint layouts (sd-mecha's key/shape lists) and config inference
 
 
+@functools.cache
 def _mecha_keys(name: str) -> dict[str, tuple[int, ...]]:
     path = MECHA_CONFIGS / f"{name}.yaml"
     if not path.exists():

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back (LDM ``GroupNorm32``), so fp16/bf16 statistics stay stable."""
+    """GroupNorm computed in at least fp32 and cast back (LDM ``GroupNorm32``): stable fp16/bf16 statistics."""
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, ...] -> [B, C, ...] in x's dtype."""
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        w = None if self.weight is None else self.weight.to(dt)
+        b = None if self.bias is None else self.bias.to(dt)
+        return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class CrossAttention(nn.Module):
@@ -113,13 +115,13 @@ class SpatialTransformer(nn.Module):
         x_in = x
         x = self.norm(x)
         if self.use_linear:
-            x = self.proj_in(x.flatten(2).transpose(1, 2))
+            x = self.proj_in(x.permute(0, 2, 3, 1).reshape(b, h * w, -1))
         else:
             x = self.proj_in(x).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
-            x = self.proj_out(x).transpose(1, 2).reshape(b, -1, h, w)
+            x = self.proj_out(x).transpose(1, 2).reshape(b, -1, h, w).contiguous()  # not channels-last
         else:
             x = self.proj_out(x.transpose(1, 2).reshape(b, -1, h, w))
         return x + x_in

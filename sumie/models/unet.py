@@ -40,7 +40,7 @@ def sdxl_adm_vector(pooled: Tensor, time_ids: Tensor, embed_dim: int = 256) -> T
     """
     b = pooled.shape[0]
     ids = timestep_embedding(time_ids.reshape(-1), embed_dim).reshape(b, -1)
-    return torch.cat([pooled.float(), ids], dim=-1).to(pooled.dtype)
+    return torch.cat([pooled, ids.to(pooled.dtype)], dim=-1)
 
 
 class ResBlock(nn.Module):
@@ -99,7 +99,7 @@ class Upsample(nn.Module):
 class UNetBlock(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks (LDM ``TimestepEmbedSequential``)."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, x: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None = None
     ) -> Tensor:
         """x [B, C, H, W] -> [B, C', H', W']; ``size`` is the target size of a trailing Upsample."""
