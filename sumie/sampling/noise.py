@@ -1,0 +1,64 @@
+"""Seeds and noise: one CPU generator per image (A1111's RNG), so results never depend on device or batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class ImageRNG:
+    """Per-image CPU generators: ``first()`` is the initial latent noise, each call afterwards the next draw.
+
+    Image i of a batch uses ``seeds[i]``; its noise equals what the same seed gives alone (A1111's ImageRNG).
+    Used as a ``noise_sampler(sigma, sigma_next)`` for ancestral samplers.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.shape = tuple(shape)
+        self.device, self.dtype = torch.device(device), dtype
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    def _draw(self) -> Tensor:
+        noise = torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
+        return noise.to(device=self.device, dtype=self.dtype)
+
+    def first(self) -> Tensor:
+        """Initial noise [B, *shape]."""
+        return self._draw()
+
+    def __call__(self, sigma: Tensor | float | None = None, sigma_next: Tensor | float | None = None) -> Tensor:
+        """Next standard-normal draw [B, *shape] (the sigmas are ignored: the noise is white)."""
+        return self._draw()
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """``torch.randn(shape, generator=Generator('cpu').manual_seed(seed))`` for each seed, stacked [B, *shape]."""
+    return ImageRNG(seeds, shape, device, dtype).first()
+
+
+class BrownianNoise:
+    """Brownian-tree noise for SDE samplers (k-diffusion's BrownianTreeNoiseSampler), one tree per image seed.
+
+    Built on the CPU in float32, so the noise is the same on any device; ``noise(sigma, sigma_next)`` returns the
+    normalised increment W(t1) - W(t0) / sqrt(|t1 - t0|) [B, *shape].
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], sigma_min: float, sigma_max: float,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        import torchsde
+
+        self.device, self.dtype = torch.device(device), dtype
+        t0, t1 = float(sigma_min), float(sigma_max)
+        w0 = torch.zeros(tuple(shape), dtype=torch.float32)
+        self.trees = [torchsde.BrownianTree(torch.tensor(t0), w0, torch.tensor(t1), entropy=int(s)) for s in seeds]
+
+    def __call__(self, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
+        """Normalised Brownian increment between two noise levels [B, *shape]."""
+        a, b = float(sigma), float(sigma_next)
+        lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
+        w = torch.stack([tree(torch.tensor(lo), torch.tensor(hi)) for tree in self.trees]) * sign
+        return (w / abs(hi - lo) ** 0.5).to(device=self.device, dtype=self.dtype)
