@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from sumie.checkpoints.keymaps.common import Entry, count_indices, rename_keys
 from sumie.configs import UNetConfig
 from sumie.errors import CheckpointError
 
@@ -25,15 +26,14 @@ _DOWNSAMPLE = {"conv": "op"}
 _UPSAMPLE = {"conv": "conv"}
 _SAME: dict[str, str] = {}  # transformer internals are named identically in both layouts
 
-# (diffusers module prefix, ldm module prefix, renames of the next key segment; None = keep the rest as is)
-_Entry = tuple[str, str, dict[str, str] | None]
+_HINT = "; is this an SD1/SD2/SDXL UNet?"
 
 
-def _module_map(cfg: UNetConfig) -> list[_Entry]:
+def _module_map(cfg: UNetConfig) -> list[Entry]:
     """Module-level correspondence for one UNet configuration."""
     nrb = cfg.num_res_blocks
     levels = len(cfg.channel_mult)
-    m: list[_Entry] = [
+    m: list[Entry] = [
         ("conv_in", "input_blocks.0.0", None),
         ("time_embedding.linear_1", "time_embed.0", None),
         ("time_embedding.linear_2", "time_embed.2", None),
@@ -66,63 +66,14 @@ def _module_map(cfg: UNetConfig) -> list[_Entry]:
     return m
 
 
-def _rename(rest: str, renames: dict[str, str] | None) -> str | None:
-    """Apply the first matching leading-segment rename to ``rest`` (None: no rename applies)."""
-    if not renames:
-        return rest
-    for old, new in renames.items():
-        if rest.startswith(old + "."):
-            return new + rest[len(old) :]
-    return None
-
-
-def _convert(
-    sd: Mapping[str, Tensor], table: dict[str, tuple[str, dict[str, str] | None]], what: str
-) -> dict[str, Tensor]:
-    """Rename every key by its longest module prefix in ``table``; CheckpointError lists the unmapped ones."""
-    out: dict[str, Tensor] = {}
-    bad: list[str] = []
-    for key, value in sd.items():
-        parts = key.split(".")
-        new = None
-        for n in range(len(parts) - 1, 0, -1):
-            hit = table.get(".".join(parts[:n]))
-            if hit is not None:
-                rest = _rename(".".join(parts[n:]), hit[1])
-                new = None if rest is None else f"{hit[0]}.{rest}"
-                break
-        if new is None:
-            bad.append(key)
-        else:
-            out[new] = value
-    if bad:
-        shown = ", ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise CheckpointError(
-            f"cannot map {len(bad)} {what} UNet key(s): {shown}; is this an SD1/SD2/SDXL UNet?"
-        )
-    return out
-
-
 def diffusers_to_ldm_unet(sd: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
     """Rename diffusers ``unet/`` keys to LDM keys; the tensors are the same objects (no copy)."""
-    table = {d: (ldm, renames) for d, ldm, renames in _module_map(cfg)}
-    return _convert(sd, table, "diffusers")
+    return rename_keys(sd, _module_map(cfg), "diffusers UNet", hint=_HINT)
 
 
 def ldm_to_diffusers_unet(sd: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
     """Rename LDM keys (``model.diffusion_model.`` stripped) to diffusers keys; same tensor objects."""
-    table = {
-        ldm: (d, None if renames is None else {v: k for k, v in renames.items()})
-        for d, ldm, renames in _module_map(cfg)
-    }
-    return _convert(sd, table, "LDM")
-
-
-def _max_index(sd: Mapping[str, Tensor], pattern: str) -> int:
-    """1 + the largest integer matched by ``pattern``'s group among keys, or 0."""
-    rx = re.compile(pattern)
-    found = [int(m.group(1)) for k in sd if (m := rx.match(k))]
-    return max(found) + 1 if found else 0
+    return rename_keys(sd, _module_map(cfg), "LDM UNet", reverse=True, hint=_HINT)
 
 
 def infer_unet_config(sd: Mapping[str, Tensor]) -> UNetConfig:
@@ -138,7 +89,7 @@ def infer_unet_config(sd: Mapping[str, Tensor]) -> UNetConfig:
     except KeyError as e:
         raise CheckpointError(f"not an LDM UNet state dict: missing {e.args[0]}") from None
     model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-    n_in = _max_index(sd, r"input_blocks\.(\d+)\.")
+    n_in = count_indices(sd, r"input_blocks\.(\d+)\.")
     downs = sorted(int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
     num_res_blocks = (downs[0] - 1) if downs else n_in - 1
     levels = len(downs) + 1
@@ -148,7 +99,7 @@ def infer_unet_config(sd: Mapping[str, Tensor]) -> UNetConfig:
         )
 
     def depth(prefix: str) -> int:
-        return _max_index(sd, re.escape(prefix) + r"\.transformer_blocks\.(\d+)\.")
+        return count_indices(sd, re.escape(prefix) + r"\.transformer_blocks\.(\d+)\.")
 
     channel_mult: list[int] = []
     transformer_depth: list[int] = []

@@ -7,10 +7,11 @@ of madebyollin/taesd under ``encoder.`` / ``decoder.`` prefixes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from torch import Tensor
 
+from sumie.checkpoints.keymaps.common import Entry, count_indices, rename_keys, unmapped_error
 from sumie.configs import VAEConfig
 from sumie.errors import CheckpointError
 
@@ -22,142 +23,51 @@ __all__ = [
     "taesd_keys_to_sumie",
 ]
 
-_P = r"(weight|bias)"
-_RESNET_D2L = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
-_RESNET_L2D = {v: k for k, v in _RESNET_D2L.items()}
-# Old diffusers (< 0.14) AttentionBlock names map onto the same LDM names as the current Attention names.
-_ATTN_D2L = {
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-    "query": "q",
-    "key": "k",
-    "value": "v",
-    "proj_attn": "proj_out",
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+# Old diffusers (< 0.14) AttentionBlock names come first, so the reverse map ends on the current names.
+_ATTN = {
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
 }
-_ATTN_L2D = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_PROJ_LDM = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
-Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str | None]]
 
-
-def _lookup(table: dict[str, str], name: str) -> str | None:
-    return table.get(name)
-
-
-def _apply(sd: Mapping[str, Tensor], rules: list[Rule], what: str) -> dict[str, str]:
-    """Old key -> new key for every key of sd; CheckpointError listing the keys no rule maps."""
-    out: dict[str, str] = {}
-    bad: list[str] = []
-    for key in sd:
-        new = None
-        for pat, fn in rules:
-            m = pat.match(key)
-            if m is not None:
-                new = fn(m)
-                break
-        if new is None:
-            bad.append(key)
-        else:
-            out[key] = new
-    if bad:
-        shown = ", ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise CheckpointError(f"cannot map {len(bad)} {what} VAE key(s): {shown}")
-    if len(set(out.values())) != len(out):
-        raise CheckpointError(f"{what} VAE state dict maps two keys onto one (mixed old and new names?)")
-    return out
-
-
-def _max_index(sd: Mapping[str, Tensor], pattern: str) -> int:
-    found = [int(m.group(1)) for k in sd if (m := re.match(pattern, k))]
-    return max(found) if found else -1
+def _module_map(levels: int, blocks: int) -> list[Entry]:
+    """(diffusers module, LDM module, renames) for a VAE with ``levels`` resolutions and up to ``blocks`` blocks."""
+    m: list[Entry] = [("quant_conv", "quant_conv", None), ("post_quant_conv", "post_quant_conv", None)]
+    for part in ("encoder", "decoder"):
+        m += [
+            (f"{part}.conv_in", f"{part}.conv_in", None),
+            (f"{part}.conv_norm_out", f"{part}.norm_out", None),
+            (f"{part}.conv_out", f"{part}.conv_out", None),
+            (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _RESNET),
+            (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _RESNET),
+            (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _ATTN),
+        ]
+    for i in range(levels):
+        up = levels - 1 - i  # diffusers numbers decoder blocks from the bottom, LDM from the top
+        m.append((f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv", None))
+        m.append((f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{up}.upsample.conv", None))
+        for j in range(blocks):
+            m.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _RESNET))
+            m.append((f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{up}.block.{j}", _RESNET))
+    return m
 
 
 def diffusers_to_ldm_vae(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers ``AutoencoderKL`` state dict -> LDM ``first_stage_model`` keys (prefix stripped)."""
-    n_up = _max_index(sd, r"^decoder\.up_blocks\.(\d+)\.") + 1
-
-    def up(i: str) -> int:
-        return n_up - 1 - int(i)
-
-    rules: list[Rule] = [
-        (re.compile(rf"^(encoder|decoder)\.(conv_in|conv_out)\.{_P}$"), lambda m: m.group(0)),
-        (re.compile(rf"^(quant_conv|post_quant_conv)\.{_P}$"), lambda m: m.group(0)),
-        (re.compile(rf"^(encoder|decoder)\.conv_norm_out\.{_P}$"), lambda m: f"{m[1]}.norm_out.{m[2]}"),
-        (
-            re.compile(rf"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_RESNET_D2L, m[3])) and f"encoder.down.{m[1]}.block.{m[2]}.{r}.{m[4]}",
-        ),
-        (
-            re.compile(rf"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_P}$"),
-            lambda m: f"encoder.down.{m[1]}.downsample.conv.{m[2]}",
-        ),
-        (
-            re.compile(rf"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_RESNET_D2L, m[3])) and f"decoder.up.{up(m[1])}.block.{m[2]}.{r}.{m[4]}",
-        ),
-        (
-            re.compile(rf"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_P}$"),
-            lambda m: f"decoder.up.{up(m[1])}.upsample.conv.{m[2]}",
-        ),
-        (
-            re.compile(rf"^(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_RESNET_D2L, m[3])) and f"{m[1]}.mid.block_{int(m[2]) + 1}.{r}.{m[4]}",
-        ),
-        (
-            re.compile(rf"^(encoder|decoder)\.mid_block\.attentions\.0\.([\w.]+?)\.{_P}$"),
-            lambda m: (r := _lookup(_ATTN_D2L, m[2])) and f"{m[1]}.mid.attn_1.{r}.{m[3]}",
-        ),
-    ]
-    names = _apply(sd, rules, "diffusers")
-    return vae_attention_to_conv({names[k]: v for k, v in sd.items()})
+    levels = count_indices(sd, r"^decoder\.up_blocks\.(\d+)\.")
+    blocks = count_indices(sd, r"^decoder\.up_blocks\.\d+\.resnets\.(\d+)\.")
+    return vae_attention_to_conv(rename_keys(sd, _module_map(levels, blocks), "diffusers VAE"))
 
 
 def ldm_to_diffusers_vae(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """LDM ``first_stage_model`` keys (prefix stripped) -> diffusers ``AutoencoderKL`` state dict."""
-    n_up = _max_index(sd, r"^decoder\.up\.(\d+)\.") + 1
-
-    def up(i: str) -> int:
-        return n_up - 1 - int(i)
-
-    rules: list[Rule] = [
-        (re.compile(rf"^(encoder|decoder)\.(conv_in|conv_out)\.{_P}$"), lambda m: m.group(0)),
-        (re.compile(rf"^(quant_conv|post_quant_conv)\.{_P}$"), lambda m: m.group(0)),
-        (re.compile(rf"^(encoder|decoder)\.norm_out\.{_P}$"), lambda m: f"{m[1]}.conv_norm_out.{m[2]}"),
-        (
-            re.compile(rf"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_RESNET_L2D, m[3])) and f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{r}.{m[4]}",
-        ),
-        (
-            re.compile(rf"^encoder\.down\.(\d+)\.downsample\.conv\.{_P}$"),
-            lambda m: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}",
-        ),
-        (
-            re.compile(rf"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_RESNET_L2D, m[3])) and f"decoder.up_blocks.{up(m[1])}.resnets.{m[2]}.{r}.{m[4]}",
-        ),
-        (
-            re.compile(rf"^decoder\.up\.(\d+)\.upsample\.conv\.{_P}$"),
-            lambda m: f"decoder.up_blocks.{up(m[1])}.upsamplers.0.conv.{m[2]}",
-        ),
-        (
-            re.compile(rf"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_RESNET_L2D, m[3])) and f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{r}.{m[4]}",
-        ),
-        (
-            re.compile(rf"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.{_P}$"),
-            lambda m: (r := _lookup(_ATTN_L2D, m[2])) and f"{m[1]}.mid_block.attentions.0.{r}.{m[3]}",
-        ),
-    ]
-    names = _apply(sd, rules, "LDM")
-    out: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        if _ATTN_PROJ_LDM.match(k) and v.ndim > 2:
-            v = v.reshape(v.shape[0], v.shape[1])  # 1x1 conv -> Linear
-        out[names[k]] = v
-    return out
+    levels = count_indices(sd, r"^decoder\.up\.(\d+)\.")
+    blocks = count_indices(sd, r"^decoder\.up\.\d+\.block\.(\d+)\.")
+    flat = {k: (v.reshape(v.shape[0], v.shape[1]) if _ATTN_PROJ_LDM.match(k) and v.ndim > 2 else v)
+            for k, v in sd.items()}  # 1x1 conv -> Linear
+    return rename_keys(flat, _module_map(levels, blocks), "LDM VAE", reverse=True)
 
 
 def vae_attention_to_conv(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -180,11 +90,11 @@ def _shape(sd: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
 def infer_vae_config(sd: Mapping[str, Tensor]) -> VAEConfig:
     """VAEConfig from the shapes of an LDM-layout VAE state dict; scaling/shift factors and groups stay default."""
     ch, in_channels = _shape(sd, "encoder.conv_in.weight")[:2]
-    n_levels = _max_index(sd, r"^encoder\.down\.(\d+)\.") + 1
+    n_levels = count_indices(sd, r"^encoder\.down\.(\d+)\.")
     if n_levels <= 0:
         raise CheckpointError("VAE state dict has no 'encoder.down.N' blocks (not an LDM-layout VAE)")
     ch_mult = tuple(_shape(sd, f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels))
-    num_res_blocks = _max_index(sd, r"^encoder\.down\.0\.block\.(\d+)\.") + 1
+    num_res_blocks = count_indices(sd, r"^encoder\.down\.0\.block\.(\d+)\.")
     z_channels = _shape(sd, "decoder.conv_in.weight")[1]
     embed_dim = _shape(sd, "post_quant_conv.weight")[1]
     out_channels = _shape(sd, "decoder.conv_out.weight")[0]
@@ -248,8 +158,7 @@ def taesd_keys_to_sumie(sd: Mapping[str, Tensor], part: str | None = None) -> di
         else:
             out[new] = value
     if bad:
-        shown = ", ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise CheckpointError(f"cannot map {len(bad)} TAESD key(s): {shown}")
+        raise unmapped_error(bad, "TAESD")
     if not out:
         raise CheckpointError("TAESD state dict is empty")
     return out
