@@ -122,45 +122,26 @@ SDXL_REFINER = ModelConfig(
 FAMILIES: dict[str, ModelConfig] = {c.family: c for c in (SD1, SD2, SDXL, SDXL_REFINER)}
 
 
-def _tiny_text(base: TextEncoderConfig) -> TextEncoderConfig:
-    """A 2-layer, 64-wide stand-in for a CLIP text encoder (same vocabulary, same 77 positions)."""
-    proj = 64 if base.projection_dim is not None else None
-    return replace(base, width=64, layers=2, heads=1, intermediate=128, projection_dim=proj)
+def _tiny(base: ModelConfig, channels: int, depth: tuple[int, int], adm_ids: int = 0) -> ModelConfig:
+    """A random-weight stand-in of a family: same key layout, 2 UNet levels, 64-wide 2-layer text encoders."""
+    texts = tuple(
+        replace(t, width=64, layers=2, heads=1, intermediate=128, projection_dim=64 if t.projection_dim else None)
+        for t in base.text_encoders
+    )
+    unet = replace(
+        base.unet, model_channels=channels, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=depth,
+        # diffusers ties the middle block's depth to the last level's; the tiny configs do too
+        transformer_depth_middle=depth[-1], context_dim=64 * len(texts),
+        adm_in_channels=64 + adm_ids * 256 if adm_ids else None,
+    )
+    vae = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scaling_factor=base.vae.scaling_factor)
+    return replace(base, unet=unet, vae=vae, text_encoders=texts)
 
-
-_TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 # Random-weight stand-ins with the real key layout of each family, small enough for tests.
-# (diffusers ties the middle block's depth to the last level's, so the tiny SDXL configs do too.)
 TINY: dict[str, ModelConfig] = {
-    "sd1": replace(
-        SD1,
-        unet=replace(SD1.unet, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     transformer_depth=(1, 1), context_dim=64),
-        vae=_TINY_VAE,
-        text_encoders=(_tiny_text(CLIP_L),),
-    ),
-    "sd2": replace(
-        SD2,
-        unet=replace(SD2.unet, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-                     transformer_depth=(1, 1), context_dim=64),
-        vae=_TINY_VAE,
-        text_encoders=(_tiny_text(CLIP_H),),
-    ),
-    "sdxl": replace(
-        SDXL,
-        unet=replace(SDXL.unet, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-                     transformer_depth=(0, 2), transformer_depth_middle=2, context_dim=128,
-                     adm_in_channels=64 + 6 * 256),
-        vae=replace(_TINY_VAE, scaling_factor=SDXL.vae.scaling_factor),
-        text_encoders=tuple(_tiny_text(t) for t in SDXL.text_encoders),
-    ),
-    "sdxl_refiner": replace(
-        SDXL_REFINER,
-        unet=replace(SDXL_REFINER.unet, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-                     transformer_depth=(0, 2), transformer_depth_middle=2, context_dim=64,
-                     adm_in_channels=64 + 5 * 256),
-        vae=replace(_TINY_VAE, scaling_factor=SDXL.vae.scaling_factor),
-        text_encoders=(_tiny_text(CLIP_G),),
-    ),
+    "sd1": _tiny(SD1, 32, (1, 1)),
+    "sd2": _tiny(SD2, 64, (1, 1)),
+    "sdxl": _tiny(SDXL, 64, (0, 2), adm_ids=6),  # pooled + (original size, crop, target size)
+    "sdxl_refiner": _tiny(SDXL_REFINER, 64, (0, 2), adm_ids=5),  # pooled + (original size, crop, aesthetic)
 }
