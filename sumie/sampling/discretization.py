@@ -10,6 +10,8 @@ from torch import Tensor
 from sumie.errors import ConfigError
 
 BetaSchedule = Literal["scaled_linear", "linear"]
+# How a sigma becomes the network's timestep: k-diffusion's log interpolation, or diffusers' variants of it.
+TimestepMode = Literal["log", "linear", "round", "floor"]
 
 
 def make_betas(
@@ -73,18 +75,36 @@ class DiscreteSigmas:
         """Largest trained sigma (t = T - 1)."""
         return self.sigmas[-1]
 
-    def sigma_to_t(self, sigma: Tensor, quantize: bool | None = None) -> Tensor:
-        """Continuous timestep by linear interpolation in log sigma (k-diffusion), or the nearest one if quantized."""
+    def sigma_to_t(self, sigma: Tensor, quantize: bool | None = None, *, mode: TimestepMode = "log") -> Tensor:
+        """Continuous timestep by linear interpolation in log sigma (k-diffusion), or the nearest one if quantized.
+
+        ``mode`` picks diffusers' variants (``quantize`` still wins when true): ``linear`` inverts the piecewise
+        linear sigma(t) diffusers' Euler-family schedulers interpolate with (np.interp), so their fractional
+        timesteps come back exactly; ``round`` / ``floor`` round the log-interpolated t half-to-even / down, as
+        DPMSolver's Karras (and KDPM2's) / exponential and beta timesteps are.
+        """
         quantize = self.quantize if quantize is None else quantize
+        if mode not in ("log", "linear", "round", "floor"):
+            raise ConfigError(f"unknown timestep mode {mode!r}; use log, linear, round or floor")
         log_sigmas = self.log_sigmas.to(sigma.device)
         log_sigma = sigma.to(log_sigmas.dtype).log()
         dists = log_sigma - log_sigmas[:, None]
         if quantize:
             return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.dtype)
         low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
-        lo, hi = log_sigmas[low], log_sigmas[low + 1]
-        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-        return ((1 - w) * low + w * (low + 1)).view(sigma.shape).to(sigma.dtype)
+        if mode == "linear":
+            table = self.sigmas.to(sigma.device)
+            lo, hi = table[low], table[low + 1]
+            w = ((sigma.to(table.dtype) - lo) / (hi - lo)).clamp(0, 1)
+        else:
+            lo, hi = log_sigmas[low], log_sigmas[low + 1]
+            w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        t = (1 - w) * low + w * (low + 1)
+        if mode == "round":
+            t = t.round()
+        elif mode == "floor":
+            t = t.floor()
+        return t.view(sigma.shape).to(sigma.dtype)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at a (fractional) timestep, interpolating log sigma."""
