@@ -91,6 +91,38 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samplers(args: argparse.Namespace) -> int:
+    """List the samplers and schedules with the names A1111 and ComfyUI use for them."""
+    from sumie.sampling import registry
+
+    samplers = [{"name": s.name, "default_schedule": s.default_schedule,
+                 "noise": "brownian" if s.needs_brownian else "white" if s.stochastic else None,
+                 "a1111": list(s.a1111), "comfyui": list(s.comfyui), "options": s.kwargs}
+                for s in registry.SAMPLERS]
+    schedules = [{"name": n, "a1111": list(registry.schedule_aliases(n)[0]),
+                  "comfyui": list(registry.schedule_aliases(n)[1])} for n in registry.schedule_names()]
+    if args.json:
+        print(json.dumps({"samplers": samplers, "schedules": schedules}, indent=2))
+        return 0
+
+    def names(entry: dict) -> str:
+        parts = [f"A1111: {', '.join(entry['a1111'])}" if entry["a1111"] else "",
+                 f"ComfyUI: {', '.join(entry['comfyui'])}" if entry["comfyui"] else ""]
+        return "  ".join(p for p in parts if p)
+
+    print(f"{'SAMPLER':<19} {'DEFAULT SCHEDULE':<17} {'NOISE':<9} ALIASES")
+    for e in samplers:
+        print(f"{e['name']:<19} {e['default_schedule']:<17} {e['noise'] or '-':<9} {names(e)}")
+    print()
+    print(f"{'SCHEDULE':<25} ALIASES")
+    for e in schedules:
+        print(f"{e['name']:<25} {names(e)}")
+    print()
+    print('Names are case-insensitive. A1111 labels with a schedule ("DPM++ 2M Karras") carry it; "Automatic" '
+          "or no scheduler means the sampler's default schedule.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="sumie", description="Stable Diffusion in plain PyTorch.")
@@ -110,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_random_checkpoint)
+
+    p = sub.add_parser("samplers", help="list samplers and schedules with their A1111 and ComfyUI names")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_samplers)
     return parser
 
 
