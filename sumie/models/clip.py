@@ -93,15 +93,16 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: [B, T] (T <= max_positions) -> [B, T, C]."""
+    def forward(self, tokens: Tensor, token_embeds: Tensor | None = None) -> Tensor:
+        """tokens: [B, T] (T <= max_positions) -> [B, T, C]; ``token_embeds`` [B, T, C] replaces the lookup."""
         t = tokens.shape[-1]
         if t > self.position_embedding.num_embeddings:
             raise ConfigError(
                 f"prompt has {t} tokens but the text encoder takes at most "
                 f"{self.position_embedding.num_embeddings}; split it into chunks first"
             )
-        return self.token_embedding(tokens) + self.position_embedding.weight[:t]
+        x = self.token_embedding(tokens) if token_embeds is None else token_embeds
+        return x + self.position_embedding.weight[:t]
 
 
 class CLIPEncoder(nn.Module):
@@ -148,6 +149,7 @@ class CLIPTextModel(nn.Module):
         layer: int | None = None,
         final_norm: bool | None = None,
         need_pooled: bool = True,
+        token_embeds: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """tokens [B, T] -> (hidden [B, T, width], pooled [B, projection_dim or width] or None).
 
@@ -155,14 +157,15 @@ class CLIPTextModel(nn.Module):
         None -> ``cfg.layer``), passed through ``final_layer_norm`` when ``final_norm`` (None ->
         ``cfg.final_norm``). ``pooled`` is always the final-normed last-layer state at the EOS token (the
         largest id, as OpenAI and OpenCLIP pool), then ``text_projection`` when present. With
-        ``need_pooled=False`` the layers after ``layer`` are skipped and ``pooled`` is None.
+        ``need_pooled=False`` the layers after ``layer`` are skipped and ``pooled`` is None. ``token_embeds``
+        [B, T, width] replaces the token lookup (textual-inversion vectors); ``tokens`` still locate the EOS.
         """
         stop = self._layer_index(self.cfg.layer if layer is None else layer)
         norm = self.cfg.final_norm if final_norm is None else final_norm
         tm = self.text_model
         layers = tm.encoder.layers
 
-        x = tm.embeddings(tokens)
+        x = tm.embeddings(tokens, token_embeds)
         for block in layers[: stop + 1]:
             x = block(x)
         hidden = tm.final_layer_norm(x) if norm else x
