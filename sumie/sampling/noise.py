@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -60,5 +61,9 @@ class BrownianNoise:
         """Normalised Brownian increment between two noise levels [B, *shape]."""
         a, b = float(sigma), float(sigma_next)
         lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
-        w = torch.stack([tree(torch.tensor(lo), torch.tensor(hi)) for tree in self.trees]) * sign
+        with warnings.catch_warnings():
+            # torchsde warns when a float64 sigma lies a rounding error outside the float32 tree ends (as in
+            # k-diffusion); the increment it returns is the same.
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(torch.tensor(lo), torch.tensor(hi)) for tree in self.trees]) * sign
         return (w / abs(hi - lo) ** 0.5).to(device=self.device, dtype=self.dtype)
