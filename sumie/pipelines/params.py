@@ -1,0 +1,80 @@
+"""Typed parameters of one generation request (A1111's fields, A1111's defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill"]
+InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
+Convention = Literal["a1111", "diffusers"]
+
+
+@dataclass
+class HiresParams:
+    """Hires fix: first pass at (width, height), upscale, then an img2img pass at the larger size."""
+
+    scale: float = 2.0
+    upscaler: Literal["latent", "lanczos"] = "latent"  # A1111 "Latent" (bilinear on the latent) / "Lanczos"
+    steps: int = 0  # 0 = same as the first pass
+    denoising_strength: float = 0.7
+    resize_x: int = 0  # explicit target size instead of scale (0 = use scale)
+    resize_y: int = 0
+
+
+@dataclass
+class InpaintParams:
+    """Inpainting: the mask is white (255) where the image is repainted (A1111's convention)."""
+
+    mask: Image.Image
+    mask_blur: int = 4
+    invert: bool = False
+    fill: InpaintFill = "original"
+    full_res: bool = False  # "Only masked": crop the masked region (+ padding), upscale, paste back
+    full_res_padding: int = 32
+
+
+@dataclass
+class RefinerParams:
+    """SDXL refiner hand-off: the refiner takes over at ``switch_at`` of the steps."""
+
+    model: str
+    switch_at: float = 0.8
+
+
+@dataclass
+class GenerationParams:
+    """One request: txt2img when ``init_images`` is empty, img2img otherwise, inpainting when ``inpaint`` is set."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M"
+    scheduler: str = "Automatic"
+    seed: int = -1  # -1 = random (reported in the result)
+    subseed: int = -1  # variation seed (-1 = random when subseed_strength > 0)
+    subseed_strength: float = 0.0
+    width: int | None = None  # None = the model's native size (512 SD1, 768 SD2-v, 1024 SDXL)
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    clip_skip: int = 1
+    cfg_rescale: float = 0.0
+    eta: float | None = None  # ancestral/DDIM eta (None = sampler default)
+    s_noise: float | None = None
+    # img2img / inpainting
+    init_images: list[Image.Image] = field(default_factory=list)
+    denoising_strength: float = 0.75
+    resize_mode: ResizeMode = "just_resize"
+    inpaint: InpaintParams | None = None
+    # extras
+    hires: HiresParams | None = None
+    refiner: RefinerParams | None = None
+    sdxl_original_size: tuple[int, int] | None = None  # None = (height, width) of the output
+    sdxl_crop: tuple[int, int] = (0, 0)
+    sdxl_target_size: tuple[int, int] | None = None
+    convention: Convention = "a1111"  # "diffusers": its img2img steps, start noise scale, uint8 rounding
+    styles: list[str] = field(default_factory=list)
