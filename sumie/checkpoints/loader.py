@@ -52,6 +52,7 @@ class StableDiffusionModels:
     prediction_source: str
     hash: str | None = None
     ignored_keys: list[str] = field(default_factory=list)
+    zero_terminal_snr: bool = False  # zero-terminal-SNR training (``ztsnr`` key, diffusers rescale_betas_zero_snr)
 
     def modules(self) -> dict[str, nn.Module]:
         """Component name -> module (``unet``, ``vae``, ``clip_l``, ``clip_g`` ...)."""
@@ -119,7 +120,8 @@ def _assemble(det: Detection, where: str, device: torch.device | str, dtype: tor
     ]
     return StableDiffusionModels(
         config=cfg, unet=unet, vae=vae, text_encoders=tes,  # type: ignore[arg-type]
-        prediction_source=det.prediction_source, ignored_keys=det.ignored, **info,  # type: ignore[arg-type]
+        prediction_source=det.prediction_source, ignored_keys=det.ignored, zero_terminal_snr=det.zero_terminal_snr,
+        **info,  # type: ignore[arg-type]
     )
 
 
@@ -264,8 +266,9 @@ def inspect_diffusers_folder(folder: Path, prediction: Prediction | None, load: 
         parts[f"text{i}"] = sd
         text_cfgs.append(_text_config(base_te, sd))
     source = "option"
+    sched = folder / "scheduler" / "scheduler_config.json"
+    zsnr = sched.is_file() and bool(_read_json(sched).get("rescale_betas_zero_snr", False))
     if prediction is None:
-        sched = folder / "scheduler" / "scheduler_config.json"
         if sched.is_file():
             ptype = _read_json(sched).get("prediction_type", "epsilon")
             if ptype not in _DIFFUSERS_PREDICTION:
@@ -275,7 +278,7 @@ def inspect_diffusers_folder(folder: Path, prediction: Prediction | None, load: 
             prediction, source = base.prediction, f"{family} default"
     config = ModelConfig(family=family, unet=unet_cfg, vae=vae_cfg, text_encoders=tuple(text_cfgs),
                          prediction=prediction)  # type: ignore[arg-type]
-    return Detection(config=config, parts=parts, prediction_source=source, ignored=ignored)
+    return Detection(config=config, parts=parts, prediction_source=source, ignored=ignored, zero_terminal_snr=zsnr)
 
 
 # ---------------------------------------------------------------- standalone VAE files

@@ -65,6 +65,7 @@ class GenerationParams:
     cfg_rescale: float = 0.0
     eta: float | None = None  # ancestral/DDIM eta (None = sampler default)
     s_noise: float | None = None
+    eta_noise_seed_delta: int = 0  # A1111 "Eta noise seed delta" (ENSD): generators restart at seed + delta
     # img2img / inpainting
     init_images: list[Image.Image] = field(default_factory=list)
     denoising_strength: float = 0.75
