@@ -34,6 +34,7 @@ class InpaintParams:
     fill: InpaintFill = "original"
     full_res: bool = False  # "Only masked": crop the masked region (+ padding), upscale, paste back
     full_res_padding: int = 32
+    latent_mask: Image.Image | None = None  # A1111 p.latent_mask (outpainting): mask of the fill and latent blend
 
 
 @dataclass
