@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 Prediction = Literal["eps", "v"]
@@ -145,3 +145,24 @@ TINY: dict[str, ModelConfig] = {
     "sdxl": _tiny(SDXL, 64, (0, 2), adm_ids=6),  # pooled + (original size, crop, target size)
     "sdxl_refiner": _tiny(SDXL_REFINER, 64, (0, 2), adm_ids=5),  # pooled + (original size, crop, aesthetic)
 }
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, object]:
+    """A JSON-ready dict of a ModelConfig (tuples become lists)."""
+    return asdict(config)
+
+
+def config_from_dict(data: dict[str, object]) -> ModelConfig:
+    """Inverse of :func:`config_to_dict`; unknown or missing fields raise TypeError/KeyError."""
+    d = dict(data)
+
+    def tup(sub: dict, *keys: str) -> dict:
+        return {k: (tuple(v) if k in keys else v) for k, v in sub.items()}
+
+    return ModelConfig(
+        family=str(d["family"]),
+        unet=UNetConfig(**tup(d["unet"], "channel_mult", "transformer_depth")),  # type: ignore[arg-type]
+        vae=VAEConfig(**tup(d["vae"], "ch_mult")),  # type: ignore[arg-type]
+        text_encoders=tuple(TextEncoderConfig(**t) for t in d["text_encoders"]),  # type: ignore[union-attr]
+        prediction=d.get("prediction", "eps"),  # type: ignore[arg-type]
+    )

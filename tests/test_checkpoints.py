@@ -273,3 +273,35 @@ def test_real_sd1_layout_file_with_random_values(tmp_path: Path) -> None:
     info = json.loads(r.stdout)
     assert info["family"] == "sd1" and info["stored_dtype"] == "float16"
     assert 859_000_000 < info["parameters"]["unet"] < 860_000_000
+
+
+def test_declared_config_in_metadata_decides_what_shapes_cannot(tmp_path: Path) -> None:
+    """A Sumie-written file carries its config (here: 4 heads where the SD1 convention says 8)."""
+    from sumie.checkpoints.save import save_single_file
+
+    cfg = TINY["sd1"].with_(unet=replace(TINY["sd1"].unet, num_heads=4), prediction="v")
+    torch.manual_seed(0)
+    unet, vae = UNetModel(cfg.unet), AutoencoderKL(cfg.vae)
+    tes = [CLIPTextModel(t) for t in cfg.text_encoders]
+    path = tmp_path / "declared.safetensors"
+    save_single_file(path, cfg, unet, vae, tes)
+    models = load_models(path)
+    assert models.config == cfg
+    assert models.prediction_source == "sumie.config metadata"
+    assert inspect_checkpoint(path).config == cfg
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert torch.equal(models.unet(x, torch.tensor([5.0]), ctx), unet.eval()(x, torch.tensor([5.0]), ctx))
+    # the file still has to fit its declaration
+    bad = dict(load_state_dict(path))
+    from sumie.checkpoints.io import save_safetensors_atomic
+    from sumie.configs import config_to_dict
+
+    wrong = cfg.with_(unet=replace(cfg.unet, model_channels=64))
+    save_safetensors_atomic(bad, tmp_path / "wrong.safetensors",
+                            metadata={"sumie.config": json.dumps(config_to_dict(wrong))})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_models(tmp_path / "wrong.safetensors")
+    save_safetensors_atomic(bad, tmp_path / "junk.safetensors", metadata={"sumie.config": "{not json"})
+    with pytest.raises(CheckpointError, match="sumie.config"):
+        load_models(tmp_path / "junk.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -12,7 +13,7 @@ import torch
 from sumie.checkpoints.keymaps.clip import add_text_model_prefix, infer_text_config, openclip_to_hf
 from sumie.checkpoints.keymaps.unet import infer_unet_config
 from sumie.checkpoints.keymaps.vae import infer_vae_config, vae_attention_to_conv
-from sumie.configs import FAMILIES, ModelConfig, Prediction, TextEncoderConfig, UNetConfig
+from sumie.configs import FAMILIES, ModelConfig, Prediction, TextEncoderConfig, UNetConfig, config_from_dict
 from sumie.errors import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -46,6 +47,16 @@ class Detection:
     prediction_source: str
     ignored: list[str] = field(default_factory=list)
     zero_terminal_snr: bool = False
+
+
+def declared_config(metadata: Mapping[str, str] | None, where: str) -> ModelConfig | None:
+    """The config a Sumie-written file declares in its metadata (``sumie.config``), if any."""
+    if not metadata or "sumie.config" not in metadata:
+        return None
+    try:
+        return config_from_dict(json.loads(metadata["sumie.config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{where}: unreadable sumie.config metadata ({e}); the file is damaged") from None
 
 
 def detect_family(keys: list[str] | set[str], where: str) -> str:
@@ -128,9 +139,17 @@ def split_checkpoint(
     where: str,
     prediction: Prediction | None = None,
     yaml_prediction: Prediction | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Detection:
-    """Split a single-file checkpoint into component state dicts and read its config; unknown keys are errors."""
+    """Split a single-file checkpoint into component state dicts and read its config; unknown keys are errors.
+
+    A ``sumie.config`` JSON entry in the safetensors metadata (written by Sumie's trainer) declares the exact
+    config, e.g. head counts that shapes cannot show; the tensors must still fit it.
+    """
     family = detect_family(list(sd), where)
+    declared = declared_config(metadata, where)
+    if declared is not None and declared.family != family:
+        raise CheckpointError(f"{where}: metadata declares a {declared.family} model but the keys are {family}'s")
     base = FAMILIES[family]
     text_parts = TEXT_PARTS[family]
     prefixes = [(UNET_PREFIX, "unet"), (VAE_PREFIX, "vae")] + [(p, f"text{i}") for i, (p, _) in enumerate(text_parts)]
@@ -180,6 +199,11 @@ def split_checkpoint(
         pred, source = yaml_prediction, "sidecar .yaml"
     else:
         pred, source = guess_prediction(family, sd)
-    config = ModelConfig(family=family, unet=unet_cfg, vae=vae_cfg, text_encoders=tuple(text_cfgs), prediction=pred)
+    if declared is not None:
+        config = replace(declared, prediction=pred if source in ("option", "sidecar .yaml") else declared.prediction)
+        source = source if source in ("option", "sidecar .yaml") else "sumie.config metadata"
+    else:
+        config = ModelConfig(family=family, unet=unet_cfg, vae=vae_cfg, text_encoders=tuple(text_cfgs),
+                             prediction=pred)
     return Detection(config=config, parts=parts, prediction_source=source, ignored=ignored,
                      zero_terminal_snr="ztsnr" in sd)

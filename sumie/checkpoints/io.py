@@ -178,6 +178,12 @@ def tensor_shapes(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor]
     return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}, {}
 
 
+def file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file ({} for other formats)."""
+    p = Path(path)
+    return read_safetensors_header(p)[1] if p.suffix.lower() in SAFETENSORS_EXT else {}
+
+
 def model_hash(path: str | os.PathLike[str]) -> str:
     """A1111's model hash: the first 10 hex digits of the file's SHA-256."""
     h = hashlib.sha256()

@@ -22,6 +22,7 @@ from sumie.checkpoints.detect import (
 from sumie.checkpoints.io import (
     PICKLE_EXT,
     SAFETENSORS_EXT,
+    file_metadata,
     load_state_dict,
     model_hash,
     read_safetensors_header,
@@ -141,7 +142,7 @@ def load_models(
         models = _assemble(det, str(p), device, dtype, source=str(p), hash=None)
     else:
         sd = load_state_dict(p)
-        det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p))
+        det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p), metadata=file_metadata(p))
         del sd
         models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p))
     if vae is not None:
@@ -158,14 +159,14 @@ def inspect_checkpoint(path: str | os.PathLike[str], prediction: str | None = No
         return inspect_diffusers_folder(p, prediction=pred, load=False)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder; check the path")
-    shapes, _ = tensor_shapes(p)
+    shapes, metadata = tensor_shapes(p)
     probe = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
     if p.suffix.lower() in SAFETENSORS_EXT and probe in shapes:
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as f:
             shapes[probe] = f.get_tensor(probe)
-    return split_checkpoint(shapes, str(p), pred, read_prediction_from_yaml(p))
+    return split_checkpoint(shapes, str(p), pred, read_prediction_from_yaml(p), metadata=metadata)
 
 
 # ---------------------------------------------------------------- diffusers folders

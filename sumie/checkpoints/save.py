@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from sumie.checkpoints.detect import TEXT_PARTS, UNET_PREFIX, VAE_PREFIX
+from sumie.checkpoints.io import save_safetensors_atomic
 from sumie.checkpoints.keymaps.clip import hf_to_openclip
-from sumie.configs import ModelConfig
+from sumie.configs import ModelConfig, config_to_dict
 
 
 def single_file_state_dict(
@@ -41,3 +45,13 @@ def random_single_file(config: ModelConfig, seed: int = 0) -> dict[str, torch.Te
                 if not p.any():  # zero-initialised output layers would hide every later layer in tests
                     p.normal_(0.0, 0.02)
     return single_file_state_dict(config, unet, vae, tes)
+
+
+def save_single_file(
+    path: str | Path, config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module],
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a single-file .safetensors (atomic) that declares its exact config in the ``sumie.config`` metadata."""
+    metadata = {"sumie.config": json.dumps(config_to_dict(config)), **(extra_metadata or {})}
+    sd = single_file_state_dict(config, unet, vae, text_encoders)
+    save_safetensors_atomic({k: v.detach().cpu() for k, v in sd.items()}, path, metadata=metadata)
