@@ -6,6 +6,8 @@ step); with ``s_churn > 0`` they need a ``noise_sampler``. LMS and DPM++ 2M are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -26,8 +28,23 @@ def _churn(x: Tensor, sigmas: Tensor, i: int, noise_sampler: NoiseSampler | None
     return x, sigma_hat
 
 
-def _churn_noise(noise_sampler: NoiseSampler | None, s_churn: float, name: str) -> NoiseSampler | None:
-    return require_noise(noise_sampler, name) if s_churn > 0 else noise_sampler
+# update(x, d, sigma_hat, sigma_next) -> x at sigma_next, given the derivative d at sigma_hat.
+_Update = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def _karras_loop(model: Model, x: Tensor, sigmas: Tensor, update: _Update, name: str, callback: Callback | None,
+                 noise_sampler: NoiseSampler | None, s_churn: float, s_tmin: float, s_tmax: float,
+                 s_noise: float) -> Tensor:
+    """Karras et al. 2022 Algorithm 2's skeleton: churn, denoise, callback, then the method's own update."""
+    noise_sampler = require_noise(noise_sampler, name) if s_churn > 0 else noise_sampler
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_batch(sigma_hat, x))
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x = update(x, d, sigma_hat, sigmas[i + 1])
+    return x
 
 
 @torch.no_grad()
@@ -35,15 +52,12 @@ def sample_euler(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callback 
                  noise_sampler: NoiseSampler | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """Euler steps, Karras et al. 2022 Algorithm 2 (churn noise only when ``s_churn > 0``)."""
-    noise_sampler = _churn_noise(noise_sampler, s_churn, "sample_euler")
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_batch(sigma_hat, x))
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-        x = x + d * (sigmas[i + 1] - sigma_hat)
-    return x
+
+    def update(x: Tensor, d: Tensor, sigma_hat: Tensor, sigma_next: Tensor) -> Tensor:
+        return x + d * (sigma_next - sigma_hat)
+
+    return _karras_loop(model, x, sigmas, update, "sample_euler", callback, noise_sampler, s_churn, s_tmin, s_tmax,
+                        s_noise)
 
 
 @torch.no_grad()
@@ -51,22 +65,17 @@ def sample_heun(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callback |
                 noise_sampler: NoiseSampler | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """Heun's second-order steps (Euler on the last step to 0), Karras et al. 2022 Algorithm 2."""
-    noise_sampler = _churn_noise(noise_sampler, s_churn, "sample_heun")
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_batch(sigma_hat, x))
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-        sigma_next = sigmas[i + 1]
+
+    def update(x: Tensor, d: Tensor, sigma_hat: Tensor, sigma_next: Tensor) -> Tensor:
         dt = sigma_next - sigma_hat
         if sigma_next == 0:
-            x = x + d * dt
-            continue
+            return x + d * dt
         x_2 = x + d * dt
         d_2 = to_d(x_2, sigma_next, model(x_2, sigma_batch(sigma_next, x)))
-        x = x + (d + d_2) / 2 * dt
-    return x
+        return x + (d + d_2) / 2 * dt
+
+    return _karras_loop(model, x, sigmas, update, "sample_heun", callback, noise_sampler, s_churn, s_tmin, s_tmax,
+                        s_noise)
 
 
 @torch.no_grad()
@@ -74,22 +83,17 @@ def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callback 
                  noise_sampler: NoiseSampler | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """DPM-Solver-2 midpoint steps in log sigma (Lu et al. 2022) inside Karras et al. 2022 Algorithm 2."""
-    noise_sampler = _churn_noise(noise_sampler, s_churn, "sample_dpm_2")
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_batch(sigma_hat, x))
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-        sigma_next = sigmas[i + 1]
+
+    def update(x: Tensor, d: Tensor, sigma_hat: Tensor, sigma_next: Tensor) -> Tensor:
         if sigma_next == 0:
-            x = x + d * (sigma_next - sigma_hat)
-            continue
+            return x + d * (sigma_next - sigma_hat)
         sigma_mid = sigma_hat.log().lerp(sigma_next.log(), 0.5).exp()
         x_2 = x + d * (sigma_mid - sigma_hat)
         d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_batch(sigma_mid, x)))
-        x = x + d_2 * (sigma_next - sigma_hat)
-    return x
+        return x + d_2 * (sigma_next - sigma_hat)
+
+    return _karras_loop(model, x, sigmas, update, "sample_dpm_2", callback, noise_sampler, s_churn, s_tmin, s_tmax,
+                        s_noise)
 
 
 def lms_coefficients(sigmas: Tensor, i: int, order: int) -> list[float]:
