@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sumie.errors import SumieError
+
+if TYPE_CHECKING:
+    from sumie.pipelines.params import GenerationParams
 
 FAMILY_NAMES = {
     "sd1": "Stable Diffusion 1.x",
@@ -124,6 +129,380 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ------------------------------------------------------------------------------------------------ generation
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_MODES = ("txt2img", "img2img", "inpaint", "outpaint")
+# CLI option -> GenerationParams field, for options that map one to one (all default to None = not given)
+_PARAM_FIELDS = {
+    "negative_prompt": "negative_prompt", "steps": "steps", "cfg_scale": "cfg_scale", "sampler": "sampler",
+    "scheduler": "scheduler", "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength",
+    "width": "width", "height": "height", "batch_size": "batch_size", "n_iter": "n_iter", "clip_skip": "clip_skip",
+    "cfg_rescale": "cfg_rescale", "eta": "eta", "s_noise": "s_noise", "ensd": "eta_noise_seed_delta",
+    "convention": "convention", "denoising_strength": "denoising_strength", "resize_mode": "resize_mode",
+}
+_INPAINT_FIELDS = {"mask_blur": "mask_blur", "invert_mask": "invert", "inpainting_fill": "fill",
+                   "only_masked": "full_res", "only_masked_padding": "full_res_padding"}
+_HIRES_FIELDS = {"hires_scale": "scale", "hires_steps": "steps", "hires_denoise": "denoising_strength",
+                 "hires_upscaler": "upscaler"}
+# defaults that differ from GenerationParams' for a mode
+_MODE_DEFAULTS: dict[str, dict[str, object]] = {"outpaint": {"denoising_strength": 0.8}}
+_OUTPAINT_INPAINT_DEFAULTS = {"fill": "fill"}
+_OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+
+
+def _warn(message: str) -> None:
+    print(f"sumie: warning: {message}", file=sys.stderr)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """Python warnings as one ``sumie: warning:`` line each."""
+    _warn(" ".join(str(message).split()))
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[str, object]:
+    """The torch device (default: cuda, then mps, then cpu) and dtype (default: fp16 on a GPU, else fp32)."""
+    import torch
+
+    from sumie.errors import ConfigError
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else
+                           "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available to torch; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: Apple's MPS is not available to torch; use --device cpu")
+    dtype = args.dtype or ("fp32" if device.type == "cpu" else "fp16")
+    return str(device), getattr(torch, _DTYPES[dtype])
+
+
+def _check_lora_tags(prompt: str, negative: str) -> None:
+    """Warn about extra-network tags: they are cut from the text the model sees (A1111) and not applied yet."""
+    from sumie.prompts.parser import extract_extra_networks, strip_comments
+
+    for text in (prompt, negative):
+        for net in extract_extra_networks(strip_comments(text))[1]:
+            tag = f"<{net.kind}:{':'.join((net.name, *net.args))}>"
+            what = "LoRA" if net.kind.lower() in ("lora", "lyco") else f"'{net.kind}' networks"
+            _warn(f"{tag} is not applied: {what} support comes in a later version; the tag is removed from the "
+                  "prompt the model sees (as A1111 does) and kept in the image's metadata")
+
+
+def _from_png(path: str) -> tuple[GenerationParams, dict[str, object], str]:
+    """(params, parsed fields, text) of an image's stored generation parameters."""
+    from sumie.errors import ConfigError
+    from sumie.pipelines.infotext import params_from_infotext, parse_infotext
+    from sumie.pipelines.output import read_png_info
+
+    text = read_png_info(path)
+    if not text:
+        raise ConfigError(f"{path}: the image holds no generation parameters; --from-png needs an image written by "
+                          "Sumie or A1111")
+    fields = parse_infotext(text)
+    return params_from_infotext(fields), fields, text
+
+
+def _build_params(args: argparse.Namespace, mode: str) -> tuple[GenerationParams, dict[str, object] | None]:
+    """The request: defaults (or the --from-png image's parameters), then every option given on the command line."""
+    import dataclasses
+
+    from sumie.errors import ConfigError
+    from sumie.pipelines.params import GenerationParams, HiresParams, RefinerParams
+
+    fields = None
+    if args.from_png:
+        p, fields, _ = _from_png(args.from_png)
+        if mode == "txt2img" and "Denoising strength" in fields and p.hires is None:
+            _warn(f"{args.from_png} was made with img2img; this re-creates it as txt2img (use `sumie img2img "
+                  "IMAGE --from-png ...` with the init image)")
+    else:
+        p = GenerationParams(**_MODE_DEFAULTS.get(mode, {}))  # type: ignore[arg-type]
+    if args.prompt is not None:
+        p.prompt = args.prompt
+    for opt, name in _PARAM_FIELDS.items():
+        value = getattr(args, opt, None)
+        if value is not None:
+            setattr(p, name, value)
+    if mode == "txt2img":
+        given = {f: getattr(args, o) for o, f in _HIRES_FIELDS.items() if getattr(args, o) is not None}
+        if args.hires or given:
+            p.hires = dataclasses.replace(p.hires or HiresParams(), **given)  # type: ignore[arg-type]
+    if args.refiner is not None:
+        p.refiner = RefinerParams(model=args.refiner)
+    elif p.refiner is not None:
+        raise ConfigError(f"the image was refined with '{p.refiner.model}'; pass --refiner PATH to that checkpoint")
+    if args.refiner_switch_at is not None:
+        if p.refiner is None:
+            raise ConfigError("--refiner-switch-at needs --refiner PATH")
+        p.refiner.switch_at = args.refiner_switch_at
+    return p, fields
+
+
+def _validate_early(p: GenerationParams) -> None:
+    """Checks that need no model, so a typo fails before the (slow) model load."""
+    from sumie.errors import ConfigError
+    from sumie.sampling import registry
+
+    registry.resolve(p.sampler, p.scheduler)
+    if p.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {p.steps}")
+    if p.batch_size < 1 or p.n_iter < 1:
+        raise ConfigError(f"--batch-size and --n-iter must be at least 1, got {p.batch_size} and {p.n_iter}")
+    for name, value in (("width", p.width), ("height", p.height)):
+        if value is not None and (value < 8 or value % 8):
+            lo = max(8, value // 8 * 8)
+            raise ConfigError(f"--{name} {value} is not a multiple of 8; use {lo} or {lo + 8}")
+    if not 0.0 <= p.denoising_strength <= 1.0:
+        raise ConfigError(f"--denoising-strength must be in [0, 1], got {p.denoising_strength}")
+    if not 0.0 <= p.subseed_strength <= 1.0:
+        raise ConfigError(f"--subseed-strength must be in [0, 1], got {p.subseed_strength}")
+
+
+class _Outputs:
+    """Where the images go: a folder (A1111 numbering ``00000-<seed>.png``) or one ``.png`` file."""
+
+    def __init__(self, out: str | None, count: int, overwrite: bool) -> None:
+        from sumie.errors import ConfigError, SumieError
+
+        text = out if out is not None else "outputs"
+        self.path = Path(text)
+        self.overwrite = overwrite
+        suffix = self.path.suffix.lower()
+        self.is_file = suffix == ".png" and not self.path.is_dir() and not text.endswith(("/", os.sep))
+        if self.is_file:
+            if count != 1:
+                raise ConfigError(f"-o {self.path} names one file but the run makes {count} images; give a folder")
+            if self.path.exists() and not overwrite:
+                raise SumieError(f"{self.path} already exists; choose another name or pass --overwrite")
+        elif suffix in _OTHER_IMAGE_SUFFIXES and not self.path.is_dir():
+            raise ConfigError(f"-o {self.path}: images are written as PNG; give a folder or a file ending in .png")
+        elif self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"-o {self.path} is a file; give a folder or a .png file name")
+        self.preview_path = (self.path.with_name(self.path.stem + ".preview.png") if self.is_file
+                             else self.path / "preview.png")
+        self.wrote_preview = False
+        self.created: list[Path] = []  # folders the preview created, deepest first
+
+    def save(self, image: object, seed: int, infotext: str) -> Path:
+        """Write one image with its infotext (atomically; never over an existing file without --overwrite)."""
+        from sumie.pipelines.output import next_free_path, save_png
+
+        if self.is_file:
+            return save_png(image, self.path, infotext, overwrite=self.overwrite)  # type: ignore[arg-type]
+        return save_png(image, next_free_path(self.path, str(seed)), infotext)  # type: ignore[arg-type]
+
+    def preview(self, images: list) -> None:
+        """Write the batch's current prediction side by side into the preview file."""
+        from PIL import Image
+
+        from sumie.pipelines.output import save_png
+
+        w, h = images[0].size
+        strip = Image.new("RGB", (w * len(images), h))
+        for k, im in enumerate(images):
+            strip.paste(im.convert("RGB"), (k * w, 0))
+        if not self.wrote_preview:
+            folder = self.preview_path.parent
+            self.created = [d for d in (folder, *folder.parents) if not d.exists()]
+        save_png(strip, self.preview_path, None, overwrite=True)
+        self.wrote_preview = True
+
+    def remove_preview(self) -> None:
+        """Delete the preview file this run wrote, and the folders it created for it (when empty)."""
+        if self.wrote_preview:
+            self.preview_path.unlink(missing_ok=True)
+            for folder in self.created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _init_images(args: argparse.Namespace, mode: str, p: GenerationParams) -> None:
+    """Load the init image (and mask, or build the outpainting canvas) into ``p``; before any model is loaded."""
+    import dataclasses
+
+    from sumie.pipelines import images as img_ops
+    from sumie.pipelines.infotext import inpaint_from_infotext
+    from sumie.pipelines.params import InpaintParams
+    from sumie.pipelines.variation import fixed_seed
+
+    if mode == "txt2img":
+        return
+    image = img_ops.load_image(args.image)
+    if mode == "img2img":
+        p.init_images = [image]
+        return
+    if mode == "inpaint":
+        mask = img_ops.load_mask(args.mask, image.size, resize=args.mask_resize)
+    else:
+        p.seed = fixed_seed(p.seed)  # the canvas noise and the generation share the seed
+        image, mask = img_ops.outpaint_canvas(image, args.left, args.right, args.top, args.bottom,
+                                              fill=args.outpaint_fill, overlap=args.overlap, seed=p.seed)
+    if args.from_png:
+        inpaint = inpaint_from_infotext(_from_png(args.from_png)[2], mask)
+    else:
+        inpaint = InpaintParams(mask=mask, **(_OUTPAINT_INPAINT_DEFAULTS if mode == "outpaint" else {}))
+    given = {f: getattr(args, o) for o, f in _INPAINT_FIELDS.items() if getattr(args, o, None) is not None}
+    p.inpaint = dataclasses.replace(inpaint, **given)
+    p.init_images = [image]
+
+
+def _check_model_hash(fields: dict[str, object] | None, engine: object) -> None:
+    """Warn when --from-png names another model than the one loaded."""
+    if not fields or not fields.get("Model hash"):
+        return
+    have = getattr(getattr(engine, "models", None), "hash", None)
+    want = str(fields["Model hash"]).lower()
+    if have and not str(have).lower().startswith(want[:10]):
+        name = fields.get("Model", "?")
+        _warn(f"the image was made with model '{name}' (hash {want}), this run uses hash {have}; the image will "
+              "differ")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """txt2img, img2img, inpainting or outpainting (``args.mode``): images with their infotexts as PNGs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one "sumie: warning:" line each; restored on exit
+        warnings.filterwarnings("ignore", message="extra networks are not supported")  # _check_lora_tags says it
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import sumie
+    from sumie.errors import ConfigError
+
+    mode = args.mode
+    if not args.model:
+        raise ConfigError("no model given: pass --model PATH (a .safetensors/.ckpt file or a diffusers folder); "
+                          "Sumie has no built-in default model yet")
+    device, dtype = _device_and_dtype(args)
+    p, fields = _build_params(args, mode)
+    _validate_early(p)
+    if args.preview and not args.taesd:
+        _warn("--preview without --taesd FILE decodes previews with the full VAE (slower)")
+    _init_images(args, mode, p)
+    outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite)
+    _check_lora_tags(p.prompt, p.negative_prompt)
+    engine = sumie.load(args.model, dtype=dtype, device=device, vae=args.vae, prediction=args.prediction,
+                        embeddings_dir=args.embeddings, taesd=args.taesd)
+    engine.show_progress = False if args.quiet else None  # tqdm on stderr when it is a terminal
+    _check_model_hash(fields, engine)
+    preview = (lambda done, images: outputs.preview(images)) if args.preview else None
+    try:
+        result = engine.generate(p, preview=preview, preview_every=args.preview_every)
+    finally:
+        outputs.remove_preview()
+    for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
+        print(f"wrote {outputs.save(image, seed, text)}")
+    return 0
+
+
+def cmd_pnginfo(args: argparse.Namespace) -> int:
+    """Print the generation parameters stored in an image (``--json``: parsed as A1111 parses them)."""
+    from sumie.errors import SumieError
+    from sumie.pipelines.infotext import parse_infotext
+    from sumie.pipelines.output import read_png_info
+
+    text = read_png_info(args.image)
+    if not text:
+        raise SumieError(f"{args.image}: the image holds no generation parameters")
+    if args.json:
+        print(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False))
+    else:
+        print(text)
+    return 0
+
+
+def _none_default(help_text: str, default: object) -> str:
+    return f"{help_text} (default: {default})"
+
+
+def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
+    """The options every generation command shares; every default is None = "not given" (see _build_params)."""
+    img = mode != "txt2img"
+    g = p.add_argument_group("prompt and sampling")
+    g.add_argument("-n", "--negative-prompt", help="negative prompt")
+    g.add_argument("--steps", type=int, metavar="N", help=_none_default("sampling steps", 20))
+    g.add_argument("--cfg-scale", type=float, metavar="X", help=_none_default("classifier-free guidance scale", 7))
+    g.add_argument("--sampler", help=_none_default("sampler, A1111 or ComfyUI name (see `sumie samplers`)",
+                                                   "DPM++ 2M"))
+    g.add_argument("--scheduler", help=_none_default("schedule type (Karras, Exponential, ...)", "Automatic"))
+    g.add_argument("--seed", type=int, metavar="N",
+                   help=_none_default("seed; image k of the run gets seed + k", "-1, random"))
+    g.add_argument("--subseed", type=int, metavar="N", help=_none_default("variation seed", "-1, random"))
+    g.add_argument("--subseed-strength", type=float, metavar="X", help=_none_default("variation strength in [0, 1]", 0))
+    g.add_argument("--width", type=int, metavar="N", help=_none_default(
+        "width, a multiple of 8", "the init image's" if img else "the model's native size"))
+    g.add_argument("--height", type=int, metavar="N", help=_none_default(
+        "height, a multiple of 8", "the init image's" if img else "the model's native size"))
+    g.add_argument("--batch-size", type=int, metavar="N", help=_none_default("images per batch", 1))
+    g.add_argument("--n-iter", type=int, metavar="N", help=_none_default("number of batches", 1))
+    g.add_argument("--clip-skip", type=int, metavar="N", help=_none_default("CLIP skip (1 = last layer)", 1))
+    g.add_argument("--cfg-rescale", type=float, metavar="X", help=_none_default("CFG rescale phi", 0))
+    g.add_argument("--eta", type=float, metavar="X",
+                   help="eta of ancestral/SDE samplers and DDIM (default: the sampler's)")
+    g.add_argument("--s-noise", type=float, metavar="X", help="sigma noise multiplier (default: the sampler's)")
+    g.add_argument("--ensd", type=int, metavar="N", help=_none_default("A1111 eta noise seed delta", 0))
+    g.add_argument("--convention", choices=["a1111", "diffusers"],
+                   help=_none_default("reproduce A1111's or diffusers' numbers", "a1111"))
+    if img:
+        default = _MODE_DEFAULTS.get(mode, {}).get("denoising_strength", 0.75)
+        g.add_argument("--denoising-strength", type=float, metavar="X",
+                       help=_none_default("how much to change, in [0, 1]", default))
+        g.add_argument("--resize-mode", choices=["just_resize", "crop_and_resize", "resize_and_fill"],
+                       help=_none_default("how the image is fitted to --width/--height", "just_resize"))
+    if mode in ("inpaint", "outpaint"):
+        g.add_argument("--mask-blur", type=int, metavar="N", help=_none_default("mask blur in pixels", 4))
+        g.add_argument("--inpainting-fill", choices=["fill", "original", "latent_noise", "latent_nothing"],
+                       help=_none_default("masked content", "fill" if mode == "outpaint" else "original"))
+        g.add_argument("--only-masked", action="store_true", default=None,
+                       help="inpaint only the masked area at full resolution, then paste it back")
+        g.add_argument("--only-masked-padding", type=int, metavar="N",
+                       help=_none_default("padding of --only-masked, pixels", 32))
+    if mode == "inpaint":
+        g.add_argument("--invert-mask", action="store_true", default=None, help="repaint the black part instead")
+        g.add_argument("--mask-resize", action="store_true", help="stretch a mask of another size to the image")
+    if mode == "txt2img":
+        h = p.add_argument_group("hires fix (on when any of these is given)")
+        h.add_argument("--hires", action="store_true", help="hires fix with the defaults below")
+        h.add_argument("--hires-scale", type=float, metavar="X", help=_none_default("upscale factor", 2))
+        h.add_argument("--hires-steps", type=int, metavar="N", help=_none_default("second-pass steps (0 = --steps)", 0))
+        h.add_argument("--hires-denoise", type=float, metavar="X",
+                       help=_none_default("second-pass denoising strength", 0.7))
+        h.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help=_none_default("upscaler", "latent"))
+    r = p.add_argument_group("SDXL refiner")
+    r.add_argument("--refiner", metavar="PATH", help="refiner checkpoint that takes over at --refiner-switch-at")
+    r.add_argument("--refiner-switch-at", type=float, metavar="X", help=_none_default("fraction of the steps", 0.8))
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="PATH", help="checkpoint file or diffusers folder (required)")
+    m.add_argument("--vae", metavar="PATH", help="standalone VAE replacing the checkpoint's")
+    m.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    m.add_argument("--dtype", choices=list(_DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
+    m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")
+    m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
+    m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", metavar="OUT",
+                   help="folder (numbered 00000-<seed>.png) or, for one image, a .png file (default: outputs)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    o.add_argument("--from-png", metavar="IMAGE",
+                   help="re-create an image from its stored parameters; options given here override them")
+    o.add_argument("--preview", action="store_true",
+                   help="write the current prediction to preview.png in the output folder while sampling")
+    o.add_argument("--preview-every", type=int, default=5, metavar="N", help="preview every N steps (default: 5)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate, mode=mode)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="sumie", description="Stable Diffusion in plain PyTorch.")
@@ -147,6 +526,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("samplers", help="list samplers and schedules with their A1111 and ComfyUI names")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_samplers)
+
+    p = sub.add_parser("generate", help="text to image")
+    p.add_argument("prompt", nargs="?", help="prompt, A1111 syntax (default: empty, or the --from-png image's)")
+    _add_generation_args(p, "txt2img")
+
+    p = sub.add_parser("img2img", help="image to image")
+    p.add_argument("image", help="init image")
+    p.add_argument("prompt", nargs="?", help="prompt, A1111 syntax")
+    _add_generation_args(p, "img2img")
+
+    p = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    p.add_argument("image", help="init image")
+    p.add_argument("mask", help="mask of the image's size, white = repaint (or transparent where to repaint)")
+    p.add_argument("prompt", nargs="?", help="prompt, A1111 syntax")
+    _add_generation_args(p, "inpaint")
+
+    p = sub.add_parser("outpaint", help="extend an image on any side")
+    p.add_argument("image", help="image to extend")
+    p.add_argument("prompt", nargs="?", help="prompt, A1111 syntax")
+    for side in ("left", "right", "top", "bottom"):
+        p.add_argument(f"--{side}", type=int, default=0, metavar="PIXELS", help=f"pixels to add on the {side}")
+    p.add_argument("--overlap", type=int, default=8, help="pixels of the old image repainted at each seam "
+                   "(default: 8)")
+    p.add_argument("--outpaint-fill", choices=["edge", "noise", "color"], default="edge",
+                   help="what the new area starts as (default: edge, the border pixels repeated)")
+    _add_generation_args(p, "outpaint")
+
+    p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
+    p.add_argument("image", help="PNG (or A1111 JPEG/WebP) image")
+    p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+    p.set_defaults(func=cmd_pnginfo)
     return parser
 
 
