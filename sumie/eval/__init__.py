@@ -1,0 +1,1 @@
+"""Evaluation of generated images (prompt adherence on the synthetic domain)."""

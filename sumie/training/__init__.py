@@ -1,0 +1,1 @@
+"""Training: datasets, VAE and diffusion training loops, the embedded tiny model."""

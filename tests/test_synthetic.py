@@ -1,0 +1,184 @@
+"""The synthetic captioned dataset: determinism, captions that parse back, layout rules, the held-out split, speed."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sumie.errors import ConfigError
+from sumie.training.synthetic import (
+    BACKGROUNDS,
+    COLORS,
+    DEFAULT_HELDOUT,
+    MIN_CONTRAST,
+    POSITIONS,
+    SIZE_RANGES,
+    ObjectSpec,
+    SceneSpec,
+    TrainSet,
+    heldout_prompts,
+    make_caption,
+    parse_caption,
+    realize,
+    render,
+    render_caption,
+)
+
+
+def _dist(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return float(np.linalg.norm(np.subtract(a, b, dtype=float)))
+
+
+def test_samples_are_deterministic_and_seeded() -> None:
+    a, b, c = TrainSet(64, 100, seed=1), TrainSet(64, 100, seed=1), TrainSet(64, 100, seed=2)
+    for i in (0, 17, 99):
+        ia, ta = a[i]
+        ib, tb = b[i]
+        assert ta == tb and torch.equal(ia, ib)
+    assert [a[i][1] for i in range(20)] != [c[i][1] for i in range(20)]
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+def test_tensor_format_and_batching() -> None:
+    for res in (64, 128):
+        x, caption = TrainSet(res, 10)[3]
+        assert x.shape == (3, res, res) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1 and x.min() < 0 < x.max()
+        assert isinstance(caption, str) and caption
+    images, captions = next(iter(torch.utils.data.DataLoader(TrainSet(64, 10), batch_size=4)))
+    assert images.shape == (4, 3, 64, 64) and len(captions) == 4
+    u8, caps = TrainSet(64, 10).uint8_batch(2, 6)
+    assert u8.dtype == torch.uint8 and u8.shape == (4, 3, 64, 64)
+    assert caps == [TrainSet(64, 10)[i][1] for i in range(2, 6)]
+    assert torch.allclose(u8[1].float() / 127.5 - 1, TrainSet(64, 10)[3][0])
+
+
+def test_captions_parse_back_to_their_spec_and_vary() -> None:
+    ds = TrainSet(64, 3000, seed=5)
+    captions = set()
+    kinds = {"one": 0, "two": 0, "count": 0, "relation": 0, "background": 0, "position": 0, "size": 0}
+    for i in range(3000):
+        s = ds.sample(i)
+        assert parse_caption(s.caption) == s.spec, s.caption
+        captions.add(s.caption)
+        spec = s.spec
+        kinds[spec.kind] += 1
+        kinds["count"] += any(o.count > 1 for o in spec.objects)
+        kinds["relation"] += spec.relation is not None
+        kinds["background"] += spec.background is not None
+        kinds["position"] += any(o.position for o in spec.objects)
+        kinds["size"] += any(o.size for o in spec.objects)
+    assert len(captions) > 2500  # varied, not a handful of templates
+    assert all(v > 200 for v in kinds.values()), kinds
+    assert parse_caption("Two blue squares.") == SceneSpec((ObjectSpec("square", "blue", count=2),))
+    assert parse_caption("a small red circle in the top left on a white background") == SceneSpec(
+        (ObjectSpec("circle", "red", "small", "top left"),), "white")
+    assert parse_caption("a green triangle to the left of a purple circle on grey") == SceneSpec(
+        (ObjectSpec("triangle", "green"), ObjectSpec("circle", "purple")), "gray", "left of")
+
+
+@pytest.mark.parametrize("text", ["a red hexagon", "two red circle", "a red circle and", "red circle",
+                                  "a white circle on white", "a red circle at the top and a blue square at the top",
+                                  "a red circle and a red circle", "a blue circle with a cat",
+                                  "a red circle at the top above a blue square"])
+def test_bad_prompts_raise_config_error(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_caption(text)
+
+
+def test_bad_settings_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match="resolution"):
+        TrainSet(60)
+    with pytest.raises(ConfigError):
+        TrainSet(64, 0)
+    with pytest.raises(ConfigError, match="kind"):
+        heldout_prompts(3, kind="three")
+    with pytest.raises(ConfigError, match="colour"):
+        realize(SceneSpec((ObjectSpec("circle", "teal"),)), random.Random(0))
+    with pytest.raises(ConfigError, match="count"):
+        make_caption(SceneSpec((ObjectSpec("circle", "red", position="top", count=2),)), random.Random(0))
+
+
+def test_layout_rules() -> None:
+    ds = TrainSet(64, 1000, seed=9)
+    for i in range(1000):
+        scene = ds.sample(i).scene
+        cells = [inst.cell for inst in scene.instances]
+        assert len(set(cells)) == len(cells)
+        for inst, spec_obj in ((inst, o) for grp, o in zip(scene.objects, ds.sample(i).spec.objects, strict=True)
+                               for inst in grp):
+            lo, hi = SIZE_RANGES[inst.size]
+            assert lo <= inst.extent <= hi
+            row, col = divmod(inst.cell, 3)
+            half = inst.extent / 2
+            assert col / 3 + 0.019 < inst.cx - half and inst.cx + half < (col + 1) / 3 - 0.019
+            assert row / 3 + 0.019 < inst.cy - half and inst.cy + half < (row + 1) / 3 - 0.019
+            assert _dist(COLORS[inst.color], BACKGROUNDS[scene.background]) >= MIN_CONTRAST
+            assert (inst.shape, inst.color) == (spec_obj.shape, spec_obj.color)
+            assert spec_obj.size in (None, inst.size) and spec_obj.position in (None, POSITIONS[inst.cell])
+        if scene.relation is not None:
+            (ra, ca), (rb, cb) = divmod(scene.objects[0][0].cell, 3), divmod(scene.objects[1][0].cell, 3)
+            assert {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[scene.relation]
+
+
+def test_rendering_is_antialiased_with_exact_interiors() -> None:
+    spec = SceneSpec((ObjectSpec("circle", "red", "large", "center"),), "white")
+    scene = realize(spec, random.Random(0))
+    arr = np.asarray(render(scene, 64)).astype(int)
+    inst = scene.instances[0]
+    assert tuple(arr[int(inst.cy * 64), int(inst.cx * 64)]) == COLORS["red"]
+    assert tuple(arr[0, 0]) == BACKGROUNDS["white"]
+    colors = {tuple(p) for p in arr.reshape(-1, 3)}
+    assert len(colors) > 5  # edge pixels blend object and background
+    # the anti-aliased coverage matches the circle's area (pi r^2) to 3%
+    red, white = np.array(COLORS["red"]), np.array(BACKGROUNDS["white"])
+    coverage = ((arr - white) @ (red - white) / ((red - white) @ (red - white))).sum()
+    assert coverage == pytest.approx(np.pi * (inst.extent * 64 / 2) ** 2, rel=0.03)
+
+
+def test_training_split_never_shows_held_out_combinations() -> None:
+    ds = TrainSet(64, 3000, seed=11)
+    for i in range(3000):
+        for inst in ds.sample(i).scene.instances:
+            assert (inst.color, inst.shape) not in DEFAULT_HELDOUT.color_shape
+            assert (inst.color, POSITIONS[inst.cell]) not in DEFAULT_HELDOUT.color_position
+    open_set = TrainSet(64, 3000, seed=11, heldout=None)  # without a split every combination occurs
+    seen = {(inst.color, inst.shape) for i in range(3000) for inst in open_set.sample(i).scene.instances}
+    assert DEFAULT_HELDOUT.color_shape <= seen
+
+
+def test_heldout_prompts_state_unseen_combinations() -> None:
+    for kind, n_objects in (("one", 1), ("two", 2)):
+        prompts = heldout_prompts(120, kind, seed=3)
+        assert len(prompts) == 120 and len({c for c, _ in prompts}) == 120
+        assert prompts == heldout_prompts(120, kind, seed=3) and prompts != heldout_prompts(120, kind, seed=4)
+        shape_pairs = position_pairs = 0
+        for caption, spec in prompts:
+            assert parse_caption(caption) == spec and len(spec.objects) == n_objects
+            assert DEFAULT_HELDOUT.novel(spec)
+            shape_pairs += any((o.color, o.shape) in DEFAULT_HELDOUT.color_shape for o in spec.objects)
+            position_pairs += any((o.color, o.position) in DEFAULT_HELDOUT.color_position for o in spec.objects)
+        assert shape_pairs >= 60 and position_pairs >= 60, (shape_pairs, position_pairs)
+    counts = [o.count for _, s in heldout_prompts(120, "one") for o in s.objects]
+    assert {1, 2, 3} <= set(counts)
+
+
+def test_render_caption_draws_what_it_says() -> None:
+    image, scene = render_caption("three large yellow circles on a black background", 128, seed=4)
+    assert image.size == (128, 128) and scene.background == "black"
+    assert [(i.shape, i.color, i.size) for i in scene.instances] == [("circle", "yellow", "large")] * 3
+    again, _ = render_caption("three large yellow circles on a black background", 128, seed=4)
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+
+
+def test_generation_is_fast() -> None:
+    ds = TrainSet(64, 2000, seed=0)
+    start = time.perf_counter()
+    for i in range(2000):
+        ds[i]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10.0, f"2000 synthetic images took {elapsed:.1f}s"  # ~0.5 s measured on 1 thread
