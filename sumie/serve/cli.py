@@ -422,6 +422,22 @@ def cmd_pnginfo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a VAE or a diffusion model from a TOML config; Ctrl-C saves a checkpoint (exit 130)."""
+    from sumie.training.config import load_config
+    from sumie.training.trainer import Trainer
+
+    cfg = load_config(args.config)
+    resume = None if args.resume is None else (args.resume or cfg.output.dir)
+    result = Trainer(cfg, resume=resume).run()
+    if result.interrupted:
+        print(f"sumie: interrupted at step {result.step}; checkpoint: {result.checkpoint}; continue with: "
+              f"sumie train {args.config} --resume {cfg.output.dir}", file=sys.stderr)
+        return 130
+    print(f"trained {result.step} steps; wrote {result.export}")
+    return 0
+
+
 def _none_default(help_text: str, default: object) -> str:
     return f"{help_text} (default: {default})"
 
@@ -557,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="PNG (or A1111 JPEG/WebP) image")
     p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
     p.set_defaults(func=cmd_pnginfo)
+
+    p = sub.add_parser("train", help="train a VAE or a diffusion model from a TOML config")
+    p.add_argument("config", help="TOML file with [model], [data], [train], [output] sections")
+    p.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                   help="continue from the newest checkpoint of a run folder (default: the config's output dir) "
+                   "or from one checkpoint folder")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,106 @@
+"""Training losses: the DDPM forward process with eps / v targets and min-SNR weighting, and the KL-VAE loss.
+
+Diffusion (Ho et al. 2020; v-prediction Salimans & Ho 2022): t ~ U{0..T-1}, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+with SD's alphas_cumprod (:meth:`sumie.sampling.discretization.DiscreteSigmas.from_betas`); the UNet predicts eps
+or v = sqrt(a_t) eps - sqrt(1 - a_t) x0; min-SNR-gamma (Hang et al. 2023) weights each sample by
+min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v).
+
+VAE (Kingma & Welling 2014; LDM's ``LPIPSWithDiscriminator`` without the weights-needing terms): per-pixel L1 or L2
+reconstruction + ``kl_weight`` * KL(q(z|x) || N(0, I)) summed over latents and divided by the image's values, so
+``kl_weight`` means what LDM's 1e-6 means on its sums; optional L1 terms on image gradients (edges) and on
+2x/4x/8x average-pooled images (multi-scale), which need no downloaded network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sumie.models.vae import DiagonalGaussian
+from sumie.sampling.discretization import DiscreteSigmas
+
+__all__ = ["NoiseSchedule", "diffusion_loss", "min_snr_weights", "vae_loss"]
+
+
+class NoiseSchedule:
+    """The discrete forward process q(x_t | x0) of SD: ``alphas_cumprod`` [T] (float64 for exact sqrt)."""
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.num_steps = int(alphas_cumprod.shape[0])
+
+    @classmethod
+    def sd(cls, zero_terminal_snr: bool = False) -> NoiseSchedule:
+        """SD's scaled-linear betas (0.00085 .. 0.012, 1000 steps)."""
+        return cls(DiscreteSigmas.from_betas(zero_terminal_snr=zero_terminal_snr, dtype=torch.float64).alphas_cumprod)
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U{0, ..., T-1}: LongTensor [B]."""
+        return torch.randint(0, self.num_steps, (batch,), generator=generator)
+
+    def _coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.alphas_cumprod[t.cpu()]
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return (a.sqrt().to(like).view(shape), (1 - a).sqrt().to(like).view(shape))
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps: [B, C, H, W]."""
+        sa, sb = self._coefs(t, x0)
+        return sa * x0 + sb * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction: str) -> Tensor:
+        """What the network should output: eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0."""
+        if prediction == "eps":
+            return noise
+        if prediction == "v":
+            sa, sb = self._coefs(t, x0)
+            return sa * noise - sb * x0
+        raise ValueError(f"unknown prediction {prediction!r}; use eps or v")
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio a_t / (1 - a_t): [B] float32."""
+        a = self.alphas_cumprod[t.cpu()]
+        return (a / (1 - a)).float().to(t.device)
+
+
+def min_snr_weights(snr: Tensor, gamma: float, prediction: str) -> Tensor:
+    """Min-SNR-gamma loss weights [B] for an eps or v objective (Hang et al. 2023, eq. 13; diffusers' form)."""
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+
+
+def diffusion_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean over the batch of (weighted) per-sample MSE, computed in float32: scalar."""
+    per = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+    if weights is not None:
+        per = per * weights.to(per)
+    return per.mean()
+
+
+def _l(a: Tensor, b: Tensor, kind: str) -> Tensor:
+    return (a - b).abs().mean() if kind == "l1" else (a - b).pow(2).mean()
+
+
+def vae_loss(x: Tensor, recon: Tensor, posterior: DiagonalGaussian, *, kl_weight: float = 1e-6,
+             recon_kind: str = "l1", edge_weight: float = 0.0, multiscale_weight: float = 0.0,
+             ) -> tuple[Tensor, dict[str, float]]:
+    """x, recon [B, 3, H, W] in [-1, 1]; returns (total loss, {"rec", "kl", "edge", "ms"} as floats)."""
+    x, recon = x.float(), recon.float()
+    rec = _l(recon, x, recon_kind)
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    kl_sum = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum()
+    kl = kl_sum / x.numel()
+    total = rec + kl_weight * kl
+    parts = {"rec": float(rec.detach()), "kl": float(kl.detach())}
+    if edge_weight > 0:
+        edge = (_l(recon.diff(dim=-1), x.diff(dim=-1), "l1") + _l(recon.diff(dim=-2), x.diff(dim=-2), "l1")) / 2
+        total = total + edge_weight * edge
+        parts["edge"] = float(edge.detach())
+    if multiscale_weight > 0:
+        terms = [_l(F.avg_pool2d(recon, k), F.avg_pool2d(x, k), "l1") for k in (2, 4, 8) if min(x.shape[-2:]) >= k]
+        if terms:
+            ms = torch.stack(terms).mean()
+            total = total + multiscale_weight * ms
+            parts["ms"] = float(ms.detach())
+    return total, parts

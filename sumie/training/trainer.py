@@ -1,0 +1,540 @@
+"""The training loop: ``Trainer(load_config("run.toml")).run()`` (``sumie train run.toml``).
+
+One optimizer step = ``grad_accum`` micro-batches (AdamW, Loshchilov & Hutter 2019), global-norm clipping, the LR
+schedule (linear warmup, then constant / cosine / linear decay) and an EMA update. ``what = "vae"`` trains an
+AutoencoderKL (stage 1) and exports ``vae.safetensors`` with a data-derived latent scaling factor;
+``what = "diffusion"`` trains the UNet (and the text encoder, jointly) on latents of that frozen VAE (stage 2)
+and exports one single-file checkpoint in the original layout with the EMA weights.
+
+Runs are resumable bit for bit: every random draw of a step comes from one generator (posterior sample, caption
+dropout, timesteps, noise), the data order is a function of (seed, epoch, position), and a checkpoint stores all
+of it (:mod:`sumie.training.state`). Ctrl-C finishes the current step, saves a checkpoint and returns
+(``TrainResult.interrupted``); a second Ctrl-C stops at once (the last checkpoint stays valid, writes are atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sumie.configs import config_to_dict
+from sumie.errors import ConfigError, SumieError
+from sumie.training.build import TrainModels, build_models, export_vae, latent_scaling_factor
+from sumie.training.config import TrainConfig
+from sumie.training.data import BatchStream, FolderDataset, IndexedData, LatentCache, Sample, synthetic_dataset
+from sumie.training.ema import EMA
+from sumie.training.losses import NoiseSchedule, diffusion_loss, min_snr_weights, vae_loss
+from sumie.training.state import capture_rng, find_checkpoint, list_checkpoints, load_state, restore_rng, save_state
+
+__all__ = ["Hook", "TrainResult", "Trainer", "TrainingError", "make_data"]
+
+# hook(trainer, step, loss) after every completed optimizer step; raising KeyboardInterrupt stops like Ctrl-C
+Hook = Callable[["Trainer", int, float], None]
+
+
+class TrainingError(SumieError):
+    """The run cannot continue (non-finite loss or gradients); the last good state is saved first."""
+
+
+@dataclass
+class TrainResult:
+    """How a :meth:`Trainer.run` ended."""
+
+    step: int
+    interrupted: bool
+    checkpoint: Path | None
+    export: Path | None
+    losses: list[float] = field(default_factory=list)  # loss of every step run in this session
+
+
+def make_data(cfg: TrainConfig) -> IndexedData:
+    """The run's dataset, fully checked (a :class:`~sumie.training.data.DataError` names what is wrong)."""
+    d = cfg.data
+    if d.folder is not None:
+        return FolderDataset(d.folder, d.resolution, crop=d.crop, buckets=d.buckets, bucket_step=d.bucket_step,
+                             bucket_max_ratio=d.bucket_max_ratio, caption_extension=d.caption_extension,
+                             missing_captions=d.missing_captions)
+    return synthetic_dataset(d.synthetic or {}, d.resolution)
+
+
+def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the base LR for optimizer step ``step`` (0-based): linear warmup, then the decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+
+class Trainer:
+    """A training run (see the module docstring). Data and models are checked and built in the constructor."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: str | Path | None = None, hooks: Sequence[Hook] = (),
+                 progress: bool | None = None, data: IndexedData | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.out = Path(cfg.output.dir)
+        self.hooks = list(hooks)
+        self.show_progress = progress if progress is not None else cfg.output.progress
+        if resume is None and list_checkpoints(self.out):
+            raise ConfigError(f"{self.out} already holds checkpoints of a run; continue it with --resume "
+                              f"(Trainer(resume=...)) or set another [output] dir")
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.data = data if data is not None else make_data(cfg)
+        self.models: TrainModels = build_models(cfg)
+        factor = self.models.vae.downscale
+        sizes = {s for i in range(len(self.data)) for s in [self.data.bucket_of(i)]}
+        bad = sorted(s for s in sizes if s[0] % factor or s[1] % factor)
+        if bad:
+            raise ConfigError(f"image size {bad[0][0]}x{bad[0][1]} is not a multiple of the VAE's {factor}x "
+                              f"downscale; set [data] resolution (and bucket_step) to multiples of {factor}")
+        self.device = torch.device(t.device)
+        self.what = t.what
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.stream = BatchStream(self.data, t.batch_size, t.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
+                                  num_workers=cfg.data.num_workers)
+        self.schedule = NoiseSchedule.sd()
+        self.tokenizer: Any = None
+        self._token_cache: dict[tuple[str, int], list[int]] = {}
+        if self.what == "diffusion":
+            from sumie.prompts.tokenizer import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer()
+        groups = []
+        for name, module in self.models.trainable().items():
+            lr = t.text_encoder_lr if name.startswith("text") and t.text_encoder_lr is not None else t.lr
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr, "name": name})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.adam_eps,
+                                           weight_decay=t.weight_decay, fused=True)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _lr_factor(s, t.warmup_steps, t.steps, t.lr_schedule))
+        self.ema = EMA(self.params, t.ema_decay, t.ema_start, t.ema_warmup) if t.ema_decay > 0 else None
+        self.step = 0
+        self.latents: LatentCache | None = None
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1
+        self._stop = False
+        self._committing = False
+        self._loss_avg: float | None = None
+        if resume is not None:
+            self.load_checkpoint(find_checkpoint(Path(resume)))
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_checkpoint` needs to continue exactly."""
+        return {
+            "step": self.step,
+            "what": self.what,
+            "config_text": self.cfg.text,
+            "model_config": config_to_dict(self.models.config),
+            "sources": self._sources(),
+            "modules": {name: m.state_dict() for name, m in self.models.trainable().items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": capture_rng(),
+            "data": self.stream.state_dict(),
+        }
+
+    def _sources(self) -> dict[str, str]:
+        out = {}
+        for key, path in self.models.sources.items():
+            p = Path(path)
+            size = p.stat().st_size if p.is_file() else 0
+            out[key] = f"{p.name}:{size}"
+        return out
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (atomic; the oldest beyond ``keep_checkpoints`` are removed)."""
+        info = {"step": self.step, "what": self.what, "loss": self._loss_avg, "time": time.time()}
+        path = save_state(self.out, self.step, self.state_dict(), self.cfg.output.keep_checkpoints, info)
+        self.last_checkpoint, self._saved_step = path, self.step
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from a checkpoint folder; its model and stage must match this config."""
+        state = load_state(path)
+        if state["what"] != self.what:
+            raise ConfigError(f"{path} is a what = {state['what']!r} checkpoint; this config trains {self.what!r}")
+        mine = config_to_dict(self.models.config)
+        if state["model_config"] != mine:
+            diff = sorted(k for k in mine if mine[k] != state["model_config"].get(k))
+            raise ConfigError(f"{path}: the checkpoint's model differs from the config's ({', '.join(diff)}); "
+                              "resume with the config the run was started with")
+        if state["sources"] != self._sources():
+            raise ConfigError(f"{path}: init_from/vae_from changed since the checkpoint ({state['sources']} -> "
+                              f"{self._sources()}); resume with the same files")
+        trainable = self.models.trainable()
+        if set(state["modules"]) != set(trainable):
+            raise ConfigError(f"{path}: the checkpoint trains {sorted(state['modules'])}, this config "
+                              f"{sorted(trainable)}; keep train_text_encoder as it was")
+        for name, module in trainable.items():
+            module.load_state_dict(state["modules"][name])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ConfigError(f"{path}: ema_decay was {'off' if state['ema'] is None else 'on'} in the checkpoint; "
+                              "keep it as it was")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        restore_rng(state["rng"])
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.last_checkpoint, self._saved_step = path, self.step
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "rng": capture_rng(), "data": self.stream.state_dict()}
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        self.generator.set_state(snap["generator"])
+        restore_rng(snap["rng"])
+        self.stream.load_state_dict(snap["data"])
+
+    # ---------------------------------------------------------------- one step
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+
+    def _tokens(self, captions: list[str], pad_id: int) -> Tensor:
+        rows = []
+        for c in captions:
+            key = (c, pad_id)
+            ids = self._token_cache.get(key)
+            if ids is None:
+                if len(self._token_cache) > 200_000:
+                    self._token_cache.clear()
+                ids = self.tokenizer.pad_sequence(self.tokenizer.encode(c), pad_id)
+                self._token_cache[key] = ids
+            rows.append(ids)
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        """Captions -> UNet context [B, 77, sum of widths], as the engine encodes a plain prompt (clip skip 1)."""
+        parts = []
+        grad = self.models.train_text_encoders
+        for te, tcfg in zip(self.models.text_encoders, self.models.config.text_encoders, strict=True):
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                hidden, _ = te(self._tokens(captions, tcfg.pad_id), layer=tcfg.layer, final_norm=tcfg.final_norm,
+                               need_pooled=False)
+            parts.append(hidden)
+        return torch.cat(parts, dim=-1)
+
+    def _diffusion_loss(self, samples: list[Sample], images: Tensor | None, captions: list[str]) -> (
+            tuple[Tensor, dict[str, float]]):
+        vae, g = self.models.vae, self.generator
+        with torch.no_grad():
+            if self.latents is not None:
+                z = self.latents.sample(samples, g).to(self.device)
+            else:
+                assert images is not None
+                with self._autocast():
+                    post = vae.encode(images.to(self.device))
+                z = post.sample(g).float()
+            x0 = vae.scale_latents(z)
+        p = self.cfg.data.caption_dropout
+        if p > 0:
+            drop = (torch.rand(len(captions), generator=g) < p).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+        t = self.schedule.sample_timesteps(x0.shape[0], g)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(self.device)
+        x_t = self.schedule.add_noise(x0, noise, t.to(self.device))
+        prediction = self.models.config.prediction
+        target = self.schedule.target(x0, noise, t, prediction)
+        weights = None
+        if self.cfg.train.min_snr_gamma > 0:
+            weights = min_snr_weights(self.schedule.snr(t), self.cfg.train.min_snr_gamma, prediction)
+        with self._autocast():
+            context = self.encode_text(captions)
+            pred = self.models.unet(x_t, t.to(self.device), context)  # type: ignore[misc]
+        return diffusion_loss(pred, target, weights), {}
+
+    def _vae_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+        t = self.cfg.train
+        x = images.to(self.device)
+        with self._autocast():
+            post = self.models.vae.encode(x)
+            recon = self.models.vae.decode(post.sample(self.generator))
+        return vae_loss(x, recon, post, kl_weight=t.kl_weight, recon_kind=t.recon, edge_weight=t.edge_weight,
+                        multiscale_weight=t.multiscale_weight)
+
+    def train_step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, loss parts of the last micro-batch)."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        total, parts = 0.0, {}
+        for _ in range(t.grad_accum):
+            if self.latents is not None:
+                samples = self.stream.next_samples()
+                loss, parts = self._diffusion_loss(samples, None, [self.latents.caption(s) for s in samples])
+            else:
+                batch = next(self.stream)
+                if self.what == "vae":
+                    loss, parts = self._vae_loss(batch.images)
+                else:
+                    loss, parts = self._diffusion_loss(batch.samples, batch.images, batch.captions)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"the loss is {value} at step {self.step + 1}; lower [train] lr, set "
+                                    "grad_clip or turn off bf16")
+            (loss / t.grad_accum).backward()
+            total += value
+        if t.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip, foreach=True))
+        else:
+            norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None])))
+        if not math.isfinite(norm):
+            raise TrainingError(f"the gradient norm is {norm} at step {self.step + 1}; lower [train] lr or turn off "
+                                "bf16")
+        self._committing = True
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.step + 1)
+        self._committing = False
+        return total / t.grad_accum, {**parts, "grad_norm": norm}
+
+    # ---------------------------------------------------------------- the loop
+    def prepare(self) -> None:
+        """Work before the first step: the latent cache (diffusion with ``cache_latents``)."""
+        if self.what != "diffusion" or not self.cfg.data.cache_latents or self.latents is not None:
+            return
+        if self.cfg.data.crop == "random":
+            raise ConfigError("[data] cache_latents needs crop = \"center\" (a random crop changes every epoch)")
+        import hashlib
+
+        h = hashlib.sha256(self.data.describe().encode())
+        for v in self.models.vae.state_dict().values():
+            h.update(v.detach().cpu().float().numpy().tobytes())
+        h.update(str(self.cfg.data.flip).encode())
+        path = self.out / "latents.pt"
+        self.latents = LatentCache.load(path, h.hexdigest())
+        if self.latents is None:
+            self.latents = LatentCache.build(self.data, self.models.vae, self.cfg.data.flip,
+                                             self.cfg.train.batch_size, h.hexdigest(), bool(self._bar_enabled()))
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.latents.save(path)
+
+    def _bar_enabled(self) -> bool:
+        return self.show_progress if self.show_progress is not None else sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def _sigint(self) -> Iterator[None]:
+        """First Ctrl-C: stop after the current step (and save); second: KeyboardInterrupt at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
+            print("\nsumie: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+        old = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def _log_path(self) -> Path:
+        return self.out / "loss.jsonl"
+
+    def _trim_log(self) -> None:
+        """Drop log lines of steps after the current one (written before a crash, redone after resume)."""
+        p = self._log_path()
+        if not p.is_file():
+            return
+        keep = []
+        for line in p.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        p.write_text("".join(k + "\n" for k in keep))
+
+    def run(self) -> TrainResult:
+        """Train to ``[train] steps``; returns how it ended (Ctrl-C: ``interrupted`` with a fresh checkpoint)."""
+        from tqdm.auto import tqdm
+
+        cfg, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.text:
+            (self.out / "config.toml").write_text(cfg.text)
+        self.prepare()
+        self._trim_log()
+        losses: list[float] = []
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.what}", disable=not self._bar_enabled(),
+                   dynamic_ncols=True)
+        log = self._log_path().open("a")
+        window: list[float] = []
+        interrupted = False
+        try:
+            with self._sigint():
+                while self.step < t.steps:
+                    if self._stop:
+                        raise KeyboardInterrupt
+                    snap = self._snapshot()
+                    t0 = time.perf_counter()
+                    try:
+                        loss, parts = self.train_step()
+                    except BaseException as e:
+                        if self._committing:
+                            raise
+                        self._restore(snap)  # the step did not happen: continue/save from its start
+                        if isinstance(e, TrainingError | SumieError) and self.step > self._saved_step:
+                            self.save_checkpoint()
+                        raise
+                    dt = time.perf_counter() - t0
+                    self.step += 1
+                    losses.append(loss)
+                    window.append(loss)
+                    self._loss_avg = loss if self._loss_avg is None else 0.9 * self._loss_avg + 0.1 * loss
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{self._loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.update(1)
+                    if self.step % cfg.output.log_every == 0 or self.step == t.steps:
+                        rec = {"step": self.step, "loss": loss, "avg": sum(window) / len(window), "lr": lr,
+                               "sec": round(dt, 4), **{k: v for k, v in parts.items()}}
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        window = []
+                    for hook in self.hooks:
+                        hook(self, self.step, loss)
+                    if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if cfg.output.sample_every and self.step % cfg.output.sample_every == 0:
+                        self.write_samples()
+        except KeyboardInterrupt:
+            interrupted = True
+            if not self._committing and self.step > self._saved_step:
+                self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        if interrupted:
+            return TrainResult(self.step, True, self.last_checkpoint, None, losses)
+        if self.step > self._saved_step:
+            self.save_checkpoint()
+        if cfg.output.sample_every and self.step % cfg.output.sample_every != 0:
+            self.write_samples()
+        return TrainResult(self.step, False, self.last_checkpoint, self.export(), losses)
+
+    # ---------------------------------------------------------------- samples and export
+    def _averaged(self) -> contextlib.AbstractContextManager[None]:
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def write_samples(self) -> list[Path]:
+        """Sample images of the current (EMA) weights under ``samples/``; training state is left untouched."""
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        modules = list(self.models.all().values())
+        with self._averaged(), torch.random.fork_rng(devices=[]):
+            for m in modules:
+                m.eval()
+            try:
+                images = self._sample_images()
+            finally:
+                for name, m in self.models.all().items():
+                    m.train(name in self.models.trainable())
+        grid = _grid(images, columns=len(images) if self.what == "diffusion" else len(images) // 2)
+        path = folder / f"step_{self.step:08d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        grid.save(tmp, format="PNG")
+        tmp.replace(path)
+        return [path]
+
+    def _sample_images(self) -> list[Image.Image]:
+        if self.what == "vae":
+            n = min(8, len(self.data))
+            x = torch.stack([self.data.load(i)[0] for i in range(n)
+                             if self.data.bucket_of(i) == self.data.bucket_of(0)])
+            recon = self.models.vae.decode(self.models.vae.encode(x.to(self.device)).mode()).float().cpu()
+            return [_to_image(v) for v in (*x, *recon)]
+        engine = self.engine()
+        from sumie.pipelines.params import GenerationParams
+
+        o, res = self.cfg.output, self.cfg.data.resolution
+        prompts = o.sample_prompts or [self.data.load(i)[1] for i in range(min(4, len(self.data)))]
+        out = []
+        for k, prompt in enumerate(prompts):
+            params = GenerationParams(prompt=prompt, steps=o.sample_steps, cfg_scale=o.sample_cfg,
+                                      sampler=o.sample_sampler, seed=o.sample_seed + k, width=res, height=res)
+            out.extend(engine.generate(params).images)
+        return out
+
+    def engine(self) -> Any:
+        """A generation :class:`~sumie.pipelines.engine.Engine` over the live modules (wrap in EMA swap yourself)."""
+        from sumie.checkpoints.loader import StableDiffusionModels
+        from sumie.pipelines.engine import Engine
+
+        m = self.models
+        if m.unet is None:
+            raise ConfigError("a VAE run has no UNet to generate with")
+        sd = StableDiffusionModels(config=m.config, unet=m.unet, vae=m.vae, text_encoders=m.text_encoders,
+                                   source=str(self.out / f"step_{self.step}"), prediction_source="training")
+        engine = Engine(sd, tokenizer=self.tokenizer)
+        engine.show_progress = False
+        return engine
+
+    def export(self) -> Path:
+        """Write the final model (EMA weights): a single-file checkpoint, or ``vae.safetensors`` for a VAE run."""
+        o, m = self.cfg.output, self.models
+        meta = {"sumie.training": json.dumps({"steps": self.step, "what": self.what, "config": self.cfg.source}),
+                "sumie.resolution": str(self.cfg.data.resolution)}  # the size it was trained at
+        with self._averaged(), torch.no_grad():
+            if self.what == "vae":
+                path = self.out / (o.export if o.export != "model.safetensors" else "vae.safetensors")
+                if "scaling_factor" not in self.cfg.model.vae and "init_from" not in m.sources:
+                    m.vae.config = replace(m.vae.config, scaling_factor=self._estimate_scaling())
+                    m.config = replace(m.config, vae=m.vae.config)
+                export_vae(path, m.vae, meta)
+            else:
+                from sumie.checkpoints.save import save_single_file
+
+                path = self.out / o.export
+                save_single_file(path, m.config, m.unet, m.vae, m.text_encoders, extra_metadata=meta)  # type: ignore
+        return path
+
+    def _estimate_scaling(self) -> float:
+        """1 / std of latents over up to 8 batches of the first epoch's order (deterministic)."""
+        stream = BatchStream(self.data, self.cfg.train.batch_size, self.cfg.train.seed, shuffle=self.cfg.data.shuffle)
+        batches = [next(stream).images.to(self.device) for _ in range(min(8, len(stream.batches_of(0))))]
+        self.models.vae.eval()
+        return latent_scaling_factor(self.models.vae, batches)
+
+
+def _to_image(x: Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> RGB image (A1111's truncation)."""
+    arr = (255 * ((x.float().clamp(-1, 1) + 1) / 2)).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def _grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Images of one size tiled left to right, top to bottom."""
+    columns = max(1, columns)
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (w * columns, h * rows), "white")
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % columns) * w, (k // columns) * h))
+    return grid

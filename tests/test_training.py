@@ -1,0 +1,405 @@
+"""Training system: config checks, data checks, losses, EMA, VAE and diffusion runs, exact resume, Ctrl-C, export.
+
+The runs are real but tiny (16x16 images of coloured shapes, a 2-level VAE with 8x8 latents, TINY["sd1"]'s UNet
+and text encoder) and deterministic on CPU, so "the resumed run equals the uninterrupted one" is checked bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from sumie.checkpoints.io import file_metadata, save_safetensors_atomic
+from sumie.checkpoints.loader import load_models
+from sumie.checkpoints.save import random_single_file
+from sumie.configs import TINY
+from sumie.errors import ConfigError, SumieError
+from sumie.models.vae import DiagonalGaussian
+from sumie.pipelines.engine import Engine
+from sumie.pipelines.params import GenerationParams
+from sumie.serve.cli import main
+from sumie.training.build import load_vae_file
+from sumie.training.config import TrainConfig, config_from_dict, load_config
+from sumie.training.data import BatchStream, DataError, FolderDataset, make_buckets, nearest_bucket
+from sumie.training.ema import EMA
+from sumie.training.losses import NoiseSchedule, min_snr_weights, vae_loss
+from sumie.training.state import list_checkpoints, load_state
+from sumie.training.trainer import Trainer
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 220), "yellow": (240, 220, 30)}
+VAE = {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "norm_groups": 8}  # 16x16 images -> 8x8x4 latents
+
+
+def write_shapes(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
+    """n PNGs of one coloured square or circle on white, with ``.txt`` captions such as "a red circle"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(["square", "circle"])
+        im = Image.new("RGB", (size, size), "white")
+        s = size // 2
+        x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+        draw = ImageDraw.Draw(im)
+        (draw.rectangle if shape == "square" else draw.ellipse)([x, y, x + s - 1, y + s - 1], fill=COLORS[color])
+        im.save(folder / f"img{i:03d}.png")
+        (folder / f"img{i:03d}.txt").write_text(f"a {color} {shape}\n")
+    return folder
+
+
+def make_config(out: Path, images: Path, **sections: dict) -> TrainConfig:
+    """A config dict with defaults for these tests; ``sections`` update [model]/[data]/[train]/[output]."""
+    raw: dict[str, dict] = {
+        "model": {"vae": dict(VAE)},
+        "data": {"folder": str(images), "resolution": 16},
+        "train": {"steps": 10, "batch_size": 4, "lr": 1e-3, "seed": 0},
+        "output": {"dir": str(out), "checkpoint_every": 0, "sample_every": 0, "log_every": 5},
+    }
+    for name, values in sections.items():
+        raw[name].update(values)
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), 48)
+
+
+@pytest.fixture(scope="module")
+def vae_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, object]:
+    """Stage 1: a VAE trained for 120 steps; its vae.safetensors feeds every diffusion run below."""
+    cfg = make_config(tmp_path_factory.mktemp("vae"), shapes,
+                      train={"what": "vae", "steps": 120, "batch_size": 8, "lr": 2e-3},
+                      output={"sample_every": 60, "checkpoint_every": 60})
+    trainer = Trainer(cfg, progress=False)
+    return trainer, trainer.run()
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(shapes: Path, vae_run: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, object]:
+    """Stage 2: UNet + text encoder trained jointly for 200 steps on cached latents of the stage-1 VAE."""
+    cfg = make_config(tmp_path_factory.mktemp("diffusion"), shapes,
+                      model={"vae_from": str(vae_run[1].export)},
+                      data={"cache_latents": True, "caption_dropout": 0.1},
+                      train={"steps": 200, "batch_size": 8, "lr": 1e-3, "min_snr_gamma": 5.0, "ema_decay": 0.99},
+                      output={"sample_every": 200, "sample_prompts": ["a red square", "a blue circle"],
+                              "sample_steps": 6, "checkpoint_every": 100, "keep_checkpoints": 1, "log_every": 50})
+    trainer = Trainer(cfg, progress=False)
+    return trainer, trainer.run()
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_unknown_key_names_key_section_and_valid_keys(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text('[data]\nsynthetic = { length = 10 }\n[train]\nwhat = "vae"\nstepz = 5\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' in \[train\]; valid keys: what, steps, batch_size"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\]"):
+        config_from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match=r"unknown key 'chanels' in \[model.unet\]; valid keys: .*model_channels"):
+        config_from_dict({"model": {"unet": {"chanels": 3}}, "data": {"synthetic": {}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'colours' in \[data\] synthetic; valid keys: length"):
+        from sumie.training.trainer import make_data
+
+        make_data(config_from_dict({"data": {"synthetic": {"colours": 3}}, "train": {"what": "vae"}}))
+
+
+def test_config_values_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[train\] lr must be a number"):
+        config_from_dict({"data": {"synthetic": {}}, "train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"\[train\] what must be one of diffusion, vae"):
+        config_from_dict({"data": {"synthetic": {}}, "train": {"what": "unet"}})
+    with pytest.raises(ConfigError, match="needs exactly one of folder"):
+        config_from_dict({"train": {"what": "vae"}})
+    with pytest.raises(ConfigError, match="context_dim 32 must equal the text encoder width 64"):
+        config_from_dict({"data": {"synthetic": {}}, "model": {"unet": {"context_dim": 32}}})
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        (tmp_path / "bad.toml").write_text("[train\n")
+        load_config(tmp_path / "bad.toml")
+    cfg = load_config(_write(tmp_path / "sub" / "ok.toml", '[data]\nfolder = "imgs"\n[output]\nsample_every = 0\n'))
+    assert cfg.data.folder == (tmp_path / "sub" / "imgs").resolve()  # relative to the config file
+    with pytest.raises(ConfigError, match="needs a trained VAE"):
+        Trainer(make_config(tmp_path / "o", write_shapes(tmp_path / "d", 2)), progress=False)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_empty_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no images found"):
+        FolderDataset(tmp_path / "empty", 16)
+    with pytest.raises(DataError, match="no such folder"):
+        FolderDataset(tmp_path / "missing", 16)
+
+
+def test_images_without_captions_are_named_and_counted(tmp_path: Path) -> None:
+    folder = write_shapes(tmp_path / "d", 8)
+    for i in (2, 5):
+        (folder / f"img{i:03d}.txt").unlink()
+    with pytest.raises(DataError, match=r"2 of 8 images .* no \.txt caption file: img002\.png, img005\.png"):
+        FolderDataset(folder, 16)
+    ds = FolderDataset(folder, 16, missing_captions="empty")
+    assert ds.load(2)[1] == "" and ds.load(3)[1].startswith("a ")
+
+
+def test_unreadable_images_are_named(tmp_path: Path) -> None:
+    folder = write_shapes(tmp_path / "d", 6)
+    (folder / "img004.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = (folder / "img001.png").read_bytes()
+    (folder / "img001.png").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(DataError, match=r"2 of 6 images .* cannot be read: img001\.png, img004\.png"):
+        FolderDataset(folder, 16)
+
+
+def test_cli_train_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    cfg = _write(tmp_path / "run.toml", '[data]\nfolder = "empty"\n[train]\nwhat = "vae"\n')
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no images found" in err
+    _write(cfg, '[train]\nwhat = "vae"\nbatch = 4\n')
+    assert main(["train", str(cfg)]) == 2
+    assert "unknown key 'batch' in [train]" in capsys.readouterr().err
+
+
+def test_center_crop_and_aspect_buckets(tmp_path: Path) -> None:
+    assert (64, 64) in make_buckets(64, 16) and (48, 80) in make_buckets(64, 16)
+    assert all(w * h <= 64 * 64 and max(w / h, h / w) <= 2 for w, h in make_buckets(64, 16))
+    assert nearest_bucket((300, 100), make_buckets(64, 16)) == (64, 32)  # 3:1 -> the widest bucket, 2:1
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for i, size in enumerate([(40, 20), (20, 40), (30, 30), (42, 21)]):
+        im = Image.new("RGB", size, "white")
+        ImageDraw.Draw(im).rectangle([0, 0, size[0] // 2 - 1, size[1] - 1], fill="black")  # left half black
+        im.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("x")
+    square = FolderDataset(folder, 16)
+    x, _ = square.load(0)  # 40x20 -> 32x16 -> centre 16x16: left half black, right half white
+    assert x.shape == (3, 16, 16) and x[:, :, :8].max() < -0.9 and x[:, :, 8:].min() > 0.9
+    bucketed = FolderDataset(folder, 16, buckets=True, bucket_step=8)
+    assert [bucketed.bucket_of(i) for i in range(4)] == [(16, 8), (8, 16), (16, 16), (16, 8)]
+    stream = BatchStream(bucketed, 2, seed=0)
+    for _ in range(6):
+        batch = next(stream)  # items of one bucket per batch
+        assert len({bucketed.bucket_of(s.index) for s in batch.samples}) == 1
+
+
+# ---------------------------------------------------------------- losses, EMA
+
+
+def test_forward_process_targets_and_min_snr() -> None:
+    sched = NoiseSchedule.sd()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    a = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    xt = sched.add_noise(x0, eps, t)
+    torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    v = sched.target(x0, eps, t, "v")
+    torch.testing.assert_close(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5, rtol=1e-5)  # x0 from (x_t, v)
+    assert sched.target(x0, eps, t, "eps") is eps
+    snr = sched.snr(t)
+    assert snr[0] > 1000 and snr[-1] < 5e-3  # SD: alpha_bar(0) = 0.99915, alpha_bar(999) = 0.0047
+    w_eps, w_v = min_snr_weights(snr, 5.0, "eps"), min_snr_weights(snr, 5.0, "v")
+    torch.testing.assert_close(w_eps, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    torch.testing.assert_close(w_v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert w_eps[-1] == 1.0 and w_eps[0] < 0.01
+
+
+def test_vae_loss_terms() -> None:
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    post = DiagonalGaussian(torch.zeros(2, 8, 8, 8))  # N(0, I): KL 0
+    loss, parts = vae_loss(x, x, post, kl_weight=1.0, edge_weight=1.0, multiscale_weight=1.0)
+    assert float(loss) == 0.0 and parts == {"rec": 0.0, "kl": 0.0, "edge": 0.0, "ms": 0.0}
+    post = DiagonalGaussian(torch.cat([torch.ones(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)], 1))  # mean 1: KL 1/2 each
+    loss, parts = vae_loss(x, x + 0.5, post, kl_weight=1e-6, recon_kind="l2")
+    assert parts["rec"] == pytest.approx(0.25) and parts["kl"] == pytest.approx(0.5 * 4 * 64 / (3 * 256))
+
+
+def test_ema_warmup_update_and_swap() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.9, start=0, warmup=True)
+    assert ema.decay_at(1) == 0.0 and ema.decay_at(2) == pytest.approx(1 - 2 ** (-2 / 3))
+    assert ema.decay_at(10_000) == 0.9
+    fixed = EMA([p], decay=0.9, warmup=False)
+    with torch.no_grad():
+        p.fill_(1.0)
+    fixed.update(1)  # first update copies
+    with torch.no_grad():
+        p.fill_(2.0)
+    fixed.update(2)
+    torch.testing.assert_close(fixed.shadow[0], torch.full((3,), 1.1))
+    with fixed.swapped():
+        torch.testing.assert_close(p.data, torch.full((3,), 1.1))
+    torch.testing.assert_close(p.data, torch.full((3,), 2.0))
+
+
+# ---------------------------------------------------------------- runs
+
+
+@torch.no_grad()
+def _recon_error(vae: torch.nn.Module, data: FolderDataset) -> float:
+    x = torch.stack([data.load(i)[0] for i in range(len(data))])
+    return float((vae.decode(vae.encode(x).mode()) - x).abs().mean())
+
+
+def test_vae_training_reduces_reconstruction_error(vae_run: tuple, shapes: Path) -> None:
+    trainer, result = vae_run
+    first, last = statistics.mean(result.losses[:10]), statistics.mean(result.losses[-10:])
+    assert last < 0.5 * first, (first, last)  # measured: 0.53 -> 0.15
+    data = FolderDataset(shapes, 16)
+    trained = load_vae_file(result.export, trainer.models.config.vae)
+    torch.manual_seed(0)
+    from sumie.models.vae import AutoencoderKL
+
+    assert _recon_error(trained, data) < 0.5 * _recon_error(AutoencoderKL(trained.config), data)  # 0.15 vs 0.94
+    assert trained.config.scaling_factor != 0.18215  # 1 / std of its own latents
+    assert (result.export.parent / "samples" / "step_00000060.png").is_file()
+
+
+def test_diffusion_training_loss_falls(diffusion_run: tuple) -> None:
+    trainer, result = diffusion_run
+    assert result.step == 200 and not result.interrupted and len(result.losses) == 200
+    first, last = statistics.mean(result.losses[:20]), statistics.mean(result.losses[-20:])
+    assert last < 0.5 * first, (first, last)  # measured: 0.68 -> 0.088
+    out = trainer.out
+    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [50, 100, 150, 200] and all(r["loss"] > 0 for r in log)
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000200"]  # keep_checkpoints = 1
+    assert Image.open(out / "samples" / "step_00000200.png").size == (32, 16)
+    assert (out / "latents.pt").is_file()
+
+
+def test_export_loads_and_generates(diffusion_run: tuple) -> None:
+    trainer, result = diffusion_run
+    models = load_models(result.export)
+    assert file_metadata(result.export)["sumie.resolution"] == "16"
+    assert models.config == trainer.models.config and models.prediction_source == "sumie.config metadata"
+    sd = load_file(result.export)
+    with trainer.ema.swapped():  # the export holds the EMA weights
+        for k, v in trainer.models.unet.state_dict().items():
+            assert torch.equal(sd["model.diffusion_model." + k], v)
+    images = Engine(models).generate(GenerationParams(prompt="a red square", steps=4, seed=1, width=16,
+                                                      height=16, sampler="Euler")).images
+    assert images[0].size == (16, 16)
+    te0 = trainer.models.text_encoders[0]
+    assert te0.training and any(p.requires_grad for p in te0.parameters())  # trained jointly with the UNet
+
+
+def _resume_config(out: Path, shapes: Path, vae: Path) -> TrainConfig:
+    """On-the-fly VAE encoding, grad accumulation, v-prediction, warmup + cosine: all of it must resume exactly."""
+    return make_config(out, shapes, model={"vae_from": str(vae)},
+                       train={"steps": 10, "batch_size": 3, "grad_accum": 2, "prediction": "v", "min_snr_gamma": 5.0,
+                              "warmup_steps": 3, "lr_schedule": "cosine", "ema_decay": 0.9},
+                       data={"caption_dropout": 0.3}, output={"checkpoint_every": 4, "keep_checkpoints": 2})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes: Path, vae_run: tuple, tmp_path_factory: pytest.TempPathFactory) -> object:
+    return Trainer(_resume_config(tmp_path_factory.mktemp("full"), shapes, vae_run[1].export), progress=False).run()
+
+
+def test_checkpoint_resume_reproduces_the_run_exactly(uninterrupted: object, shapes: Path, vae_run: tuple,
+                                                      tmp_path: Path) -> None:
+    cfg = _resume_config(tmp_path, shapes, vae_run[1].export)
+
+    def ctrl_c(trainer: Trainer, step: int, loss: float) -> None:
+        if step == 6:
+            raise KeyboardInterrupt
+
+    first = Trainer(cfg, hooks=[ctrl_c], progress=False).run()
+    assert first.interrupted and first.step == 6 and first.export is None
+    assert first.checkpoint == tmp_path / "checkpoints" / "step_00000006"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+    state = load_state(first.checkpoint)  # a loadable checkpoint
+    assert state["step"] == 6 and state["data"] == {"epoch": 0, "position": 12}
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        Trainer(cfg, progress=False)
+    second = Trainer(cfg, resume=tmp_path, progress=False).run()
+    assert first.losses + second.losses == uninterrupted.losses  # bit for bit
+    a, b = load_file(uninterrupted.export), load_file(second.export)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert steps == [5, 10]
+
+
+def test_interrupt_inside_a_step_saves_the_last_finished_step(uninterrupted: object, shapes: Path, vae_run: tuple,
+                                                              tmp_path: Path) -> None:
+    cfg = _resume_config(tmp_path, shapes, vae_run[1].export)
+    trainer = Trainer(cfg, progress=False)
+    calls = {"n": 0}
+    encode = trainer.encode_text
+
+    def interrupted_encode(captions: list[str]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 12:  # second micro-batch of step 6: the step never happened
+            raise KeyboardInterrupt
+        return encode(captions)
+
+    trainer.encode_text = interrupted_encode  # type: ignore[method-assign]
+    first = trainer.run()
+    assert first.interrupted and first.step == 5 and first.checkpoint.name == "step_00000005"
+    second = Trainer(cfg, resume=first.checkpoint, progress=False).run()
+    assert first.losses + second.losses == uninterrupted.losses
+
+
+def test_resume_checks_the_model(uninterrupted: object, shapes: Path, vae_run: tuple, tmp_path: Path) -> None:
+    cfg = _resume_config(tmp_path, shapes, vae_run[1].export)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, unet={"model_channels": 64}))
+    with pytest.raises(ConfigError, match="model differs"):
+        Trainer(cfg, resume=uninterrupted.checkpoint, progress=False)
+    with pytest.raises(SumieError, match="no training checkpoint found"):
+        Trainer(cfg, resume=tmp_path, progress=False)
+
+
+def test_fine_tune_a_checkpoint(shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "tiny_sd1.safetensors"
+    save_safetensors_atomic(random_single_file(TINY["sd1"]), ckpt)
+    cfg = _write(tmp_path / "ft.toml", f'[model]\ninit_from = "{ckpt.name}"\n[data]\nfolder = "{shapes}"\n'
+                 'resolution = 32\n[train]\nsteps = 3\nbatch_size = 2\nlr = 1e-4\n[output]\ndir = "run"\n'
+                 'sample_every = 0\n')
+    assert main(["train", str(cfg)]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    before, after = load_models(ckpt), load_models(tmp_path / "run" / "model.safetensors")
+    assert after.config == before.config  # same layout and config
+    b, a = before.unet.state_dict(), after.unet.state_dict()
+    assert any(not torch.equal(b[k], a[k]) for k in b)  # the UNet trained
+    for old, new in ((before.vae, after.vae), (before.text_encoders[0], after.text_encoders[0])):
+        assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())  # frozen
+    images = Engine(after).generate(GenerationParams(prompt="a red square", steps=2, seed=0, width=32, height=32))
+    assert images.images[0].size == (32, 32)
+
+
+def test_cli_synthetic_vae_run_and_resume_with_more_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = ('[model.vae]\nch = 16\nch_mult = [1, 2]\nnum_res_blocks = 1\nnorm_groups = 8\n'
+            '[data]\nsynthetic = {{ length = 16, resolution = 32 }}\n'
+            '[train]\nwhat = "vae"\nsteps = {steps}\nbatch_size = 4\n[output]\ndir = "run"\nsample_every = 2\n')
+    cfg = _write(tmp_path / "vae.toml", text.format(steps=2))
+    assert main(["train", str(cfg)]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    _write(cfg, text.format(steps=3))
+    assert main(["train", str(cfg)]) == 2  # a fresh run would overwrite the first one's checkpoints
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--resume"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000003"]
+    vae = load_vae_file(tmp_path / "run" / "vae.safetensors", TINY["sd1"].vae)
+    assert vae.config.ch == 16 and vae.downscale == 2
+    grid = Image.open(tmp_path / "run" / "samples" / "step_00000003.png")
+    assert grid.size == (8 * 32, 2 * 32)  # 8 images over their reconstructions
