@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sumie.errors import SumieError
+from sumie.serve import measure
 
 if TYPE_CHECKING:
     from sumie.pipelines.params import GenerationParams
@@ -580,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint of a run folder (default: the config's output dir) "
                    "or from one checkpoint folder")
     p.set_defaults(func=cmd_train)
+
+    def model_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
+
+    measure.add_parsers(sub, model_arg)
     return parser
 
 

@@ -1,0 +1,52 @@
+"""``sumie bench`` and ``sumie eval adherence`` on a tiny random model: structure and counts, never timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sumie.checkpoints.save import random_single_file
+from sumie.configs import TINY
+from sumie.serve.cli import main
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
+    save_file(random_single_file(TINY["sd1"], seed=3), str(path))
+    return path
+
+
+def test_bench_reports_where_the_time_goes(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--model", str(tiny_model), "--steps", "3", "--width", "64", "--height", "64", "--runs", "1",
+               "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == "64x64" and report["steps"] == 3 and report["family"] == "sd1"
+    assert report["unet_calls"] == 3  # DPM++ 2M: one (batched cond+uncond) UNet call a step
+    assert 0 < report["unet_seconds"] <= report["seconds_per_image"]
+
+
+def test_eval_adherence_compares_cfg_scales(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["eval", "adherence", "--model", str(tiny_model), "--n-one", "2", "--n-two", "1", "--steps", "2",
+               "--cfg-scale", "1", "7", "--resolution", "64", "--json"])
+    assert rc == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert set(reports) == {"1.0", "7.0"}
+    for r in reports.values():
+        assert r["all"]["n_images"] == 3 and 0.0 <= r["all"]["attributes_right"] <= 1.0
+        assert r["one"]["n_images"] == 2 and r["two"]["n_images"] == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "--steps", "0"], ["eval", "adherence", "--steps", "0"],
+                                  ["eval", "adherence", "--n-one", "0", "--n-two", "0"]])
+def test_bad_values_are_one_line_errors(tiny_model: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--model", str(tiny_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sumie: error: ")
