@@ -210,6 +210,9 @@ def save_safetensors_atomic(
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; follow the user's umask like any tool
         os.replace(tmp, p)
     finally:
         if tmp.exists():
