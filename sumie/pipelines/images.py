@@ -351,6 +351,16 @@ def get_crop_region(mask: Image.Image | np.ndarray, pad: int = 0) -> Region | No
     return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, img.width), min(y2 + pad, img.height)
 
 
+def _grow_span(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """Widen [lo, hi) by ``diff`` around its centre, shift it back inside [0, limit), clip if still too large."""
+    lo, hi = lo - diff // 2, hi + diff - diff // 2
+    if hi >= limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
+
+
 def expand_crop_region(region: Region, width: int, height: int, image_w: int, image_h: int) -> Region:
     """A1111 ``masking.expand_crop_region``: grow the shorter side so the region has the processing aspect ratio.
 
@@ -360,33 +370,9 @@ def expand_crop_region(region: Region, width: int, height: int, image_w: int, im
     ratio_crop = (x2 - x1) / (y2 - y1)
     ratio_proc = width / height
     if ratio_crop > ratio_proc:
-        desired_h = (x2 - x1) / ratio_proc
-        diff = int(desired_h - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_h:
-            shift = y2 - image_h
-            y2 -= shift
-            y1 -= shift
-        if y1 < 0:
-            y2 -= y1
-            y1 -= y1
-        if y2 >= image_h:
-            y2 = image_h
+        y1, y2 = _grow_span(y1, y2, int((x2 - x1) / ratio_proc - (y2 - y1)), image_h)
     else:
-        desired_w = (y2 - y1) * ratio_proc
-        diff = int(desired_w - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_w:
-            shift = x2 - image_w
-            x2 -= shift
-            x1 -= shift
-        if x1 < 0:
-            x2 -= x1
-            x1 -= x1
-        if x2 >= image_w:
-            x2 = image_w
+        x1, x2 = _grow_span(x1, x2, int((y2 - y1) * ratio_proc - (x2 - x1)), image_w)
     return x1, y1, x2, y2
 
 
