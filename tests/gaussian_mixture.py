@@ -131,3 +131,27 @@ class GaussianMixture:
             y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
             u = u + h
         return self.denoise(y, sigma_to).to(x.dtype)
+
+
+class IsotropicMixture:
+    """Exact E[x0 | x0 + sigma n = x] of an isotropic Gaussian mixture over the flattened image [B, ...].
+
+    ``cast_sigma``: compute in x's dtype even when sigma comes in another (else torch's type promotion applies).
+    """
+
+    def __init__(self, dim: int, k: int = 3, seed: int = 0, cast_sigma: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.randn(k, dim, generator=g, dtype=torch.float64)
+        self.var = (0.2 + 0.5 * torch.rand(k, generator=g, dtype=torch.float64)) ** 2
+        self.logw = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
+        self.cast_sigma = cast_sigma
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        xf = x.reshape(x.shape[0], -1)
+        mu, v, logw = (a.to(x.dtype) for a in (self.mu, self.var, self.logw))
+        s = sigma.to(x.dtype) if self.cast_sigma else sigma
+        var = v[None] + s[:, None] ** 2  # [B, K]
+        diff = xf[:, None] - mu[None]  # [B, K, D]
+        logp = logw - xf.shape[1] / 2 * var.log() - diff.pow(2).sum(-1) / (2 * var)
+        x0k = mu[None] + (v[None] / var)[..., None] * diff
+        return (torch.softmax(logp, -1)[..., None] * x0k).sum(1).reshape(x.shape)

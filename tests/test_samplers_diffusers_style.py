@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler
+from gaussian_mixture import IsotropicMixture
 from torch import Tensor
 
 from sumie.errors import ConfigError
@@ -42,29 +43,10 @@ TOL32 = 1e-5
 STEPS = [1, 4, 20]
 
 
-class Mixture:
-    """Exact E[x0 | x0 + sigma n = x] of an isotropic Gaussian mixture over the flattened image."""
-
-    def __init__(self, dim: int, k: int = 3, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.randn(k, dim, generator=g, dtype=torch.float64)
-        self.var = (0.2 + 0.5 * torch.rand(k, generator=g, dtype=torch.float64)) ** 2
-        self.logw = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
-
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        xf = x.reshape(x.shape[0], -1)
-        mu, v, logw = (a.to(x.dtype) for a in (self.mu, self.var, self.logw))
-        var = v[None] + sigma.to(x.dtype)[:, None] ** 2  # [B, K]
-        diff = xf[:, None] - mu[None]  # [B, K, D]
-        logp = logw - xf.shape[1] / 2 * var.log() - diff.pow(2).sum(-1) / (2 * var)
-        x0k = mu[None] + (v[None] / var)[..., None] * diff
-        return (torch.softmax(logp, -1)[..., None] * x0k).sum(1).reshape(x.shape)
-
-
 class ToyEps:
     """eps network on VP latents: eps(x_vp, t) of the mixture, t (int or fractional) mapped to sigma."""
 
-    def __init__(self, schedule: DiscreteSigmas, mixture: Mixture) -> None:
+    def __init__(self, schedule: DiscreteSigmas, mixture: IsotropicMixture) -> None:
         self.schedule, self.mixture = schedule, mixture
         self.calls: list[float] = []
 
@@ -85,7 +67,7 @@ def setup(sch: object, fp64: bool = True) -> tuple[DiscreteSigmas, Callable[[], 
         if hasattr(sch, "final_alpha_cumprod"):
             sch.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if sch.config.set_alpha_to_one else ac[0]
     ds = DiscreteSigmas(ac)
-    mixture = Mixture(int(np.prod(SHAPE[1:])))
+    mixture = IsotropicMixture(int(np.prod(SHAPE[1:])), cast_sigma=True)
     return ds, lambda: ToyEps(ds, mixture)
 
 
@@ -420,7 +402,7 @@ def test_lcm_boundary_condition_matters() -> None:
 def test_shape_agnostic_batch_of_vectors() -> None:
     """[B, D] latents work with every sampler."""
     ds = DiscreteSigmas.from_betas(dtype=torch.float64)
-    mix = Mixture(5)
+    mix = IsotropicMixture(5, cast_sigma=True)
     model = lambda x, s: mix(x, s)  # noqa: E731
     sigmas = sigmas_at(ds, torch.tensor([999, 666, 333, 1]), "zero")
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]

@@ -36,6 +36,7 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
 )
+from gaussian_mixture import IsotropicMixture
 from torch import Tensor
 
 from sumie.errors import ConfigError
@@ -68,31 +69,12 @@ TOL32 = 1e-5
 # ---------------------------------------------------------------- the toy network
 
 
-class Mixture:
-    """Exact posterior mean E[x0 | x0 + sigma n = x] of an isotropic Gaussian mixture over the flattened image."""
-
-    def __init__(self, dim: int, k: int = 3, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.randn(k, dim, generator=g, dtype=torch.float64)
-        self.var = (0.2 + 0.5 * torch.rand(k, generator=g, dtype=torch.float64)) ** 2
-        self.logw = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
-
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        xf = x.reshape(x.shape[0], -1)
-        mu, v, logw = (a.to(x.dtype) for a in (self.mu, self.var, self.logw))
-        var = v[None] + sigma[:, None] ** 2
-        diff = xf[:, None] - mu[None]
-        logp = logw - xf.shape[1] / 2 * var.log() - diff.pow(2).sum(-1) / (2 * var)
-        x0k = mu[None] + (v[None] / var)[..., None] * diff
-        return (torch.softmax(logp, -1)[..., None] * x0k).sum(1).reshape(x.shape)
-
-
 class ToyNet:
     """eps- or v-prediction network on VP inputs x_in = x / sqrt(sigma^2 + 1), sigma = t_to_sigma(t) (log table)."""
 
     def __init__(self, ds: DiscreteSigmas, prediction: str) -> None:
         self.ds, self.prediction = ds, prediction
-        self.mixture = Mixture(int(np.prod(SHAPE[1:])))
+        self.mixture = IsotropicMixture(int(np.prod(SHAPE[1:])))
         self.ts: list[float] = []
 
     def __call__(self, x_in: Tensor, t: Tensor | float) -> Tensor:
