@@ -118,6 +118,8 @@ def test_config_values_are_checked(tmp_path: Path) -> None:
         config_from_dict({"data": {"synthetic": {}}, "train": {"lr": "fast"}})
     with pytest.raises(ConfigError, match=r"\[train\] what must be one of diffusion, vae"):
         config_from_dict({"data": {"synthetic": {}}, "train": {"what": "unet"}})
+    with pytest.raises(ConfigError, match=r"\[output\] export_dtype must be one of float32, float16, bfloat16"):
+        config_from_dict({"data": {"synthetic": {}}, "output": {"export_dtype": "fp8"}})
     with pytest.raises(ConfigError, match="needs exactly one of folder"):
         config_from_dict({"train": {"what": "vae"}})
     with pytest.raises(ConfigError, match="context_dim 32 must equal the text encoder width 64"):
@@ -300,6 +302,43 @@ def test_export_loads_and_generates(diffusion_run: tuple) -> None:
     assert images[0].size == (16, 16)
     te0 = trainer.models.text_encoders[0]
     assert te0.training and any(p.requires_grad for p in te0.parameters())  # trained jointly with the UNet
+
+
+def test_export_float16_and_native_size(diffusion_run: tuple) -> None:
+    trainer, result = diffusion_run
+    params = GenerationParams(prompt="a red square", steps=4, seed=1, sampler="Euler")  # no width/height given
+    full = Engine(load_models(result.export)).generate(params).images[0]
+    assert full.size == (16, 16)  # the native size comes from the file's sumie.resolution metadata
+    cfg = trainer.cfg
+    trainer.cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, export="half.safetensors",
+                                                                      export_dtype="float16"))
+    try:
+        half_path = trainer.export()
+    finally:
+        trainer.cfg = cfg
+    half, full_sd = load_file(half_path), load_file(result.export)
+    assert half.keys() == full_sd.keys()
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    assert all(torch.equal(half[k], v.half()) for k, v in full_sd.items())
+    assert half_path.stat().st_size < 0.6 * result.export.stat().st_size
+    image = Engine(load_models(half_path)).generate(params).images[0]
+    diff = torch.tensor(list(image.getdata())).float() - torch.tensor(list(full.getdata())).float()
+    assert diff.abs().mean() < 2.0  # fp16 storage, fp32 compute: within ~1 level on average
+
+
+def test_zero_terminal_snr_run_exports_a_ztsnr_v_model(shapes: Path, vae_run: tuple, tmp_path: Path) -> None:
+    base = {"model": {"vae_from": str(vae_run[1].export)}, "train": {"steps": 2, "zero_terminal_snr": True}}
+    with pytest.raises(ConfigError, match="zero_terminal_snr needs v-prediction"):
+        Trainer(make_config(tmp_path / "eps", shapes, **base), progress=False)
+    cfg = make_config(tmp_path / "v", shapes, model=base["model"], train={**base["train"], "prediction": "v"})
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.schedule.alphas_cumprod[-1] < 1e-7  # the rescaled schedule: (almost) pure noise at t = 999
+    result = trainer.run()
+    models = load_models(result.export)
+    assert models.zero_terminal_snr and models.config.prediction == "v"
+    assert "ztsnr" in load_file(result.export)
+    image = Engine(models).generate(GenerationParams(prompt="a red square", steps=4, seed=1)).images[0]
+    assert image.size == (16, 16)
 
 
 def _resume_config(out: Path, shapes: Path, vae: Path) -> TrainConfig:

@@ -54,6 +54,7 @@ class StableDiffusionModels:
     hash: str | None = None
     ignored_keys: list[str] = field(default_factory=list)
     zero_terminal_snr: bool = False  # zero-terminal-SNR training (``ztsnr`` key, diffusers rescale_betas_zero_snr)
+    native_size: int | None = None  # the side it was trained at, when the file says (``sumie.resolution`` metadata)
 
     def modules(self) -> dict[str, nn.Module]:
         """Component name -> module (``unet``, ``vae``, ``clip_l``, ``clip_g`` ...)."""
@@ -126,6 +127,12 @@ def _assemble(det: Detection, where: str, device: torch.device | str, dtype: tor
     )
 
 
+def _metadata_size(meta: Mapping[str, str] | None) -> int | None:
+    """The ``sumie.resolution`` metadata value (a positive multiple of 8), else None."""
+    value = (meta or {}).get("sumie.resolution", "")
+    return int(value) if value.isdigit() and int(value) > 0 and int(value) % 8 == 0 else None
+
+
 def load_models(
     path: str | os.PathLike[str],
     *,
@@ -142,9 +149,11 @@ def load_models(
         models = _assemble(det, str(p), device, dtype, source=str(p), hash=None)
     else:
         sd = load_state_dict(p)
-        det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p), metadata=file_metadata(p))
+        meta = file_metadata(p)
+        det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p), metadata=meta)
         del sd
-        models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p))
+        models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p),
+                           native_size=_metadata_size(meta))
     if vae is not None:
         models.vae = load_vae(vae, dtype=dtype, device=device, scaling_factor=models.config.vae.scaling_factor)
         models.config = replace(models.config, vae=models.vae.config)  # type: ignore[arg-type]

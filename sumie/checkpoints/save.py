@@ -15,9 +15,13 @@ from sumie.configs import ModelConfig, config_to_dict
 
 
 def single_file_state_dict(
-    config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module]
+    config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module],
+    zero_terminal_snr: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """LDM/sgm keys (``model.diffusion_model.*``, ``first_stage_model.*``, text encoders in their own layout)."""
+    """LDM/sgm keys (``model.diffusion_model.*``, ``first_stage_model.*``, text encoders in their own layout).
+
+    Marker keys as A1111/ComfyUI read them: ``v_pred`` for v-prediction, ``ztsnr`` for a zero-terminal-SNR model.
+    """
     out = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     out.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     for (prefix, layout), te in zip(TEXT_PARTS[config.family], text_encoders, strict=True):
@@ -27,6 +31,8 @@ def single_file_state_dict(
         out.update({prefix + k: v for k, v in sd.items()})
     if config.prediction == "v":
         out["v_pred"] = torch.tensor([])
+    if zero_terminal_snr:
+        out["ztsnr"] = torch.tensor([])
     return out
 
 
@@ -49,9 +55,15 @@ def random_single_file(config: ModelConfig, seed: int = 0) -> dict[str, torch.Te
 
 def save_single_file(
     path: str | Path, config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module],
-    extra_metadata: dict[str, str] | None = None,
+    extra_metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None, zero_terminal_snr: bool = False,
 ) -> None:
-    """Write a single-file .safetensors (atomic) that declares its exact config in the ``sumie.config`` metadata."""
+    """Write a single-file .safetensors (atomic) that declares its exact config in the ``sumie.config`` metadata.
+
+    ``dtype``: store floating-point tensors in this type (e.g. float16 halves the file); None keeps the modules' own.
+    """
     metadata = {"sumie.config": json.dumps(config_to_dict(config)), **(extra_metadata or {})}
-    sd = single_file_state_dict(config, unet, vae, text_encoders)
-    save_safetensors_atomic({k: v.detach().cpu() for k, v in sd.items()}, path, metadata=metadata)
+    sd = single_file_state_dict(config, unet, vae, text_encoders, zero_terminal_snr)
+    out = {k: v.detach().cpu() for k, v in sd.items()}
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    save_safetensors_atomic(out, path, metadata=metadata)

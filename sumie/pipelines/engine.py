@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sumie.checkpoints.embedded import resolve_model
 from sumie.checkpoints.loader import StableDiffusionModels, load_models
 from sumie.errors import ConfigError
 from sumie.models.taesd import TAESD
@@ -114,6 +115,8 @@ def _uses_white_noise(spec: SamplerSpec, eta: float | None) -> bool:
 
 
 def _native_size(models: StableDiffusionModels) -> int:
+    if models.native_size is not None:
+        return models.native_size
     family = models.config.family
     if family.startswith("sdxl"):
         return 1024
@@ -690,12 +693,11 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
          taesd: str | Path | None = None) -> Engine:
     """Load a checkpoint (single file or diffusers folder) into an :class:`Engine`.
 
+    ``model``: a path, or None / ``"sumie-tiny"`` for the embedded default model (64 px, trained by Sumie);
     ``vae``: a standalone VAE file replacing the built-in one; ``prediction``: force "eps" or "v";
     ``embeddings_dir``: textual-inversion embeddings; ``taesd``: a TAESD (decoder) file for cheap previews.
     """
-    if model is None:
-        raise ConfigError("no model given; pass the path of a checkpoint file or a diffusers folder")
-    models = load_models(model, dtype=dtype, device=device, prediction=prediction, vae=vae)
+    models = load_models(resolve_model(model), dtype=dtype, device=device, prediction=prediction, vae=vae)
     tiny = None
     if taesd is not None:
         from sumie.checkpoints.io import load_state_dict

@@ -17,7 +17,7 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def run_bench(model: str | Path, *, steps: int = 20, width: int | None = None, height: int | None = None,
+def run_bench(model: str | Path | None, *, steps: int = 20, width: int | None = None, height: int | None = None,
               sampler: str = "DPM++ 2M", cfg_scale: float = 7.0, runs: int = 3, dtype: torch.dtype = torch.float32,
               device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Median seconds per image over ``runs`` generations after one warm-up, plus the share of each stage."""

@@ -31,10 +31,11 @@ def _count(sd: dict) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print what a checkpoint is: family, prediction type, parameters per component, dtype, hash."""
+    from sumie.checkpoints.embedded import resolve_model
     from sumie.checkpoints.io import legacy_model_hash, model_hash
     from sumie.checkpoints.loader import inspect_checkpoint, stored_dtype
 
-    path = Path(args.model)
+    path = resolve_model(args.model)
     det = inspect_checkpoint(path, prediction=args.prediction)
     cfg = det.config
     comps = {"unet": det.parts["unet"], "vae": det.parts["vae"]}
@@ -379,12 +380,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import sumie
-    from sumie.errors import ConfigError
 
     mode = args.mode
-    if not args.model:
-        raise ConfigError("no model given: pass --model PATH (a .safetensors/.ckpt file or a diffusers folder); "
-                          "Sumie has no built-in default model yet")
     device, dtype = _device_and_dtype(args)
     p, fields = _build_params(args, mode)
     _validate_early(p)
@@ -500,7 +497,8 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     r.add_argument("--refiner", metavar="PATH", help="refiner checkpoint that takes over at --refiner-switch-at")
     r.add_argument("--refiner-switch-at", type=float, metavar="X", help=_none_default("fraction of the steps", 0.8))
     m = p.add_argument_group("model")
-    m.add_argument("--model", metavar="PATH", help="checkpoint file or diffusers folder (required)")
+    m.add_argument("--model", metavar="PATH",
+                   help="checkpoint file or diffusers folder (default: the embedded 64-px model sumie-tiny)")
     m.add_argument("--vae", metavar="PATH", help="standalone VAE replacing the checkpoint's")
     m.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     m.add_argument("--dtype", choices=list(_DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
@@ -526,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a checkpoint file or diffusers folder")
-    p.add_argument("model", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file or a diffusers folder (default: sumie-tiny)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
@@ -583,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     def model_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
+        p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded sumie-tiny)")
 
     measure.add_parsers(sub, model_arg)
     return parser

@@ -110,6 +110,7 @@ class TrainSection:
     # diffusion
     prediction: Literal["eps", "v"] | None = None  # None = the model's
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+    zero_terminal_snr: bool = False  # rescale the schedule to zero SNR at t = 999 (Lin et al. 2023); needs v
     train_text_encoder: bool | None = None  # None = yes from scratch, no when fine-tuning (init_from)
     # vae
     kl_weight: float = 1e-6  # on KL summed over latents / pixels, i.e. LDM's weight on its sums
@@ -138,6 +139,7 @@ class OutputConfig:
     log_every: int = 10  # loss-log lines (JSONL) every N steps; the bar shows every step
     progress: bool | None = None  # tqdm bar; None = only on a terminal
     export: str = "model.safetensors"  # final single file (what="diffusion") inside dir; vae.safetensors for vae
+    export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # how the exported weights are stored
 
 
 @dataclass
@@ -162,6 +164,7 @@ _CHOICES: dict[tuple[str, str], tuple[object, ...]] = {
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
     ("train", "prediction"): ("eps", "v"),
     ("train", "recon"): ("l1", "l2"),
+    ("output", "export_dtype"): ("float32", "float16", "bfloat16"),
 }
 
 

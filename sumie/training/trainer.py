@@ -108,7 +108,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)
         self.stream = BatchStream(self.data, t.batch_size, t.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
                                   num_workers=cfg.data.num_workers)
-        self.schedule = NoiseSchedule.sd()
+        self.schedule = NoiseSchedule.sd(zero_terminal_snr=t.zero_terminal_snr)
+        if t.zero_terminal_snr and self.models.config.prediction != "v":
+            raise ConfigError("[train] zero_terminal_snr needs v-prediction (eps is undefined at zero SNR); "
+                              "set [train] prediction = \"v\"")
         self.tokenizer: Any = None
         self._token_cache: dict[tuple[str, int], list[int]] = {}
         if self.what == "diffusion":
@@ -491,7 +494,8 @@ class Trainer:
         if m.unet is None:
             raise ConfigError("a VAE run has no UNet to generate with")
         sd = StableDiffusionModels(config=m.config, unet=m.unet, vae=m.vae, text_encoders=m.text_encoders,
-                                   source=str(self.out / f"step_{self.step}"), prediction_source="training")
+                                   source=str(self.out / f"step_{self.step}"), prediction_source="training",
+                                   zero_terminal_snr=self.cfg.train.zero_terminal_snr)
         engine = Engine(sd, tokenizer=self.tokenizer)
         engine.show_progress = False
         return engine
@@ -512,7 +516,9 @@ class Trainer:
                 from sumie.checkpoints.save import save_single_file
 
                 path = self.out / o.export
-                save_single_file(path, m.config, m.unet, m.vae, m.text_encoders, extra_metadata=meta)  # type: ignore
+                save_single_file(path, m.config, m.unet, m.vae, m.text_encoders, extra_metadata=meta,  # type: ignore
+                                 dtype=getattr(torch, o.export_dtype),
+                                 zero_terminal_snr=self.cfg.train.zero_terminal_snr)
         return path
 
     def _estimate_scaling(self) -> float:
