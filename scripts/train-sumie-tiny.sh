@@ -12,7 +12,7 @@ run_stage() {  # config, run folder, exported file
   if [ -f "$R/runs/$2/$3" ]; then echo "$R/runs/$2/$3 exists; stage done"; return; fi
   if ls -d "$R/runs/$2"/step_* >/dev/null 2>&1; then "$SUMIE" train "$R/$1" --resume; else "$SUMIE" train "$R/$1"; fi
 }
-run_stage vae.toml sumie-tiny-vae vae.safetensors
+run_stage vae.toml sumie-tiny-vae-b vae.safetensors
 run_stage diffusion.toml sumie-tiny model.safetensors
 "$SUMIE" eval adherence --model "$R/runs/sumie-tiny/model.safetensors" --cfg-scale 1 7 \
   --json > "$R/runs/sumie-tiny/adherence.json"

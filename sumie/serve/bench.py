@@ -53,7 +53,7 @@ def run_bench(model: str | Path | None, *, steps: int = 20, width: int | None = 
         calls.append(unet_calls)
     size = result.images[0].size
     return {
-        "model": str(model),
+        "model": engine.models.source,
         "family": cfg.family,
         "size": f"{size[0]}x{size[1]}",
         "steps": steps,
