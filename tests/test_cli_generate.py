@@ -124,7 +124,7 @@ BAD_INPUTS = {  # command and arguments (after the FAST options, so they overrid
     "mask of another size": (["inpaint", "{image}", "{small_mask}", "x"], "is 32x32 but the image is 64x64"),
     "unreadable image": (["img2img", "{broken}", "x"], "not an image"),
     "missing model": (["generate", "x", "--model", "{missing}"], "no such file"),
-    "no model": (["generate", "x", "--model", ""], "no model given: pass --model PATH"),
+    "empty model": (["generate", "x", "--model", ""], "the model path is empty"),
 }
 
 

@@ -131,9 +131,9 @@ def test_bad_requests_are_config_errors(sd1: Engine, kw: dict[str, object], word
         sd1.generate(P(**kw))
 
 
-def test_load_without_model() -> None:
-    with pytest.raises(ConfigError, match="no model"):
-        sumie.load()
+def test_load_with_an_empty_model_path() -> None:
+    with pytest.raises(ConfigError, match="the model path is empty"):
+        sumie.load("")
 
 
 # ------------------------------------------------------------------------------------------------- guidance / prompts

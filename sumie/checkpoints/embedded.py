@@ -27,6 +27,9 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     """A model argument -> a path: None or an embedded name gives the embedded file, anything else is a path."""
     if model is None:
         return embedded_path()
+    if not str(model).strip():
+        raise ConfigError("the model path is empty; pass a checkpoint file or diffusers folder, or leave the model "
+                          f"out for the embedded {DEFAULT_MODEL}")
     if isinstance(model, str) and model in _FILES and not Path(model).exists():
         return embedded_path(model)
     return Path(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,8 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=20, help="moving-average window in log lines")
     ap.add_argument("--title", default="training loss")
     a = ap.parse_args(argv)
-    series = {Path(p).parent.name: read_log(p, a.key) for p in a.logs}
-    plot_losses(series, a.output, title=a.title, window=max(1, a.window))
+    try:
+        series = {Path(p).parent.name: read_log(p, a.key) for p in a.logs}
+        plot_losses(series, a.output, title=a.title, window=max(1, a.window))
+    except ConfigError as e:
+        print(f"sumie: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
