@@ -86,12 +86,9 @@ def plot_losses(series: dict[str, list[tuple[int, float]]], path: str | Path, *,
         colour = _COLOURS[k % len(_COLOURS)]
         d.line([px(x, y) for x, y in zip(xs, ys, strict=True)], fill=colour, width=2)
         d.text((w - right - 220, top + 8 + 14 * k), name, fill=colour)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(out)
-    return out
+    from sumie.pipelines.output import save_png
+
+    return save_png(img, path, None, overwrite=True)  # atomic; a re-plot replaces the old picture
 
 
 def main(argv: Sequence[str] | None = None) -> int:
