@@ -16,6 +16,7 @@ from sumie.sampling.samplers.common import (
     Model,
     NoiseSampler,
     ancestral_step,
+    denoise,
     require_noise,
     sigma_batch,
     to_d,
@@ -33,10 +34,8 @@ def _ancestral_loop(model: Model, x: Tensor, sigmas: Tensor, update: _Update, na
     noise_sampler = require_noise(noise_sampler, name) if eta else noise_sampler
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
+        denoised = denoise(model, x, sigma, i, callback)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         x = update(x, denoised, sigma, sigma_down)
         quiet = sigma_next == 0 or (quiet_when_down_is_zero and sigma_down == 0)
         if eta and not quiet:

@@ -34,6 +34,16 @@ def sigma_batch(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma * x.new_ones([x.shape[0]])
 
 
+def denoise(model: Model, x: Tensor, sigma: Tensor, i: int, callback: Callback | None,
+            sigma_hat: Tensor | None = None) -> Tensor:
+    """x0 = model(x, sigma_hat or sigma) [B, ...], reported to ``callback`` as step ``i``."""
+    at = sigma if sigma_hat is None else sigma_hat
+    denoised = model(x, sigma_batch(at, x))
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": at, "denoised": denoised})
+    return denoised
+
+
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """Karras ODE derivative dx/dsigma = (x - x0) / sigma."""
     return (x - denoised) / bcast(sigma, x)

@@ -32,8 +32,8 @@ from sumie.sampling.samplers.common import (
     NoiseSampler,
     ancestral_step,
     bcast,
+    denoise,
     require_noise,
-    sigma_batch,
     to_d,
 )
 
@@ -55,9 +55,7 @@ def sample_ddim(
         noise_sampler = require_noise(noise_sampler, "DDIM with eta > 0")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        denoised = denoise(model, x, sigma, i, callback)
         # For eta <= 1 this is exactly diffusers' variance; eta > 1 (NaN in diffusers) clamps to sigma_up = sigma_next.
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         eps = to_d(x, sigma, denoised)
@@ -80,9 +78,7 @@ def sample_ddpm(
     noise_sampler = require_noise(noise_sampler, "DDPM")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        denoised = denoise(model, x, sigma, i, callback)
         ratio = (sigma_next / sigma) ** 2  # posterior mean keeps this share of the noise x - x0
         x = denoised + (x - denoised) * bcast(ratio, x)
         if sigma_next > 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, bcast, sigma_batch, to_d
+from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, bcast, denoise, sigma_batch, to_d
 
 
 def _plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
@@ -39,9 +39,7 @@ def sample_plms(
     history: list[Tensor] = []
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        denoised = denoise(model, x, sigma, i, callback)
         eps = to_d(x, sigma, denoised)
         dt = bcast(sigma_next - sigma, x)
         if history:

@@ -8,6 +8,7 @@ deterministic and the noise sampler optional.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,6 +20,7 @@ from sumie.sampling.samplers.common import (
     Model,
     NoiseSampler,
     ancestral_step,
+    denoise,
     require_noise,
     sigma_batch,
     to_d,
@@ -34,9 +36,7 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callb
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        denoised = denoise(model, x, sigma, i, callback)
         if sigma_next == 0:
             x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
             continue
@@ -62,6 +62,32 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callb
     return x
 
 
+History = list[tuple[Tensor, Tensor]]  # (denoised, h) of the earlier steps, newest first
+MultistepUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, History], Tensor]
+
+
+def _multistep_sde(model: Model, x: Tensor, sigmas: Tensor, update: MultistepUpdate, name: str,
+                   callback: Callback | None, noise_sampler: NoiseSampler | None, eta: float, s_noise: float,
+                   keep: int) -> Tensor:
+    """The DPM-Solver++ multistep SDE loop: denoise, ``update(x, x0, sigma, sigma_next, h, history)`` in
+    lambda = -log sigma (h = lambda_next - lambda), then noise of std sigma_next sqrt(1 - exp(-2 eta h)); the last
+    step (to sigma 0) returns the denoised sample."""
+    noise_sampler = require_noise(noise_sampler, name) if eta else noise_sampler
+    history: History = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(model, x, sigma, i, callback)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = (-sigma_next.log()) - (-sigma.log())
+        x = update(x, denoised, sigma, sigma_next, h, history)
+        if eta:
+            x = x + noise_sampler(sigma, sigma_next) * sigma_next * (-2 * eta * h).expm1().neg().sqrt() * s_noise
+        history = [(denoised, h), *history][:keep]
+    return x
+
+
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callback | None = None,
                         noise_sampler: NoiseSampler | None = None, eta: float = 1.0, s_noise: float = 1.0,
@@ -69,72 +95,46 @@ def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, callback: Ca
     """DPM-Solver++(2M) SDE, Lu et al. 2022 (k-diffusion's; solver_type picks the second-order correction)."""
     if solver_type not in ("midpoint", "heun"):
         raise ConfigError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    noise_sampler = require_noise(noise_sampler, "sample_dpmpp_2m_sde") if eta else noise_sampler
-    old_denoised: Tensor | None = None
-    h_last: Tensor | None = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        h = None
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = (-sigma_next.log()) - (-sigma.log())
-            eta_h = eta * h
-            phi_1 = (-h - eta_h).expm1().neg()
-            x = sigma_next / sigma * (-eta_h).exp() * x + phi_1 * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    x = x + (phi_1 / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
-                else:
-                    x = x + 0.5 * phi_1 * (1 / r) * (denoised - old_denoised)
-            if eta:
-                x = x + noise_sampler(sigma, sigma_next) * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
-        old_denoised, h_last = denoised, h
-    return x
+
+    def update(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, h: Tensor, history: History) -> Tensor:
+        eta_h = eta * h
+        phi_1 = (-h - eta_h).expm1().neg()
+        x = sigma_next / sigma * (-eta_h).exp() * x + phi_1 * denoised
+        if history:
+            old_denoised, h_last = history[0]
+            r = h_last / h
+            if solver_type == "heun":
+                return x + (phi_1 / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+            return x + 0.5 * phi_1 * (1 / r) * (denoised - old_denoised)
+        return x
+
+    return _multistep_sde(model, x, sigmas, update, "sample_dpmpp_2m_sde", callback, noise_sampler, eta, s_noise, 1)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callback | None = None,
                         noise_sampler: NoiseSampler | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
     """DPM-Solver++(3M) SDE, Lu et al. 2022 (k-diffusion's third-order multistep SDE solver)."""
-    noise_sampler = require_noise(noise_sampler, "sample_dpmpp_3m_sde") if eta else noise_sampler
-    denoised_1: Tensor | None = None
-    denoised_2: Tensor | None = None
-    h_1: Tensor | None = None
-    h_2: Tensor | None = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        h = None
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = (-sigma_next.log()) - (-sigma.log())
-            h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
-            if eta:
-                x = x + noise_sampler(sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
-    return x
+
+    def update(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, h: Tensor, history: History) -> Tensor:
+        h_eta = h * (eta + 1)
+        x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+        phi_2 = h_eta.neg().expm1() / h_eta + 1
+        if len(history) == 2:
+            (denoised_1, h_1), (denoised_2, h_2) = history
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            return x + phi_2 * d1 - phi_3 * d2
+        if history:
+            denoised_1, h_1 = history[0]
+            return x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
+        return x
+
+    return _multistep_sde(model, x, sigmas, update, "sample_dpmpp_3m_sde", callback, noise_sampler, eta, s_noise, 2)
 
 
 RestartList = dict[float, tuple[int, int, float]]
