@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-train the embedded model sumie-tiny from scratch with Sumie's own trainer, evaluate it, and install it
 # as package data (sumie/data/sumie-tiny.safetensors). See docs/sumie-tiny.md for what one run took.
-#   scripts/train-sumie-tiny.sh            both stages (VAE, then UNet + text encoder), then eval adherence
+#   scripts/train-sumie-tiny.sh            all stages (VAE; UNet + text encoder; their continuation), then eval adherence
 #   SUMIE=.venv/bin/sumie scripts/train-sumie-tiny.sh
 # Interrupted? Run it again: each stage resumes from its newest checkpoint (exact resume).
 set -euo pipefail
@@ -10,11 +10,12 @@ SUMIE=${SUMIE:-sumie}
 R=recipes/sumie-tiny
 run_stage() {  # config, run folder, exported file
   if [ -f "$R/runs/$2/$3" ]; then echo "$R/runs/$2/$3 exists; stage done"; return; fi
-  if ls -d "$R/runs/$2"/step_* >/dev/null 2>&1; then "$SUMIE" train "$R/$1" --resume; else "$SUMIE" train "$R/$1"; fi
+  if ls -d "$R/runs/$2"/checkpoints/step_* >/dev/null 2>&1; then "$SUMIE" train "$R/$1" --resume; else "$SUMIE" train "$R/$1"; fi
 }
 run_stage vae.toml sumie-tiny-vae-b vae.safetensors
 run_stage diffusion.toml sumie-tiny model.safetensors
-"$SUMIE" eval adherence --model "$R/runs/sumie-tiny/model.safetensors" --cfg-scale 1 7 \
-  --json > "$R/runs/sumie-tiny/adherence.json"
-cp "$R/runs/sumie-tiny/model.safetensors" sumie/data/sumie-tiny.safetensors
+run_stage diffusion-2.toml sumie-tiny-2 model.safetensors
+"$SUMIE" eval adherence --model "$R/runs/sumie-tiny-2/model.safetensors" --cfg-scale 1 3 7 \
+  --json > "$R/runs/sumie-tiny-2/adherence.json"
+cp "$R/runs/sumie-tiny-2/model.safetensors" sumie/data/sumie-tiny.safetensors
 echo "installed sumie/data/sumie-tiny.safetensors"
