@@ -206,12 +206,26 @@ def test_outputs_never_overwrite_without_flag(files: dict[str, Path], tmp_path: 
     assert main(["generate", "x", "--seed", "9", "--n-iter", "2", *model, *FAST, "-o", str(folder)]) == 0
     assert all_files(folder) == ["00041-1.png", "00042-9.png", "00043-10.png"]
     capsys.readouterr()
-    # one file cannot hold two images; a non-PNG name is refused
+    # one file cannot hold two images; a name of a type Sumie does not write is refused
     assert main(["generate", "x", "--batch-size", "2", *model, *FAST, "-o", str(tmp_path / "two.png")]) == 2
-    assert main(["generate", "x", *model, *FAST, "-o", str(tmp_path / "x.jpg")]) == 2
+    assert main(["generate", "x", *model, *FAST, "-o", str(tmp_path / "x.gif")]) == 2
+    assert main(["generate", "x", *model, *FAST, "--quality", "0", "-o", str(tmp_path / "q.jpg")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert "names one file but the run makes 2 images" in err[0] and "written as PNG" in err[1]
-    assert not (tmp_path / "two.png").exists() and not (tmp_path / "x.jpg").exists()
+    assert "names one file but the run makes 2 images" in err[0] and "PNG, JPEG or WebP" in err[1]
+    assert "--quality must be in [1, 100]" in err[2]
+    assert not (tmp_path / "two.png").exists() and not (tmp_path / "x.gif").exists()
+
+
+def test_jpeg_and_webp_outputs_carry_the_parameters(files: dict[str, Path], tmp_path: Path) -> None:
+    model = ["--model", str(files["model"])]
+    assert main(["generate", "x", "--seed", "5", *model, *FAST, "-o", str(tmp_path / "one.jpg")]) == 0
+    assert main(["generate", "x", "--seed", "5", *model, *FAST, "--format", "webp", "--quality", "90",
+                 "-o", str(tmp_path / "dir")]) == 0
+    assert all_files(tmp_path / "dir") == ["00000-5.webp"]
+    for path, fmt in ((tmp_path / "one.jpg", "JPEG"), (tmp_path / "dir" / "00000-5.webp", "WEBP")):
+        with Image.open(path) as im:
+            assert im.format == fmt and im.size == (64, 64)
+        assert parse_infotext(read_png_info(path) or "")["Seed"] == "5"
 
 
 def test_preview_writes_taesd_previews_and_cleans_up(files: dict[str, Path], tmp_path: Path,

@@ -24,6 +24,7 @@ import stat
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -41,7 +42,7 @@ from sumie.pipelines.infotext import (
     sampler_labels,
     unquote,
 )
-from sumie.pipelines.output import next_free_path, read_png_info, save_png
+from sumie.pipelines.output import next_free_path, read_png_info, save_image, save_png
 from sumie.pipelines.params import GenerationParams, HiresParams, InpaintParams, RefinerParams
 from sumie.sampling import registry
 
@@ -474,6 +475,35 @@ def test_no_overwrite(tmp_path: Path) -> None:
     assert read_png_info(path) == "second" and sorted(os.listdir(tmp_path)) == ["a.png"]
     with pytest.raises(ConfigError, match=r"\.png"):
         save_png(Image.new("RGB", (8, 8)), tmp_path / "a.jpg", "x")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".webp"])
+def test_jpeg_webp_parameters_in_exif_user_comment_as_a1111(tmp_path: Path, suffix: str) -> None:
+    import piexif
+    import piexif.helper
+
+    text = "猫, (a cat:1.2)\nNegative prompt: dog\nSteps: 20, Sampler: Euler, Seed: 1"
+    path = save_image(Image.new("RGBA", (16, 16), (200, 10, 10, 128)), tmp_path / f"a{suffix}", text, quality=95)
+    # A1111's reader: piexif.load, then UserComment.load of the Exif IFD's tag
+    raw = piexif.load(str(path))["Exif"][piexif.ExifIFD.UserComment]
+    assert raw == piexif.helper.UserComment.dump(text, encoding="unicode")
+    assert piexif.helper.UserComment.load(raw) == text and read_png_info(path) == text
+    with Image.open(path) as im:
+        assert im.format == ("WEBP" if suffix == ".webp" else "JPEG")
+        assert np.abs(np.asarray(im.convert("RGB"), dtype=int)[8, 8] - (200, 10, 10)).max() < 40
+    # and an image written the way A1111 writes it reads back here
+    other = tmp_path / f"b{suffix}"
+    Image.new("RGB", (16, 16)).save(other, quality=80, exif=piexif.dump(
+        {"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text, encoding="unicode")}}))
+    assert read_png_info(other) == text
+
+
+def test_save_image_refuses_unknown_types_and_bad_quality(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown image type '\.gif'.*\.png, \.jpg, \.jpeg, \.webp"):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "a.gif", "x")
+    with pytest.raises(ConfigError, match=r"quality must be in \[1, 100\]"):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "a.jpg", "x", quality=101)
+    assert os.listdir(tmp_path) == []
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,10 @@
 
 A PNG gets its infotext in a ``parameters`` text chunk through Pillow's ``PngInfo.add_text`` (A1111's
 ``save_image_with_geninfo``): a ``tEXt`` chunk when the text is Latin-1, else an uncompressed UTF-8 ``iTXt``
-chunk. Files are written atomically: into a temporary file in the same folder, then renamed into place, so a
-failure leaves neither a partial image nor the temporary file. Existing files are never replaced unless asked.
+chunk. A JPEG or WebP gets it where A1111 puts it there: the EXIF ``UserComment``, ``UNICODE`` charset, UTF-16
+big-endian (what ``piexif.helper.UserComment.dump(text, encoding="unicode")`` makes). Files are written
+atomically: into a temporary file in the same folder, then renamed into place, so a failure leaves neither a
+partial image nor the temporary file. Existing files are never replaced unless asked.
 
 :func:`read_png_info` reads that chunk back (A1111's ``read_info_from_image``), and the EXIF ``UserComment`` that
 A1111 writes into JPEG and WebP files instead.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import struct
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -25,6 +28,9 @@ _INVALID_FILENAME_CHARS = '#<>:"/\\|?*\n\r\t'
 _INVALID_FILENAME_END = " ."
 _MAX_FILENAME_PART = 128
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+# file suffix -> Pillow format of the images Sumie writes
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEFAULT_QUALITY = 80  # A1111's "jpeg_quality" default, used for JPEG and lossy WebP
 
 
 def sanitize_filename_part(text: str) -> str:
@@ -63,21 +69,35 @@ def next_free_path(folder: str | os.PathLike[str], stem_pattern: str = "", *, ex
     raise SumieError(f"no free file name in {folder} after 500 tries; choose another output folder")
 
 
-def _png_info(infotext: str | None) -> PngImagePlugin.PngInfo | None:
-    if infotext is None:
-        return None
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)  # tEXt if Latin-1, else iTXt (Pillow's rule, so A1111's)
-    return info
+def _save_options(fmt: str, infotext: str | None, quality: int) -> dict[str, object]:
+    """Pillow ``save`` keywords that store ``infotext`` where A1111 reads it for this format."""
+    if fmt == "PNG":
+        if infotext is None:
+            return {}
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", infotext)  # tEXt if Latin-1, else iTXt (Pillow's rule, so A1111's)
+        return {"pnginfo": info}
+    options: dict[str, object] = {"quality": quality}
+    if infotext is not None:
+        options["exif"] = _exif_user_comment(b"UNICODE\0" + infotext.encode("utf-16-be", errors="replace"))
+    return options
 
 
-def _write_tmp(image: Image.Image, folder: Path, name: str, infotext: str | None) -> Path:
-    """Write the PNG to a new temporary file next to the target (permissions follow the umask) and sync it."""
+def _exif_user_comment(comment: bytes) -> bytes:
+    """EXIF block (``Exif\\0\\0`` + little-endian TIFF) holding only IFD0 -> Exif IFD -> UserComment (type
+    UNDEFINED, as piexif writes it; Pillow's own Exif writer would type it BYTE, which piexif reads as a tuple)."""
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", _EXIF_IFD, 4, 1, 26) + struct.pack("<I", 0)  # 8..26
+    exif_ifd = struct.pack("<H", 1) + struct.pack("<HHII", _USER_COMMENT, 7, len(comment), 44) + struct.pack("<I", 0)
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd0 + exif_ifd + comment  # comment at offset 44
+
+
+def _write_tmp(image: Image.Image, folder: Path, name: str, fmt: str, options: dict[str, object]) -> Path:
+    """Write the image to a new temporary file next to the target (permissions follow the umask) and sync it."""
     tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=_png_info(infotext))
+            image.save(f, format=fmt, **options)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -105,23 +125,29 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str], infotext: str | None, *,
-             overwrite: bool = False) -> Path:
-    """Save ``image`` as a PNG with ``infotext`` in its ``parameters`` chunk, atomically; returns the path.
+def save_image(image: Image.Image, path: str | os.PathLike[str], infotext: str | None, *,
+               overwrite: bool = False, quality: int = DEFAULT_QUALITY) -> Path:
+    """Save ``image`` as PNG, JPEG or WebP (by the suffix) with ``infotext`` where A1111 stores it, atomically.
 
-    Refuses an existing file unless ``overwrite``; creates missing folders. On any failure no file and no
-    temporary file remain.
+    ``quality`` (1-100) applies to JPEG and WebP. Refuses an existing file unless ``overwrite``; creates missing
+    folders. On any failure no file and no temporary file remain. Returns the path.
     """
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"{path} does not end in .png; PNG output needs a .png file name")
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{path}: unknown image type {path.suffix or '(no suffix)'!r}; end the name in "
+                          f"{', '.join(IMAGE_FORMATS)}")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality must be in [1, 100], got {quality}")
     if path.is_dir():
-        raise SumieError(f"{path} is a folder; give a file name ending in .png")
+        raise SumieError(f"{path} is a folder; give a file name ending in {path.suffix}")
     if path.exists() and not overwrite:
         raise SumieError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _write_tmp(image, path.parent, path.name, infotext)
+        tmp = _write_tmp(image, path.parent, path.name, fmt, _save_options(fmt, infotext, quality))
     except OSError as e:
         raise SumieError(f"cannot write {path}: {e.strerror or e}; check the folder exists, is writable and "
                          "has space") from e
@@ -135,6 +161,14 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], infotext: str | N
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], infotext: str | None, *,
+             overwrite: bool = False) -> Path:
+    """:func:`save_image` for a name that must end in ``.png`` (previews, plots, grids)."""
+    if Path(path).suffix.lower() != ".png":
+        raise ConfigError(f"{path} does not end in .png; PNG output needs a .png file name")
+    return save_image(image, path, infotext, overwrite=overwrite)
 
 
 def decode_user_comment(data: bytes | str) -> str:

@@ -151,7 +151,7 @@ _HIRES_FIELDS = {"hires_scale": "scale", "hires_steps": "steps", "hires_denoise"
 # defaults that differ from GenerationParams' for a mode
 _MODE_DEFAULTS: dict[str, dict[str, object]] = {"outpaint": {"denoising_strength": 0.8}}
 _OUTPAINT_INPAINT_DEFAULTS = {"fill": "fill"}
-_OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+_OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif")  # images Sumie reads but does not write
 
 
 def _warn(message: str) -> None:
@@ -269,25 +269,31 @@ def _validate_early(p: GenerationParams) -> None:
 
 
 class _Outputs:
-    """Where the images go: a folder (A1111 numbering ``00000-<seed>.png``) or one ``.png`` file."""
+    """Where the images go: a folder (A1111 numbering ``00000-<seed>.<format>``) or one .png/.jpg/.webp file."""
 
-    def __init__(self, out: str | None, count: int, overwrite: bool) -> None:
+    def __init__(self, out: str | None, count: int, overwrite: bool, fmt: str = "png",
+                 quality: int = 80) -> None:
         from sumie.errors import ConfigError, SumieError
+        from sumie.pipelines.output import IMAGE_FORMATS
 
         text = out if out is not None else "outputs"
         self.path = Path(text)
         self.overwrite = overwrite
+        self.ext, self.quality = f".{fmt}", quality
+        if not 1 <= quality <= 100:
+            raise ConfigError(f"--quality must be in [1, 100], got {quality}")
         suffix = self.path.suffix.lower()
-        self.is_file = suffix == ".png" and not self.path.is_dir() and not text.endswith(("/", os.sep))
+        self.is_file = suffix in IMAGE_FORMATS and not self.path.is_dir() and not text.endswith(("/", os.sep))
         if self.is_file:
             if count != 1:
                 raise ConfigError(f"-o {self.path} names one file but the run makes {count} images; give a folder")
             if self.path.exists() and not overwrite:
                 raise SumieError(f"{self.path} already exists; choose another name or pass --overwrite")
         elif suffix in _OTHER_IMAGE_SUFFIXES and not self.path.is_dir():
-            raise ConfigError(f"-o {self.path}: images are written as PNG; give a folder or a file ending in .png")
+            raise ConfigError(f"-o {self.path}: images are written as PNG, JPEG or WebP; give a folder or a file "
+                              "ending in .png, .jpg or .webp")
         elif self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"-o {self.path} is a file; give a folder or a .png file name")
+            raise ConfigError(f"-o {self.path} is a file; give a folder or an image file name (.png, .jpg, .webp)")
         self.preview_path = (self.path.with_name(self.path.stem + ".preview.png") if self.is_file
                              else self.path / "preview.png")
         self.wrote_preview = False
@@ -295,11 +301,13 @@ class _Outputs:
 
     def save(self, image: object, seed: int, infotext: str) -> Path:
         """Write one image with its infotext (atomically; never over an existing file without --overwrite)."""
-        from sumie.pipelines.output import next_free_path, save_png
+        from sumie.pipelines.output import next_free_path, save_image
 
         if self.is_file:
-            return save_png(image, self.path, infotext, overwrite=self.overwrite)  # type: ignore[arg-type]
-        return save_png(image, next_free_path(self.path, str(seed)), infotext)  # type: ignore[arg-type]
+            return save_image(image, self.path, infotext, overwrite=self.overwrite,  # type: ignore[arg-type]
+                              quality=self.quality)
+        path = next_free_path(self.path, str(seed), ext=self.ext)
+        return save_image(image, path, infotext, quality=self.quality)  # type: ignore[arg-type]
 
     def preview(self, images: list) -> None:
         """Write the batch's current prediction side by side into the preview file."""
@@ -388,7 +396,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.preview and not args.taesd:
         _warn("--preview without --taesd FILE decodes previews with the full VAE (slower)")
     _init_images(args, mode, p)
-    outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite)
+    outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite, args.format, args.quality)
     _check_lora_tags(p.prompt, p.negative_prompt)
     engine = sumie.load(args.model, dtype=dtype, device=device, vae=args.vae, prediction=args.prediction,
                         embeddings_dir=args.embeddings, taesd=args.taesd)
@@ -507,7 +515,12 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="OUT",
-                   help="folder (numbered 00000-<seed>.png) or, for one image, a .png file (default: outputs)")
+                   help="folder (numbered 00000-<seed>.png) or, for one image, a .png, .jpg or .webp file "
+                        "(default: outputs)")
+    o.add_argument("--format", choices=["png", "jpg", "webp"], default="png",
+                   help="file type of numbered images in a folder (default: png; -o FILE goes by its suffix)")
+    o.add_argument("--quality", type=int, default=80, metavar="Q",
+                   help="JPEG/WebP quality 1-100 (default: 80, A1111's); parameters go in the EXIF UserComment")
     o.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     o.add_argument("--from-png", metavar="IMAGE",
                    help="re-create an image from its stored parameters; options given here override them")
