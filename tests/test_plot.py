@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sumie.errors import ConfigError
-from sumie.training.plot import main, read_log, smooth
+from sumie.training.plot import chain, main, read_log, smooth
 
 
 def _log(path: Path, values: list[float]) -> Path:
@@ -36,6 +36,20 @@ def test_plot_draws_each_series(tmp_path: Path) -> None:
     red = (abs(arr - [214, 39, 40]).sum(-1) < 30).sum()
     assert blue > 300 and red > 300  # two curves (and their labels) drawn
     assert read_log(a, "rec")[0] == (10, 0.5)
+
+
+def test_chain_puts_stages_end_to_end(tmp_path: Path) -> None:
+    stages = chain({"s2": [(10, 1.0), (20, 0.5)], "s3": [(10, 0.4), (30, 0.3)]})
+    assert stages == {"s2": [(10, 1.0), (20, 0.5)], "s3": [(30, 0.4), (50, 0.3)]}
+    a = _log(tmp_path / "s2" / "loss.jsonl", [1.0] * 20)
+    b = _log(tmp_path / "s3" / "loss.jsonl", [0.1] * 20)
+    out = tmp_path / "chained.png"
+    assert main([str(a), str(b), "--chain", "-o", str(out)]) == 0
+    arr = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    red_cols = np.nonzero((abs(arr - [214, 39, 40]).sum(-1) < 30).any(0))[0]
+    blue_cols = np.nonzero((abs(arr - [31, 119, 180]).sum(-1) < 30).any(0))[0]
+    # the second stage starts halfway along the step axis, to the right of the first (labels sit further right)
+    assert red_cols.min() > blue_cols.min() + 200
 
 
 def test_bad_logs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,7 @@
 """A loss-curve plot of a run's ``loss.jsonl`` drawn with PIL (no plotting library needed).
 
     python -m sumie.training.plot RUN/loss.jsonl [MORE/loss.jsonl ...] -o loss.png
+    python -m sumie.training.plot STAGE2/loss.jsonl STAGE3/loss.jsonl --chain -o loss.png   # one model's stages
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
         if i >= window:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
+    return out
+
+
+def chain(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """Stages of one model end to end: each series' steps shifted to start after the previous one's last step."""
+    out, offset = {}, 0
+    for name, pts in series.items():
+        out[name] = [(s + offset, v) for s, v in pts]
+        offset = out[name][-1][0]
     return out
 
 
@@ -99,9 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--key", default="loss", help="which logged value to plot (default: loss)")
     ap.add_argument("--window", type=int, default=20, help="moving-average window in log lines")
     ap.add_argument("--title", default="training loss")
+    ap.add_argument("--chain", action="store_true",
+                    help="the logs are consecutive stages of one model: draw each after the previous one")
     a = ap.parse_args(argv)
     try:
         series = {Path(p).parent.name: read_log(p, a.key) for p in a.logs}
+        if a.chain:
+            series = chain(series)
         plot_losses(series, a.output, title=a.title, window=max(1, a.window))
     except ConfigError as e:
         print(f"sumie: error: {e}", file=sys.stderr)
