@@ -70,13 +70,15 @@ def test_default_load_is_64px_sd1(engine: Engine) -> None:
     assert image.size == (64, 64)
 
 
-def test_default_model_follows_the_background(engine: Engine) -> None:
-    """Default settings, 8 seeds: the stated background is right in at least 6 (measured: 88-100% of held-out
-    prompts). Colours and shapes of objects are not yet reliable (see docs/sumie-tiny.md), so not asserted."""
-    prompt = "a red circle on a black background"
-    right = sum(score(engine.generate(GenerationParams(prompt=prompt, seed=seed)).images[0], prompt)["background"]
-                for seed in range(8))
-    assert right >= 6, right
+@pytest.mark.parametrize("prompt", ["a red circle on a black background", "a blue square on a white background"])
+def test_default_model_follows_background_and_colour(engine: Engine, prompt: str) -> None:
+    """Default settings, seeds 0-7: the stated background is right in at least 6 images and the object's colour
+    in at least 5 (measured with the shipped file: background 8 and 8, colour 8 and 7). Shapes and positions are
+    not yet reliable (docs/sumie-tiny.md), so not asserted."""
+    images = engine.generate(GenerationParams(prompt=prompt, seed=0, batch_size=8)).images
+    scores = [score(image, prompt) for image in images]
+    background, colour = sum(s["background"] for s in scores), sum(s["color"] for s in scores)
+    assert background >= 6 and colour >= 5, (background, colour)
 
 
 def test_cli_generate_and_info_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
