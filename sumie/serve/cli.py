@@ -272,13 +272,14 @@ class _Outputs:
     """Where the images go: a folder (A1111 numbering ``00000-<seed>.<format>``) or one .png/.jpg/.webp file."""
 
     def __init__(self, out: str | None, count: int, overwrite: bool, fmt: str = "png",
-                 quality: int = 80) -> None:
+                 quality: int | None = None) -> None:
         from sumie.errors import ConfigError, SumieError
-        from sumie.pipelines.output import IMAGE_FORMATS
+        from sumie.pipelines.output import DEFAULT_QUALITY, IMAGE_FORMATS
 
         text = out if out is not None else "outputs"
         self.path = Path(text)
         self.overwrite = overwrite
+        quality = DEFAULT_QUALITY if quality is None else quality
         self.ext, self.quality = f".{fmt}", quality
         if not 1 <= quality <= 100:
             raise ConfigError(f"--quality must be in [1, 100], got {quality}")
@@ -519,7 +520,7 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
                         "(default: outputs)")
     o.add_argument("--format", choices=["png", "jpg", "webp"], default="png",
                    help="file type of numbered images in a folder (default: png; -o FILE goes by its suffix)")
-    o.add_argument("--quality", type=int, default=80, metavar="Q",
+    o.add_argument("--quality", type=int, metavar="Q",
                    help="JPEG/WebP quality 1-100 (default: 80, A1111's); parameters go in the EXIF UserComment")
     o.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     o.add_argument("--from-png", metavar="IMAGE",
