@@ -26,6 +26,7 @@ from sumie.training.synthetic import (
     realize,
     render,
     render_caption,
+    render_mask,
 )
 
 
@@ -182,3 +183,18 @@ def test_generation_is_fast() -> None:
         ds[i]
     elapsed = time.perf_counter() - start
     assert elapsed < 10.0, f"2000 synthetic images took {elapsed:.1f}s"  # ~0.5 s measured on 1 thread
+
+
+def test_masks_cover_exactly_the_object_pixels() -> None:
+    """mask > 0 exactly where the image differs from the background; its sum is the drawn shapes' area."""
+    ts = TrainSet(64, 30, seed=3)
+    area_of = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+    for i in range(30):
+        s = ts.sample(i)
+        m = ts.mask(i)
+        assert m.shape == (1, 64, 64) and m.dtype == torch.float32 and 0 <= float(m.min()) and float(m.max()) <= 1
+        differs = np.abs(np.asarray(s.image, dtype=int) - BACKGROUNDS[s.scene.background]).sum(-1) > 0
+        assert np.array_equal(m[0].numpy() > 0, differs)
+        area = sum(area_of[x.shape] * (x.extent * 64) ** 2 for x in s.scene.instances)
+        assert float(m.sum()) == pytest.approx(area, rel=0.15)
+        assert np.array_equal(np.asarray(render_mask(s.scene, 64)), (m[0].numpy() * 255).round().astype(np.uint8))

@@ -28,9 +28,9 @@ from sumie.pipelines.params import GenerationParams
 from sumie.serve.cli import main
 from sumie.training.build import load_vae_file
 from sumie.training.config import TrainConfig, config_from_dict, load_config
-from sumie.training.data import BatchStream, DataError, FolderDataset, make_buckets, nearest_bucket
+from sumie.training.data import BatchStream, DataError, FolderDataset, make_buckets, nearest_bucket, synthetic_dataset
 from sumie.training.ema import EMA
-from sumie.training.losses import NoiseSchedule, min_snr_weights, vae_loss
+from sumie.training.losses import NoiseSchedule, diffusion_loss, foreground_weights, min_snr_weights, vae_loss
 from sumie.training.state import list_checkpoints, load_state
 from sumie.training.trainer import Trainer
 
@@ -442,3 +442,84 @@ def test_cli_synthetic_vae_run_and_resume_with_more_steps(tmp_path: Path, capsys
     assert vae.config.ch == 16 and vae.downscale == 2
     grid = Image.open(tmp_path / "run" / "samples" / "step_00000003.png")
     assert grid.size == (8 * 32, 2 * 32)  # 8 images over their reconstructions
+
+
+# ---------------------------------------------------------------- foreground-weighted loss
+
+
+def test_foreground_weights_and_weighted_mse() -> None:
+    mask = torch.tensor([[[[0.0, 0.5], [1.0, 0.0]]]])
+    w = foreground_weights(mask, 5.0)
+    assert torch.equal(w, torch.tensor([[[[1.0, 3.0], [5.0, 1.0]]]]))
+    pred, target = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
+    pred[0, 0, 1, 0] = 3.0  # error 4 on a foreground pixel of channel 0
+    expected = (1 + 3 + 5 * 4 + 1 + 1 + 3 + 5 + 1) / 8
+    assert float(diffusion_loss(pred, target, None, w)) == pytest.approx(expected)
+    assert float(diffusion_loss(pred, target, torch.tensor([2.0]), w)) == pytest.approx(2 * expected)
+
+
+def test_folder_masks_follow_the_image_crop(tmp_path: Path) -> None:
+    """cat.mask.png is not an image of its own, and is cropped (and mirrored) exactly as cat.png."""
+    for name, box in (("a", (2, 3, 9, 12)), ("b", (14, 1, 22, 6))):
+        im, mask = Image.new("RGB", (24, 16), "white"), Image.new("L", (24, 16), 0)
+        ImageDraw.Draw(im).rectangle(box, fill=(220, 30, 30))
+        ImageDraw.Draw(mask).rectangle(box, fill=255)
+        im.save(tmp_path / f"{name}.png")
+        mask.save(tmp_path / f"{name}.mask.png")
+        (tmp_path / f"{name}.txt").write_text("a red square")
+    Image.new("RGB", (24, 16), "white").save(tmp_path / "c.png")
+    (tmp_path / "c.txt").write_text("nothing")
+    data = FolderDataset(tmp_path, 16, crop="random")
+    assert len(data) == 3 and data.has_masks()
+    for i in range(2):
+        for seed in (0, 5, 11):
+            for flip in (False, True):
+                x, _ = data.load(i, flip, seed)
+                m = data.load_mask(i, flip, seed)
+                assert m is not None and m.shape == (1, 16, 16)
+                red = (x[0] > 0.5) & (x[1] < 0)
+                assert torch.equal(red, m[0] > 0.5)
+    assert data.load_mask(2) is None
+    assert not FolderDataset(write_shapes(tmp_path / "plain", 2), 16).has_masks()
+
+
+def _random_checkpoint(folder: Path) -> Path:
+    path = folder / "random.safetensors"
+    save_safetensors_atomic(random_single_file(TINY["sd1"]), path)
+    return path
+
+
+def test_foreground_weight_scales_the_loss_on_masked_pixels(tmp_path: Path) -> None:
+    """Same run, same batch: the loss is linear in foreground_weight and grows with it (the mask is not empty)."""
+    base = config_from_dict({
+        "model": {"init_from": str(_random_checkpoint(tmp_path))},
+        "data": {"synthetic": {"length": 8, "seed": 1}, "resolution": 64},
+        "train": {"steps": 1, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "out"), "sample_every": 0, "checkpoint_every": 0}})
+    losses = []
+    for w in (1.0, 2.0, 3.0):
+        trainer = Trainer(dataclasses.replace(base, train=dataclasses.replace(base.train, foreground_weight=w)),
+                          progress=False)
+        batch = next(trainer.stream)
+        with torch.no_grad():
+            losses.append(float(trainer._diffusion_loss(batch.samples, batch.images, batch.captions)[0]))
+    assert losses[1] > losses[0] * 1.001
+    assert losses[2] - losses[0] == pytest.approx(2 * (losses[1] - losses[0]), rel=1e-4)
+    data = synthetic_dataset({"length": 8, "seed": 1}, 64)
+    masks = trainer._latent_masks(batch.samples, (8, 8))
+    full = data.load_mask(batch.samples[0].index)
+    assert full is not None and masks.shape == (4, 1, 8, 8)
+    assert torch.allclose(masks[0], torch.nn.functional.avg_pool2d(full, 8))
+    assert torch.equal(data.load_mask(3, flip=True), data.load_mask(3).flip(-1))
+
+
+def test_foreground_weight_needs_masks(shapes: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="foreground_weight must be > 0"):
+        make_config(tmp_path, shapes, train={"foreground_weight": 0.0})
+    with pytest.raises(ConfigError, match="foreground_weight only applies"):
+        make_config(tmp_path, shapes, train={"what": "vae", "foreground_weight": 4.0})
+    cfg = config_from_dict({"model": {"init_from": str(_random_checkpoint(tmp_path))},
+                            "data": {"folder": str(shapes), "resolution": 16},
+                            "train": {"foreground_weight": 4.0}, "output": {"dir": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match=r"needs masks.*\.mask\.png beside each image"):
+        Trainer(cfg, progress=False)

@@ -110,6 +110,7 @@ class TrainSection:
     # diffusion
     prediction: Literal["eps", "v"] | None = None  # None = the model's
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+    foreground_weight: float = 1.0  # loss weight of masked (subject) latent pixels; background 1; 1 = off
     zero_terminal_snr: bool = False  # rescale the schedule to zero SNR at t = 999 (Lin et al. 2023); needs v
     train_text_encoder: bool | None = None  # None = yes from scratch, no when fine-tuning (init_from)
     # vae
@@ -265,6 +266,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"[train] betas must be in [0, 1), got {list(t.betas)}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"[train] ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    if not t.foreground_weight > 0:
+        raise ConfigError(f"[train] foreground_weight must be > 0 (1 = off), got {t.foreground_weight}")
+    if t.foreground_weight != 1 and t.what != "diffusion":
+        raise ConfigError("[train] foreground_weight only applies to what = \"diffusion\"; remove it")
     if not 0 <= d.caption_dropout <= 1:
         raise ConfigError(f"[data] caption_dropout must be in [0, 1], got {d.caption_dropout}")
     if d.synthetic is not None and (d.flip or d.buckets or d.crop != "center"):

@@ -26,6 +26,7 @@ from sumie.errors import ConfigError, SumieError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MASK_SUFFIX",
     "Batch",
     "BatchStream",
     "DataError",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"  # cat.png + cat.mask.png: where the subject is, for [train] foreground_weight
 _SHOW = 5  # file names shown in an error message
 
 
@@ -58,6 +60,14 @@ class IndexedData(Protocol):
 
     def load(self, index: int, flip: bool = False, crop_seed: int = 0) -> tuple[Tensor, str]:
         """(image [3, H, W] float32 in [-1, 1], caption)."""
+        ...
+
+    def load_mask(self, index: int, flip: bool = False, crop_seed: int = 0) -> Tensor | None:
+        """Where the subject of item ``index`` is: [1, H, W] float32 in [0, 1], or None when it has no mask."""
+        ...
+
+    def has_masks(self) -> bool:
+        """Whether any item can have a mask (foreground-weighted training needs some)."""
         ...
 
     def describe(self) -> str:
@@ -120,6 +130,7 @@ class FolderDataset:
         if not root.is_dir():
             raise DataError(f"{root}: no such folder; set [data] folder to a folder of images with .txt captions")
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                       and not p.name.lower().endswith(MASK_SUFFIX)
                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not paths:
             raise DataError(f"{root}: no images found ({', '.join(IMAGE_EXTENSIONS)}); add images with same-name "
@@ -185,6 +196,27 @@ class FolderDataset:
             raise DataError(f"{p}: cannot be read any more ({e}); fix or delete it and resume") from None
         return (x.flip(-1) if flip else x), self.captions[index]
 
+    def _mask_path(self, index: int) -> Path:
+        p = self.paths[index]
+        return p.with_name(p.stem + MASK_SUFFIX)
+
+    def load_mask(self, index: int, flip: bool = False, crop_seed: int = 0) -> Tensor | None:
+        """``<name>.mask.png`` beside the image (white = subject), cropped as the image is; None without one."""
+        mp = self._mask_path(index)
+        if not mp.is_file():
+            return None
+        try:
+            with Image.open(mp) as im:
+                x = resize_and_crop(im.convert("L").convert("RGB"), self._bucket[index], self.crop, crop_seed)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"{mp}: the mask cannot be read ({e}); fix or delete it and resume") from None
+        m = x[:1].add(1.0).div(2.0).clamp(0.0, 1.0)
+        return m.flip(-1) if flip else m
+
+    def has_masks(self) -> bool:
+        """Whether any image has a ``<name>.mask.png``."""
+        return any(self._mask_path(i).is_file() for i in range(len(self.paths)))
+
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         return self.load(index)
 
@@ -235,6 +267,17 @@ class MapDataset:
             if self.swap_left_right:
                 caption = _swap_left_right(caption)
         return x, caption
+
+    def load_mask(self, index: int, flip: bool = False, crop_seed: int = 0) -> Tensor | None:
+        """The dataset's ``mask(index)`` [1, H, W] in [0, 1] (mirrored if ``flip``), or None if it has none."""
+        if not self.has_masks():
+            return None
+        m = self.dataset.mask(index).float()
+        return m.flip(-1) if flip else m
+
+    def has_masks(self) -> bool:
+        """Whether the dataset draws masks (the synthetic shapes do)."""
+        return callable(getattr(self.dataset, "mask", None))
 
     def describe(self) -> str:
         """The dataset's repr and length (its items are a function of the constructor arguments)."""

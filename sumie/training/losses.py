@@ -3,7 +3,9 @@
 Diffusion (Ho et al. 2020; v-prediction Salimans & Ho 2022): t ~ U{0..T-1}, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
 with SD's alphas_cumprod (:meth:`sumie.sampling.discretization.DiscreteSigmas.from_betas`); the UNet predicts eps
 or v = sqrt(a_t) eps - sqrt(1 - a_t) x0; min-SNR-gamma (Hang et al. 2023) weights each sample by
-min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v).
+min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v); ``foreground_weight`` multiplies the squared error
+of latent pixels covered by the subject's mask (kohya-ss's masked loss gives the background weight 0; here it keeps
+weight 1, so the model still learns backgrounds).
 
 VAE (Kingma & Welling 2014; LDM's ``LPIPSWithDiscriminator`` without the weights-needing terms): per-pixel L1 or L2
 reconstruction + ``kl_weight`` * KL(q(z|x) || N(0, I)) summed over latents and divided by the image's values, so
@@ -20,7 +22,7 @@ from torch import Tensor
 from sumie.models.vae import DiagonalGaussian
 from sumie.sampling.discretization import DiscreteSigmas
 
-__all__ = ["NoiseSchedule", "diffusion_loss", "min_snr_weights", "vae_loss"]
+__all__ = ["NoiseSchedule", "diffusion_loss", "foreground_weights", "min_snr_weights", "vae_loss"]
 
 
 class NoiseSchedule:
@@ -70,9 +72,18 @@ def min_snr_weights(snr: Tensor, gamma: float, prediction: str) -> Tensor:
     return clipped / snr if prediction == "eps" else clipped / (snr + 1)
 
 
-def diffusion_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean over the batch of (weighted) per-sample MSE, computed in float32: scalar."""
-    per = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+def foreground_weights(mask: Tensor, weight: float) -> Tensor:
+    """Per-pixel loss weights 1 + (weight - 1) * mask: mask [B, 1, h, w] in [0, 1] at latent size -> same shape."""
+    return 1.0 + (weight - 1.0) * mask.float()
+
+
+def diffusion_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None,
+                   pixel_weights: Tensor | None = None) -> Tensor:
+    """Mean over the batch of per-sample MSE, weighted per sample ([B]) and per pixel ([B, 1, h, w]), in float32."""
+    err = (pred.float() - target.float()).pow(2)
+    if pixel_weights is not None:
+        err = err * pixel_weights.to(err)
+    per = err.mean(dim=tuple(range(1, pred.ndim)))
     if weights is not None:
         per = per * weights.to(per)
     return per.mean()

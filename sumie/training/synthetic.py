@@ -31,7 +31,7 @@ from sumie.errors import ConfigError
 __all__ = [
     "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec", "TrainSet", "heldout_prompts",
-    "make_caption", "parse_caption", "realize", "render", "render_caption", "sample_spec",
+    "make_caption", "parse_caption", "realize", "render", "render_caption", "render_mask", "sample_spec",
 ]
 
 SHAPES = ("circle", "square", "triangle")
@@ -271,23 +271,33 @@ def realize(spec: SceneSpec, rng: random.Random, heldout: HeldOut | None = None)
     return Scene(bg, tuple(groups), spec.relation)
 
 
-def render(scene: Scene, resolution: int = 64) -> Image.Image:
-    """Draw a scene as an RGB image of ``resolution`` px (4x supersampled, box-downsampled)."""
+def _draw(scene: Scene, resolution: int, mode: str, background: int | tuple[int, int, int],
+          colour: dict[str, int] | dict[str, tuple[int, int, int]]) -> Image.Image:
     big = resolution * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    img = Image.new(mode, (big, big), background)
     draw = ImageDraw.Draw(img)
     for inst in scene.instances:
         half = inst.extent * big / 2
         x, y = inst.cx * big, inst.cy * big
         box = (x - half, y - half, x + half - 1, y + half - 1)
-        color = COLORS[inst.color]
+        fill = colour[inst.color]
         if inst.shape == "circle":
-            draw.ellipse(box, fill=color)
+            draw.ellipse(box, fill=fill)
         elif inst.shape == "square":
-            draw.rectangle(box, fill=color)
+            draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=color)
+            draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=fill)
     return img.reduce(_SUPERSAMPLE)
+
+
+def render(scene: Scene, resolution: int = 64) -> Image.Image:
+    """Draw a scene as an RGB image of ``resolution`` px (4x supersampled, box-downsampled)."""
+    return _draw(scene, resolution, "RGB", BACKGROUNDS[scene.background], COLORS)
+
+
+def render_mask(scene: Scene, resolution: int = 64) -> Image.Image:
+    """The objects' coverage of each pixel as an ``L`` image (255 = object, 0 = background; edges in between)."""
+    return _draw(scene, resolution, "L", 0, dict.fromkeys(COLORS, 255))
 
 
 def _article(next_word: str) -> str:
@@ -467,6 +477,12 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         s = self.sample(index)
         return to_tensor(s.image), s.caption
+
+    def mask(self, index: int) -> Tensor:
+        """Where the objects of item ``index`` are: [1, H, W] float32 in [0, 1] (for foreground-weighted losses)."""
+        s = self.sample(index)
+        arr = torch.from_numpy(np.asarray(render_mask(s.scene, self.resolution), dtype=np.uint8).copy())
+        return arr.float().div_(255.0).unsqueeze(0)
 
     def uint8_batch(self, start: int, stop: int) -> tuple[Tensor, list[str]]:
         """Samples ``start..stop-1`` as one uint8 tensor [N, 3, H, W] and their captions (for in-memory caches)."""

@@ -34,9 +34,17 @@ from sumie.configs import config_to_dict
 from sumie.errors import ConfigError, SumieError
 from sumie.training.build import TrainModels, build_models, export_vae, latent_scaling_factor
 from sumie.training.config import TrainConfig
-from sumie.training.data import BatchStream, FolderDataset, IndexedData, LatentCache, Sample, synthetic_dataset
+from sumie.training.data import (
+    MASK_SUFFIX,
+    BatchStream,
+    FolderDataset,
+    IndexedData,
+    LatentCache,
+    Sample,
+    synthetic_dataset,
+)
 from sumie.training.ema import EMA
-from sumie.training.losses import NoiseSchedule, diffusion_loss, min_snr_weights, vae_loss
+from sumie.training.losses import NoiseSchedule, diffusion_loss, foreground_weights, min_snr_weights, vae_loss
 from sumie.training.state import capture_rng, find_checkpoint, list_checkpoints, load_state, restore_rng, save_state
 
 __all__ = ["Hook", "TrainResult", "Trainer", "TrainingError", "make_data"]
@@ -112,6 +120,10 @@ class Trainer:
         if t.zero_terminal_snr and self.models.config.prediction != "v":
             raise ConfigError("[train] zero_terminal_snr needs v-prediction (eps is undefined at zero SNR); "
                               "set [train] prediction = \"v\"")
+        if t.foreground_weight != 1 and not getattr(self.data, "has_masks", lambda: False)():
+            raise ConfigError("[train] foreground_weight needs masks: the synthetic shapes have them; for a folder "
+                              f"put a {MASK_SUFFIX} beside each image (white = subject), or remove foreground_weight")
+        self._masks: dict[tuple[int, bool, int], Tensor] = {}  # latent-size masks, a pure function of the key
         self.tokenizer: Any = None
         self._token_cache: dict[tuple[str, int], list[int]] = {}
         if self.what == "diffusion":
@@ -263,10 +275,30 @@ class Trainer:
         weights = None
         if self.cfg.train.min_snr_gamma > 0:
             weights = min_snr_weights(self.schedule.snr(t), self.cfg.train.min_snr_gamma, prediction)
+        pixel_weights = None
+        if self.cfg.train.foreground_weight != 1:
+            mask = self._latent_masks(samples, (x0.shape[-2], x0.shape[-1]))
+            pixel_weights = foreground_weights(mask, self.cfg.train.foreground_weight).to(self.device)
         with self._autocast():
             context = self.encode_text(captions)
             pred = self.models.unet(x_t, t.to(self.device), context)  # type: ignore[misc]
-        return diffusion_loss(pred, target, weights), {}
+        return diffusion_loss(pred, target, weights, pixel_weights), {}
+
+    def _latent_masks(self, samples: list[Sample], size: tuple[int, int]) -> Tensor:
+        """Subject masks of a batch area-averaged to latent size: [B, 1, h, w] in [0, 1] (zeros without a mask)."""
+        crop_matters = self.cfg.data.crop == "random"
+        out = []
+        for s in samples:
+            key = (s.index, s.flip, s.crop_seed if crop_matters else 0)
+            m = self._masks.get(key)
+            if m is None:
+                full = self.data.load_mask(s.index, s.flip, s.crop_seed)
+                m = (torch.zeros(1, *size) if full is None
+                     else torch.nn.functional.adaptive_avg_pool2d(full.float(), size))
+                if not crop_matters:
+                    self._masks[key] = m
+            out.append(m)
+        return torch.stack(out)
 
     def _vae_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
         t = self.cfg.train
