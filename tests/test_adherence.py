@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sumie.errors import ConfigError
-from sumie.eval.adherence import detect, evaluate, label_components, run_adherence, score
+from sumie.eval.adherence import default_prompts, detect, evaluate, label_components, run_adherence, score
 from sumie.pipelines.params import GenerationParams
 from sumie.training.synthetic import (
     BACKGROUNDS,
@@ -30,6 +30,7 @@ from sumie.training.synthetic import (
     render,
     render_caption,
     sample_spec,
+    seen_prompts,
     to_tensor,
 )
 
@@ -217,3 +218,10 @@ def test_clean_renders_of_heldout_prompts_score_perfectly_at_128() -> None:
     report = evaluate(images, [s for _, s in prompts])
     assert report["all"]["images_all_right"] == 1.0
     assert report["one"]["n_images"] == 25 and report["two"]["n_images"] == 25
+
+
+def test_default_prompts_splits() -> None:
+    assert default_prompts(3, 2, seed=5) == heldout_prompts(3, "one", 5) + heldout_prompts(2, "two", 5)
+    assert default_prompts(3, 2, seed=5, split="seen") == seen_prompts(3, "one", 5) + seen_prompts(2, "two", 5)
+    with pytest.raises(ConfigError, match="unknown prompt split 'train'; use heldout or seen"):
+        default_prompts(split="train")

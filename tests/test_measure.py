@@ -42,6 +42,15 @@ def test_eval_adherence_compares_cfg_scales(tiny_model: Path, capsys: pytest.Cap
     for r in reports.values():
         assert r["all"]["n_images"] == 3 and 0.0 <= r["all"]["attributes_right"] <= 1.0
         assert r["one"]["n_images"] == 2 and r["two"]["n_images"] == 1
+        assert r["settings"]["split"] == "heldout"
+
+
+def test_eval_adherence_on_seen_combinations(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["eval", "adherence", "--model", str(tiny_model), "--n-one", "1", "--n-two", "1", "--steps", "2",
+               "--split", "seen", "--resolution", "64"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CFG 7.0 (seen prompts): attributes right: one-object ") and "(2 images" in out
 
 
 @pytest.mark.parametrize("argv", [["bench", "--steps", "0"], ["eval", "adherence", "--steps", "0"],

@@ -27,6 +27,7 @@ from sumie.training.synthetic import (
     render,
     render_caption,
     render_mask,
+    seen_prompts,
 )
 
 
@@ -166,6 +167,17 @@ def test_heldout_prompts_state_unseen_combinations() -> None:
         assert shape_pairs >= 60 and position_pairs >= 60, (shape_pairs, position_pairs)
     counts = [o.count for _, s in heldout_prompts(120, "one") for o in s.objects]
     assert {1, 2, 3} <= set(counts)
+
+
+def test_seen_prompts_state_only_trained_combinations() -> None:
+    for kind, n_objects in (("one", 1), ("two", 2)):
+        prompts = seen_prompts(80, kind, seed=3)
+        assert len(prompts) == 80 and len({c for c, _ in prompts}) == 80 and prompts == seen_prompts(80, kind, seed=3)
+        for caption, spec in prompts:
+            assert parse_caption(caption) == spec and len(spec.objects) == n_objects
+            assert not DEFAULT_HELDOUT.novel(spec)
+    with pytest.raises(ConfigError, match="kind"):
+        seen_prompts(3, kind="three")
 
 
 def test_render_caption_draws_what_it_says() -> None:

@@ -32,9 +32,17 @@ import torch
 from PIL import Image
 
 from sumie.errors import ConfigError
-from sumie.training.synthetic import BACKGROUNDS, COLORS, POSITIONS, SceneSpec, heldout_prompts, parse_caption
+from sumie.training.synthetic import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    SceneSpec,
+    heldout_prompts,
+    parse_caption,
+    seen_prompts,
+)
 
-__all__ = ["Component", "Detection", "FG_THRESHOLD", "MIN_AREA", "default_prompts", "detect", "evaluate",
+__all__ = ["Component", "Detection", "FG_THRESHOLD", "MIN_AREA", "SPLITS", "default_prompts", "detect", "evaluate",
            "run_adherence", "score"]
 
 FG_THRESHOLD = 48.0  # RGB distance from the background above which a pixel is foreground
@@ -306,9 +314,16 @@ def evaluate(images: Sequence[Image.Image | np.ndarray | torch.Tensor], specs: S
     return report
 
 
-def default_prompts(n_one: int = 50, n_two: int = 50, seed: int = 0) -> list[tuple[str, SceneSpec]]:
-    """The standard held-out prompt set: ``n_one`` one-object prompts then ``n_two`` two-object prompts."""
-    return heldout_prompts(n_one, "one", seed) + heldout_prompts(n_two, "two", seed)
+SPLITS = {"heldout": heldout_prompts, "seen": seen_prompts}
+
+
+def default_prompts(n_one: int = 50, n_two: int = 50, seed: int = 0,
+                    split: str = "heldout") -> list[tuple[str, SceneSpec]]:
+    """``n_one`` one-object then ``n_two`` two-object prompts: held-out combinations (the standard set) or "seen"."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown prompt split {split!r}; use {' or '.join(SPLITS)}")
+    make = SPLITS[split]
+    return make(n_one, "one", seed) + make(n_two, "two", seed)
 
 
 def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | None = None, cfg_scale: float = 7.0,

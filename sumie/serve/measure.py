@@ -25,7 +25,7 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
 
     p = sub.add_parser("eval", help="evaluate a model")
     ev = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    a = ev.add_parser("adherence", help="prompt adherence on held-out synthetic-shape prompts")
+    a = ev.add_parser("adherence", help="prompt adherence on held-out (or seen) synthetic-shape prompts")
     model_arg(a)
     a.add_argument("--n-one", type=int, default=50, help="one-object prompts")
     a.add_argument("--n-two", type=int, default=50, help="two-object prompts")
@@ -33,6 +33,8 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     a.add_argument("--steps", type=int, default=20)
     a.add_argument("--sampler", default="DPM++ 2M")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--split", choices=("heldout", "seen"), default="heldout",
+                   help="held-out attribute combinations (the standard set) or ones that occur in training")
     a.add_argument("--resolution", type=int)
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_eval_adherence)
@@ -73,20 +75,21 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
         raise ConfigError("--n-one and --n-two must be >= 0 and not both 0")
     engine = sumie.load(args.model)
     engine.show_progress = False
-    prompts = default_prompts(args.n_one, args.n_two, seed=args.seed)
+    prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
     reports = {}
     for scale in args.cfg_scale:
         r = run_adherence(engine, prompts, cfg_scale=scale, steps=args.steps, sampler=args.sampler, seed=args.seed,
                           resolution=args.resolution)
         r.pop("records", None)
         r.pop("scores", None)
+        r["settings"]["split"] = args.split
         reports[str(scale)] = r
     if args.json:
         print(json.dumps(reports, indent=2, default=str))
         return 0
     for scale, r in reports.items():
         parts = [f"{kind}-object {r[kind]['attributes_right']:.1%}" for kind in ("one", "two") if kind in r]
-        print(f"CFG {scale}: attributes right: " + ", ".join(parts) +
+        print(f"CFG {scale} ({args.split} prompts): attributes right: " + ", ".join(parts) +
               f", all {r['all']['attributes_right']:.1%} ({r['all']['n_images']} images, "
               f"{r['seconds_per_image']:.2f} s/image)")
     return 0

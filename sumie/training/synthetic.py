@@ -32,6 +32,7 @@ __all__ = [
     "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec", "TrainSet", "heldout_prompts",
     "make_caption", "parse_caption", "realize", "render", "render_caption", "render_mask", "sample_spec",
+    "seen_prompts",
 ]
 
 SHAPES = ("circle", "square", "triangle")
@@ -494,18 +495,28 @@ class TrainSet(torch.utils.data.Dataset):
 def heldout_prompts(n: int, kind: str = "one", seed: int = 0,
                     heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
     """``n`` distinct held-out prompts of one kind of object ("one", counts 1-3) or two objects ("two")."""
+    return _prompts(n, kind, f"sumie-heldout:{kind}:{seed}", heldout, novel=True)
+
+
+def seen_prompts(n: int, kind: str = "one", seed: int = 0,
+                 heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
+    """``n`` distinct prompts whose attribute pairs all occur in training (the baseline for held-out scores)."""
+    return _prompts(n, kind, f"sumie-seen:{kind}:{seed}", heldout, novel=False)
+
+
+def _prompts(n: int, kind: str, rng_seed: str, heldout: HeldOut, novel: bool) -> list[tuple[str, SceneSpec]]:
     if kind not in ("one", "two"):
-        raise ConfigError(f'held-out prompt kind must be "one" or "two", got {kind!r}')
-    rng = random.Random(f"sumie-heldout:{kind}:{seed}")
+        raise ConfigError(f'prompt kind must be "one" or "two", got {kind!r}')
+    rng = random.Random(rng_seed)
     out: list[tuple[str, SceneSpec]] = []
     seen: set[str] = set()
     for _ in range(100 * n + 100):
         if len(out) == n:
             break
         novelty = ("color_shape", "color_position")[len(out) % 2]  # half of each, when the split has both
-        if not heldout.color_shape or not heldout.color_position:
+        if not novel or not heldout.color_shape or not heldout.color_position:
             novelty = None
-        spec = sample_spec(rng, heldout, novel=True, kind=kind, novelty=novelty)
+        spec = sample_spec(rng, heldout, novel=novel, kind=kind, novelty=novelty)
         caption = make_caption(spec, rng)
         if caption not in seen:
             seen.add(caption)
