@@ -30,7 +30,14 @@ from sumie.training.build import load_vae_file
 from sumie.training.config import TrainConfig, config_from_dict, load_config
 from sumie.training.data import BatchStream, DataError, FolderDataset, make_buckets, nearest_bucket, synthetic_dataset
 from sumie.training.ema import EMA
-from sumie.training.losses import NoiseSchedule, diffusion_loss, foreground_weights, min_snr_weights, vae_loss
+from sumie.training.losses import (
+    NoiseSchedule,
+    diffusion_loss,
+    foreground_weights,
+    min_snr_weights,
+    timestep_weights,
+    vae_loss,
+)
 from sumie.training.state import list_checkpoints, load_state
 from sumie.training.trainer import Trainer
 
@@ -122,6 +129,12 @@ def test_config_values_are_checked(tmp_path: Path) -> None:
         config_from_dict({"data": {"synthetic": {}}, "output": {"export_dtype": "fp8"}})
     with pytest.raises(ConfigError, match="needs exactly one of folder"):
         config_from_dict({"train": {"what": "vae"}})
+    with pytest.raises(ConfigError, match=r"timestep_bias_strategy must be one of none, earlier, later, range"):
+        config_from_dict({"data": {"synthetic": {}}, "train": {"timestep_bias_strategy": "late"}})
+    with pytest.raises(ConfigError, match=r"timestep_bias_portion must be in \(0, 1\]"):
+        config_from_dict({"data": {"synthetic": {}}, "train": {"timestep_bias_portion": 1.5}})
+    with pytest.raises(ConfigError, match="0 <= begin < end <= 1000"):
+        config_from_dict({"data": {"synthetic": {}}, "train": {"timestep_bias_begin": 600, "timestep_bias_end": 500}})
     with pytest.raises(ConfigError, match="context_dim 32 must equal the text encoder width 64"):
         config_from_dict({"data": {"synthetic": {}}, "model": {"unet": {"context_dim": 32}}})
     with pytest.raises(ConfigError, match="invalid TOML"):
@@ -222,6 +235,22 @@ def test_forward_process_targets_and_min_snr() -> None:
     torch.testing.assert_close(w_eps, torch.minimum(snr, torch.tensor(5.0)) / snr)
     torch.testing.assert_close(w_v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
     assert w_eps[-1] == 1.0 and w_eps[0] < 0.01
+
+
+def test_timestep_bias_matches_diffusers_strategies() -> None:
+    assert timestep_weights(1000, "none") is None
+    later = timestep_weights(1000, "later", 0.25, 4.0)
+    assert later is not None and later[:750].eq(1).all() and later[750:].eq(4).all()
+    earlier = timestep_weights(1000, "earlier", 0.1, 0.5)
+    assert earlier is not None and earlier[:100].eq(0.5).all() and earlier[100:].eq(1).all()
+    band = timestep_weights(1000, "range", multiplier=3.0, begin=200, end=500)
+    assert band is not None and band[200:500].eq(3).all() and band[:200].eq(1).all() and band[500:].eq(1).all()
+    with pytest.raises(ValueError, match="unknown timestep bias strategy 'late'"):
+        timestep_weights(1000, "late")
+    t = NoiseSchedule.sd().sample_timesteps(40_000, torch.Generator().manual_seed(0), later)
+    assert t.min() >= 0 and t.max() <= 999
+    share = float((t >= 750).double().mean())
+    assert share == pytest.approx(4 * 250 / (750 + 4 * 250), abs=0.01)  # 57% instead of 25%
 
 
 def test_vae_loss_terms() -> None:
@@ -342,10 +371,11 @@ def test_zero_terminal_snr_run_exports_a_ztsnr_v_model(shapes: Path, vae_run: tu
 
 
 def _resume_config(out: Path, shapes: Path, vae: Path) -> TrainConfig:
-    """On-the-fly VAE encoding, grad accumulation, v-prediction, warmup + cosine: all of it must resume exactly."""
+    """On-the-fly VAE encoding, grad accumulation, v, warmup + cosine, timestep bias: all must resume exactly."""
     return make_config(out, shapes, model={"vae_from": str(vae)},
                        train={"steps": 10, "batch_size": 3, "grad_accum": 2, "prediction": "v", "min_snr_gamma": 5.0,
-                              "warmup_steps": 3, "lr_schedule": "cosine", "ema_decay": 0.9},
+                              "warmup_steps": 3, "lr_schedule": "cosine", "ema_decay": 0.9,
+                              "timestep_bias_strategy": "later", "timestep_bias_multiplier": 3.0},
                        data={"caption_dropout": 0.3}, output={"checkpoint_every": 4, "keep_checkpoints": 2})
 
 
@@ -489,13 +519,32 @@ def _random_checkpoint(folder: Path) -> Path:
     return path
 
 
-def test_foreground_weight_scales_the_loss_on_masked_pixels(tmp_path: Path) -> None:
-    """Same run, same batch: the loss is linear in foreground_weight and grows with it (the mask is not empty)."""
-    base = config_from_dict({
+def _synthetic_config(tmp_path: Path, **train: object) -> TrainConfig:
+    """A random-weight TINY sd1 checkpoint fine-tuned on 8 synthetic images of 64 px."""
+    return config_from_dict({
         "model": {"init_from": str(_random_checkpoint(tmp_path))},
         "data": {"synthetic": {"length": 8, "seed": 1}, "resolution": 64},
-        "train": {"steps": 1, "batch_size": 4},
+        "train": {"steps": 1, "batch_size": 4, **train},
         "output": {"dir": str(tmp_path / "out"), "sample_every": 0, "checkpoint_every": 0}})
+
+
+def test_trainer_draws_biased_timesteps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(_synthetic_config(tmp_path, batch_size=8, timestep_bias_strategy="later",
+                                        timestep_bias_portion=0.1, timestep_bias_multiplier=1e6), progress=False)
+    unet, seen = trainer.models.unet, []
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda x, t, *a, **k: (seen.append(t.clone()), forward(x, t, *a, **k))[1])
+    for _ in range(3):
+        batch = next(trainer.stream)
+        with torch.no_grad():
+            trainer._diffusion_loss(batch.samples, batch.images, batch.captions)
+    t = torch.cat(seen)
+    assert len(t) == 24 and bool((t >= 900).all())  # uniform draws would put ~21 of 24 below 900
+
+
+def test_foreground_weight_scales_the_loss_on_masked_pixels(tmp_path: Path) -> None:
+    """Same run, same batch: the loss is linear in foreground_weight and grows with it (the mask is not empty)."""
+    base = _synthetic_config(tmp_path)
     losses = []
     for w in (1.0, 2.0, 3.0):
         trainer = Trainer(dataclasses.replace(base, train=dataclasses.replace(base.train, foreground_weight=w)),

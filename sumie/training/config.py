@@ -112,6 +112,12 @@ class TrainSection:
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
     foreground_weight: float = 1.0  # loss weight of masked (subject) latent pixels; background 1; 1 = off
     zero_terminal_snr: bool = False  # rescale the schedule to zero SNR at t = 999 (Lin et al. 2023); needs v
+    # draw some timesteps more often (diffusers' names): "later" = the noisiest timestep_bias_portion of them
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_portion: float = 0.25
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_begin: int = 0  # "range": begin <= t < end
+    timestep_bias_end: int = 1000
     train_text_encoder: bool | None = None  # None = yes from scratch, no when fine-tuning (init_from)
     # vae
     kl_weight: float = 1e-6  # on KL summed over latents / pixels, i.e. LDM's weight on its sums
@@ -165,6 +171,7 @@ _CHOICES: dict[tuple[str, str], tuple[object, ...]] = {
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
     ("train", "prediction"): ("eps", "v"),
     ("train", "recon"): ("l1", "l2"),
+    ("train", "timestep_bias_strategy"): ("none", "earlier", "later", "range"),
     ("output", "export_dtype"): ("float32", "float16", "bfloat16"),
 }
 
@@ -266,6 +273,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"[train] betas must be in [0, 1), got {list(t.betas)}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"[train] ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    if not 0 < t.timestep_bias_portion <= 1:
+        raise ConfigError(f"[train] timestep_bias_portion must be in (0, 1], got {t.timestep_bias_portion}")
+    if not t.timestep_bias_multiplier > 0:
+        raise ConfigError(f"[train] timestep_bias_multiplier must be > 0, got {t.timestep_bias_multiplier}")
+    if not 0 <= t.timestep_bias_begin < t.timestep_bias_end <= 1000:
+        raise ConfigError("[train] timestep_bias_begin and timestep_bias_end must satisfy 0 <= begin < end <= 1000, "
+                          f"got {t.timestep_bias_begin} and {t.timestep_bias_end}")
     if not t.foreground_weight > 0:
         raise ConfigError(f"[train] foreground_weight must be > 0 (1 = off), got {t.foreground_weight}")
     if t.foreground_weight != 1 and t.what != "diffusion":

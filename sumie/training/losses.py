@@ -22,7 +22,7 @@ from torch import Tensor
 from sumie.models.vae import DiagonalGaussian
 from sumie.sampling.discretization import DiscreteSigmas
 
-__all__ = ["NoiseSchedule", "diffusion_loss", "foreground_weights", "min_snr_weights", "vae_loss"]
+__all__ = ["NoiseSchedule", "diffusion_loss", "foreground_weights", "min_snr_weights", "timestep_weights", "vae_loss"]
 
 
 class NoiseSchedule:
@@ -37,9 +37,12 @@ class NoiseSchedule:
         """SD's scaled-linear betas (0.00085 .. 0.012, 1000 steps)."""
         return cls(DiscreteSigmas.from_betas(zero_terminal_snr=zero_terminal_snr, dtype=torch.float64).alphas_cumprod)
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """t ~ U{0, ..., T-1}: LongTensor [B]."""
-        return torch.randint(0, self.num_steps, (batch,), generator=generator)
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
+                         weights: Tensor | None = None) -> Tensor:
+        """t ~ U{0, ..., T-1}, or drawn in proportion to ``weights`` [T] (:func:`timestep_weights`): LongTensor [B]."""
+        if weights is None:
+            return torch.randint(0, self.num_steps, (batch,), generator=generator)
+        return torch.multinomial(weights, batch, replacement=True, generator=generator)
 
     def _coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         a = self.alphas_cumprod[t.cpu()]
@@ -64,6 +67,24 @@ class NoiseSchedule:
         """Signal-to-noise ratio a_t / (1 - a_t): [B] float32."""
         a = self.alphas_cumprod[t.cpu()]
         return (a / (1 - a)).float().to(t.device)
+
+
+def timestep_weights(num_steps: int, strategy: str, portion: float = 0.25, multiplier: float = 1.0,
+                     begin: int = 0, end: int = 1000) -> Tensor | None:
+    """Sampling weights [T] that favour some timesteps (diffusers' ``timestep_bias_strategy``), None for uniform.
+
+    "later" multiplies the weight of the last ``portion`` of the timesteps (the noisiest, where the layout is
+    decided) by ``multiplier``, "earlier" the first ``portion``, "range" timesteps ``begin`` <= t < ``end``.
+    """
+    if strategy == "none":
+        return None
+    weights = torch.ones(num_steps, dtype=torch.float64)
+    n = int(portion * num_steps)
+    chosen = {"later": slice(num_steps - n, None), "earlier": slice(0, n), "range": slice(begin, end)}
+    if strategy not in chosen:
+        raise ValueError(f"unknown timestep bias strategy {strategy!r}; use none, earlier, later or range")
+    weights[chosen[strategy]] *= multiplier
+    return weights
 
 
 def min_snr_weights(snr: Tensor, gamma: float, prediction: str) -> Tensor:

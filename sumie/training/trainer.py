@@ -44,7 +44,14 @@ from sumie.training.data import (
     synthetic_dataset,
 )
 from sumie.training.ema import EMA
-from sumie.training.losses import NoiseSchedule, diffusion_loss, foreground_weights, min_snr_weights, vae_loss
+from sumie.training.losses import (
+    NoiseSchedule,
+    diffusion_loss,
+    foreground_weights,
+    min_snr_weights,
+    timestep_weights,
+    vae_loss,
+)
 from sumie.training.state import capture_rng, find_checkpoint, list_checkpoints, load_state, restore_rng, save_state
 
 __all__ = ["Hook", "TrainResult", "Trainer", "TrainingError", "make_data"]
@@ -117,6 +124,9 @@ class Trainer:
         self.stream = BatchStream(self.data, t.batch_size, t.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
                                   num_workers=cfg.data.num_workers)
         self.schedule = NoiseSchedule.sd(zero_terminal_snr=t.zero_terminal_snr)
+        self.timestep_weights = timestep_weights(self.schedule.num_steps, t.timestep_bias_strategy,
+                                                 t.timestep_bias_portion, t.timestep_bias_multiplier,
+                                                 t.timestep_bias_begin, t.timestep_bias_end)
         if t.zero_terminal_snr and self.models.config.prediction != "v":
             raise ConfigError("[train] zero_terminal_snr needs v-prediction (eps is undefined at zero SNR); "
                               "set [train] prediction = \"v\"")
@@ -267,7 +277,7 @@ class Trainer:
         if p > 0:
             drop = (torch.rand(len(captions), generator=g) < p).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-        t = self.schedule.sample_timesteps(x0.shape[0], g)
+        t = self.schedule.sample_timesteps(x0.shape[0], g, self.timestep_weights)
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(self.device)
         x_t = self.schedule.add_noise(x0, noise, t.to(self.device))
         prediction = self.models.config.prediction
