@@ -32,9 +32,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from sumie.configs import FAMILIES, TINY, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from sumie.errors import ConfigError
@@ -58,7 +59,7 @@ class ModelSection:
     """``[model]``: the architecture to build (family + preset + overrides) or a checkpoint to fine-tune."""
 
     family: str = "sd1"  # sd1 | sd2 (SDXL-type models with an ADM input are not trainable yet)
-    preset: str = "tiny"  # "tiny" (sumie.configs.TINY) or "full" (the family's real sizes)
+    preset: Literal["tiny", "full"] = "tiny"  # "tiny" (sumie.configs.TINY) or "full" (the family's real sizes)
     init_from: Path | None = None  # a checkpoint (single file or diffusers folder) to fine-tune
     vae_from: Path | None = None  # a VAE file (e.g. the vae.safetensors of a what="vae" run) for diffusion
     unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig overrides
@@ -163,17 +164,15 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataConfig, "train": TrainSection, "output": OutputConfig}
 _PATH_KEYS = {("model", "init_from"), ("model", "vae_from"), ("data", "folder"), ("output", "dir")}
-_CHOICES: dict[tuple[str, str], tuple[object, ...]] = {
-    ("model", "preset"): ("tiny", "full"),
-    ("data", "crop"): ("center", "random"),
-    ("data", "missing_captions"): ("error", "empty"),
-    ("train", "what"): ("diffusion", "vae"),
-    ("train", "lr_schedule"): ("constant", "cosine", "linear"),
-    ("train", "prediction"): ("eps", "v"),
-    ("train", "recon"): ("l1", "l2"),
-    ("train", "timestep_bias_strategy"): ("none", "earlier", "later", "range"),
-    ("output", "export_dtype"): ("float32", "float16", "bfloat16"),
-}
+def _literal_choices(cls: type) -> dict[str, tuple[object, ...]]:
+    """Field name -> its allowed values, for the fields annotated ``Literal[...]`` (or ``Literal[...] | None``)."""
+    out: dict[str, tuple[object, ...]] = {}
+    for name, hint in get_type_hints(cls).items():
+        parts = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+        values = tuple(v for part in parts if get_origin(part) is Literal for v in get_args(part))
+        if values:
+            out[name] = values
+    return out
 
 
 def _unknown(key: str, section: str, valid: list[str]) -> ConfigError:
@@ -217,7 +216,7 @@ def _section(name: str, cls: type, raw: object, base_dir: Path) -> Any:
         if key not in valid:
             raise _unknown(key, name, valid)
         default = getattr(defaults, key)
-        choices = _CHOICES.get((name, key))
+        choices = _literal_choices(cls).get(key)
         if choices is not None:
             if value not in choices:
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
