@@ -29,10 +29,10 @@ from torch import Tensor
 from sumie.errors import ConfigError
 
 __all__ = [
-    "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
-    "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec", "TrainSet", "heldout_prompts",
-    "make_caption", "parse_caption", "realize", "render", "render_caption", "render_mask", "sample_spec",
-    "seen_prompts",
+    "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "POSITION_PHRASES", "RELATIONS",
+    "SHAPES", "SIZES", "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec", "TrainSet",
+    "heldout_prompts", "make_caption", "parse_caption", "realize", "render", "render_caption", "render_mask",
+    "sample_spec", "seen_prompts",
 ]
 
 SHAPES = ("circle", "square", "triangle")
@@ -55,7 +55,7 @@ _SUPERSAMPLE = 4
 
 # phrasing (the parser below accepts exactly these)
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
-_POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "top left": ("in the top left", "at the top left", "in the top left corner"),
     "top right": ("in the top right", "at the top right", "in the top right corner"),
     "bottom left": ("in the bottom left", "at the bottom left", "in the bottom left corner"),
@@ -313,7 +313,7 @@ def _noun_phrase(o: ObjectSpec, rng: random.Random) -> str:
     det = _article(words[0]) if o.count == 1 else _COUNT_WORDS[o.count]
     text = " ".join([det, *words])
     if o.position is not None:
-        text += " " + rng.choice(_POSITION_PHRASES[o.position])
+        text += " " + rng.choice(POSITION_PHRASES[o.position])
     return text
 
 
@@ -338,7 +338,7 @@ def _alt(words: Sequence[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
-_POSITION_OF = {p: name for name, phrases in _POSITION_PHRASES.items() for p in phrases}
+_POSITION_OF = {p: name for name, phrases in POSITION_PHRASES.items() for p in phrases}
 _SIZE_OF = {w: name for name, words in _SIZE_WORDS.items() for w in words}
 _RELATION_OF = {p: name for name, phrases in _RELATION_PHRASES.items() for p in phrases}
 _NP_RE = re.compile(
