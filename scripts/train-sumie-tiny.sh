@@ -16,9 +16,8 @@ run_stage vae.toml sumie-tiny-vae-b vae.safetensors
 run_stage diffusion.toml sumie-tiny model.safetensors
 run_stage diffusion-2.toml sumie-tiny-2 model.safetensors
 run_stage diffusion-3.toml sumie-tiny-3 model.safetensors
-"$SUMIE" eval adherence --model "$R/runs/sumie-tiny-3/model.safetensors" --cfg-scale 1 3 7 \
-  --json > "$R/runs/sumie-tiny-3/adherence.json"
-cp "$R/runs/sumie-tiny-3/model.safetensors" sumie/data/sumie-tiny.safetensors
+run_stage diffusion-4.toml sumie-tiny-4 model.safetensors
+"$SUMIE" eval adherence --model "$R/runs/sumie-tiny-4/model.safetensors" --cfg-scale 1 3 7 \
+  --json > "$R/runs/sumie-tiny-4/adherence.json"
+cp "$R/runs/sumie-tiny-4/model.safetensors" sumie/data/sumie-tiny.safetensors
 echo "installed sumie/data/sumie-tiny.safetensors"
-# stage 5 (recipes/sumie-tiny/diffusion-4.toml) is measured in docs/sumie-tiny.md but not shipped yet: it is best at
-# CFG 3, and the engine's default CFG is 7 for every model until a model file can carry its own default.

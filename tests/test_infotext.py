@@ -376,7 +376,7 @@ def test_parse_edge_cases() -> None:
 
 def _assert_same(p: GenerationParams, q: GenerationParams, seed: int, subseed: int) -> None:
     assert (q.prompt, q.negative_prompt, q.steps, q.cfg_scale, q.seed) == (
-        p.prompt, p.negative_prompt, p.steps, p.cfg_scale, seed)
+        p.prompt, p.negative_prompt, p.steps, 7.0 if p.cfg_scale is None else p.cfg_scale, seed)
     (a, ka), (b, kb) = registry.resolve(p.sampler, p.scheduler), registry.resolve(q.sampler, q.scheduler)
     assert (a.name, a.discard_penultimate_sigma, a.tail, ka) == (b.name, b.discard_penultimate_sigma, b.tail, kb)
     assert (q.width, q.height, q.clip_skip, q.subseed_strength) == (p.width, p.height, p.clip_skip, p.subseed_strength)

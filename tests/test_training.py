@@ -359,15 +359,20 @@ def test_zero_terminal_snr_run_exports_a_ztsnr_v_model(shapes: Path, vae_run: tu
     base = {"model": {"vae_from": str(vae_run[1].export)}, "train": {"steps": 2, "zero_terminal_snr": True}}
     with pytest.raises(ConfigError, match="zero_terminal_snr needs v-prediction"):
         Trainer(make_config(tmp_path / "eps", shapes, **base), progress=False)
-    cfg = make_config(tmp_path / "v", shapes, model=base["model"], train={**base["train"], "prediction": "v"})
+    cfg = make_config(tmp_path / "v", shapes, model=base["model"], train={**base["train"], "prediction": "v"},
+                      output={"cfg_scale": 2.5})
     trainer = Trainer(cfg, progress=False)
     assert trainer.schedule.alphas_cumprod[-1] < 1e-7  # the rescaled schedule: (almost) pure noise at t = 999
     result = trainer.run()
     models = load_models(result.export)
     assert models.zero_terminal_snr and models.config.prediction == "v"
     assert "ztsnr" in load_file(result.export)
-    image = Engine(models).generate(GenerationParams(prompt="a red square", steps=4, seed=1)).images[0]
-    assert image.size == (16, 16)
+    assert file_metadata(result.export)["sumie.cfg_scale"] == "2.5" and models.cfg_scale == 2.5
+    result_image = Engine(models).generate(GenerationParams(prompt="a red square", steps=4, seed=1))
+    assert result_image.images[0].size == (16, 16)
+    assert result_image.params.cfg_scale == 2.5 and "CFG scale: 2.5," in result_image.infotexts[0]  # the file's
+    with pytest.raises(ConfigError, match=r"\[output\] cfg_scale must be >= 0"):
+        make_config(tmp_path / "x", shapes, output={"cfg_scale": -1.0})
 
 
 def _resume_config(out: Path, shapes: Path, vae: Path) -> TrainConfig:

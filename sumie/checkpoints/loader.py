@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,7 @@ class StableDiffusionModels:
     ignored_keys: list[str] = field(default_factory=list)
     zero_terminal_snr: bool = False  # zero-terminal-SNR training (``ztsnr`` key, diffusers rescale_betas_zero_snr)
     native_size: int | None = None  # the side it was trained at, when the file says (``sumie.resolution`` metadata)
+    cfg_scale: float | None = None  # the CFG scale the file recommends (``sumie.cfg_scale`` metadata), if any
 
     def modules(self) -> dict[str, nn.Module]:
         """Component name -> module (``unet``, ``vae``, ``clip_l``, ``clip_g`` ...)."""
@@ -133,6 +135,15 @@ def _metadata_size(meta: Mapping[str, str] | None) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 and int(value) % 8 == 0 else None
 
 
+def _metadata_cfg(meta: Mapping[str, str] | None) -> float | None:
+    """The ``sumie.cfg_scale`` metadata value (a finite number >= 0), else None."""
+    try:
+        value = float((meta or {}).get("sumie.cfg_scale", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def load_models(
     path: str | os.PathLike[str],
     *,
@@ -153,7 +164,7 @@ def load_models(
         det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p), metadata=meta)
         del sd
         models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p),
-                           native_size=_metadata_size(meta))
+                           native_size=_metadata_size(meta), cfg_scale=_metadata_cfg(meta))
     if vae is not None:
         models.vae = load_vae(vae, dtype=dtype, device=device, scaling_factor=models.config.vae.scaling_factor)
         models.config = replace(models.config, vae=models.vae.config)  # type: ignore[arg-type]

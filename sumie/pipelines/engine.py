@@ -63,7 +63,7 @@ from sumie.pipelines.conditioning import (
     total_steps,
 )
 from sumie.pipelines.denoise import GuidedModel, Stage, UNetNetwork, denoise, refiner_switch, sampler_options
-from sumie.pipelines.params import GenerationParams
+from sumie.pipelines.params import DEFAULT_CFG_SCALE, GenerationParams
 from sumie.pipelines.variation import VariationRNG, all_seeds, fixed_seed
 from sumie.prompts.conditioning import ConditioningOptions, TextConditioner
 from sumie.prompts.embeddings import EmbeddingLibrary
@@ -289,6 +289,11 @@ class Engine:
             self._refiners[key] = _ModelSet(refined, self.tokenizer, emb)
         return self._refiners[key]
 
+    @property
+    def default_cfg_scale(self) -> float:
+        """The CFG scale used when a request gives none: the model file's recommendation, else A1111's 7."""
+        return self.models.cfg_scale if self.models.cfg_scale is not None else DEFAULT_CFG_SCALE
+
     # ---------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, params: GenerationParams, *, progress: ProgressFn | None = None,
@@ -302,6 +307,8 @@ class Engine:
         ``sampling_convention`` the start-noise scale / network-timestep rule.
         """
         p = params
+        if p.cfg_scale is None:
+            p = dataclasses.replace(p, cfg_scale=self.default_cfg_scale)
         self._validate(p)
         spec, schedule = registry.resolve(p.sampler, p.scheduler)
         sampler_opts = sampler_options(spec, p.eta, p.s_noise)

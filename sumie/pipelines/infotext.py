@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from sumie import __version__
 from sumie.errors import ConfigError
-from sumie.pipelines.params import GenerationParams, HiresParams, InpaintParams, RefinerParams
+from sumie.pipelines.params import DEFAULT_CFG_SCALE, GenerationParams, HiresParams, InpaintParams, RefinerParams
 from sumie.sampling import registry, schedules
 
 if TYPE_CHECKING:
@@ -264,7 +264,8 @@ def infotext_fields(params: GenerationParams, *, seed: int, subseed: int, index:
     variation = params.subseed_strength != 0
     fields: dict[str, object | None] = dict.fromkeys(FIXED_FIELDS)
     fields.update({
-        "Steps": params.steps, "Sampler": sampler_text, "Schedule type": schedule_text, "CFG scale": params.cfg_scale,
+        "Steps": params.steps, "Sampler": sampler_text, "Schedule type": schedule_text,
+        "CFG scale": DEFAULT_CFG_SCALE if params.cfg_scale is None else params.cfg_scale,
         "Seed": seed, "Size": f"{params.width}x{params.height}", "Model hash": model_hash or None,
         "Model": model_name or None, "Variation seed": subseed if variation else None,
         "Variation seed strength": params.subseed_strength if variation else None,
@@ -469,7 +470,7 @@ def params_from_infotext(text: str | Mapping[str, Any]) -> GenerationParams:
     size = _size_pair(d, "Size")
     p = GenerationParams(
         prompt=d.get("Prompt", ""), negative_prompt=d.get("Negative prompt", ""),
-        steps=_number(d, "Steps", int, 20), cfg_scale=_number(d, "CFG scale", float, 7.0),
+        steps=_number(d, "Steps", int, 20), cfg_scale=_number(d, "CFG scale", float, DEFAULT_CFG_SCALE),
         sampler=sampler, scheduler=scheduler, seed=_number(d, "Seed", int, -1),
         width=size[1] if size else None, height=size[0] if size else None,
         clip_skip=_number(d, "Clip skip", int, 1), cfg_rescale=_number(d, "CFG Rescale", float, 0.0),

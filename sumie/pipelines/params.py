@@ -45,6 +45,9 @@ class RefinerParams:
     switch_at: float = 0.8
 
 
+DEFAULT_CFG_SCALE = 7.0  # A1111's default: for a model whose file recommends no scale, and for infotexts
+
+
 @dataclass
 class GenerationParams:
     """One request: txt2img when ``init_images`` is empty, img2img otherwise, inpainting when ``inpaint`` is set."""
@@ -52,7 +55,7 @@ class GenerationParams:
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = 20
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None = the model file's recommended scale (``sumie.cfg_scale``), else 7
     sampler: str = "DPM++ 2M"
     scheduler: str = "Automatic"
     seed: int = -1  # -1 = random (reported in the result)

@@ -18,8 +18,8 @@ def _timed(fn: Any) -> tuple[Any, float]:
 
 
 def run_bench(model: str | Path | None, *, steps: int = 20, width: int | None = None, height: int | None = None,
-              sampler: str = "DPM++ 2M", cfg_scale: float = 7.0, runs: int = 3, dtype: torch.dtype = torch.float32,
-              device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+              sampler: str = "DPM++ 2M", cfg_scale: float | None = None, runs: int = 3,
+              dtype: torch.dtype = torch.float32, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Median seconds per image over ``runs`` generations after one warm-up, plus the share of each stage."""
     import sumie
     from sumie.pipelines.params import GenerationParams
@@ -58,7 +58,7 @@ def run_bench(model: str | Path | None, *, steps: int = 20, width: int | None = 
         "size": f"{size[0]}x{size[1]}",
         "steps": steps,
         "sampler": sampler,
-        "cfg_scale": cfg_scale,
+        "cfg_scale": result.params.cfg_scale,  # the model's default when none was given
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "threads": torch.get_num_threads(),

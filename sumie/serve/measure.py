@@ -17,7 +17,7 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--sampler", default="DPM++ 2M")
-    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--cfg-scale", type=float, help="CFG scale (default: the model's, 7 if it names none)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (median reported)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true")

@@ -148,6 +148,7 @@ class OutputConfig:
     progress: bool | None = None  # tqdm bar; None = only on a terminal
     export: str = "model.safetensors"  # final single file (what="diffusion") inside dir; vae.safetensors for vae
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # how the exported weights are stored
+    cfg_scale: float | None = None  # the CFG scale the export recommends (``sumie.cfg_scale``; the engine's default)
 
 
 @dataclass
@@ -180,7 +181,8 @@ def _unknown(key: str, section: str, valid: list[str]) -> ConfigError:
 
 
 # Fields whose default is None: the type a given value must have.
-_OPTIONAL_TYPES: dict[str, type] = {"text_encoder_lr": float, "train_text_encoder": bool, "progress": bool}
+_OPTIONAL_TYPES: dict[str, type] = {"text_encoder_lr": float, "train_text_encoder": bool, "progress": bool,
+                                     "cfg_scale": float}
 
 
 def _check_type(section: str, key: str, value: object, default: object) -> object:
@@ -279,6 +281,8 @@ def _validate(cfg: TrainConfig) -> None:
     if not 0 <= t.timestep_bias_begin < t.timestep_bias_end <= 1000:
         raise ConfigError("[train] timestep_bias_begin and timestep_bias_end must satisfy 0 <= begin < end <= 1000, "
                           f"got {t.timestep_bias_begin} and {t.timestep_bias_end}")
+    if o.cfg_scale is not None and not o.cfg_scale >= 0:
+        raise ConfigError(f"[output] cfg_scale must be >= 0, got {o.cfg_scale}")
     if not t.foreground_weight > 0:
         raise ConfigError(f"[train] foreground_weight must be > 0 (1 = off), got {t.foreground_weight}")
     if t.foreground_weight != 1 and t.what != "diffusion":

@@ -547,6 +547,8 @@ class Trainer:
         o, m = self.cfg.output, self.models
         meta = {"sumie.training": json.dumps({"steps": self.step, "what": self.what, "config": self.cfg.source}),
                 "sumie.resolution": str(self.cfg.data.resolution)}  # the size it was trained at
+        if o.cfg_scale is not None:
+            meta["sumie.cfg_scale"] = repr(float(o.cfg_scale))  # the engine's default CFG for this model
         with self._averaged(), torch.no_grad():
             if self.what == "vae":
                 path = self.out / (o.export if o.export != "model.safetensors" else "vae.safetensors")
