@@ -165,6 +165,8 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataConfig, "train": TrainSection, "output": OutputConfig}
 _PATH_KEYS = {("model", "init_from"), ("model", "vae_from"), ("data", "folder"), ("output", "dir")}
+
+
 def _literal_choices(cls: type) -> dict[str, tuple[object, ...]]:
     """Field name -> its allowed values, for the fields annotated ``Literal[...]`` (or ``Literal[...] | None``)."""
     out: dict[str, tuple[object, ...]] = {}
@@ -213,12 +215,13 @@ def _section(name: str, cls: type, raw: object, base_dir: Path) -> Any:
         raise ConfigError(f"[{name}] must be a table, got {raw!r}")
     defaults = cls()
     valid = [f.name for f in fields(cls)]
+    allowed = _literal_choices(cls)
     kwargs: dict[str, object] = {}
     for key, value in raw.items():
         if key not in valid:
             raise _unknown(key, name, valid)
         default = getattr(defaults, key)
-        choices = _literal_choices(cls).get(key)
+        choices = allowed.get(key)
         if choices is not None:
             if value not in choices:
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -441,7 +441,7 @@ def sample_spec(rng: random.Random, heldout: HeldOut | None = DEFAULT_HELDOUT, *
 
 def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None) -> Sample:
     spec = sample_spec(rng, heldout)
-    scene = realize(spec, rng, heldout)
+    scene = realize(spec, rng, heldout)  # render draws nothing from rng: the scene alone needs no image
     return Sample(render(scene, resolution), make_caption(spec, rng), spec, scene)
 
 
@@ -469,11 +469,14 @@ class TrainSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, index: int) -> Sample:
-        """Sample ``index`` with its PIL image, caption, spec and scene."""
+    def _rng(self, index: int) -> random.Random:
         if not 0 <= index < self.length:
             raise IndexError(f"sample {index} out of range for a synthetic set of {self.length}")
-        return _sample(random.Random(f"sumie-synthetic:{self.seed}:{index}"), self.resolution, self.heldout)
+        return random.Random(f"sumie-synthetic:{self.seed}:{index}")
+
+    def sample(self, index: int) -> Sample:
+        """Sample ``index`` with its PIL image, caption, spec and scene."""
+        return _sample(self._rng(index), self.resolution, self.heldout)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         s = self.sample(index)
@@ -481,8 +484,9 @@ class TrainSet(torch.utils.data.Dataset):
 
     def mask(self, index: int) -> Tensor:
         """Where the objects of item ``index`` are: [1, H, W] float32 in [0, 1] (for foreground-weighted losses)."""
-        s = self.sample(index)
-        arr = torch.from_numpy(np.asarray(render_mask(s.scene, self.resolution), dtype=np.uint8).copy())
+        rng = self._rng(index)
+        scene = realize(sample_spec(rng, self.heldout), rng, self.heldout)  # as sample(), without the RGB image
+        arr = torch.from_numpy(np.asarray(render_mask(scene, self.resolution), dtype=np.uint8).copy())
         return arr.float().div_(255.0).unsqueeze(0)
 
     def uint8_batch(self, start: int, stop: int) -> tuple[Tensor, list[str]]:
