@@ -178,6 +178,8 @@ def test_inputs_agree_and_errors() -> None:
 class _RenderEngine:
     """Fake engine: draws the prompt's ground truth (or noise), recording the params it was given."""
 
+    default_cfg_scale = 4.5
+
     def __init__(self, noise: bool = False) -> None:
         self.noise, self.calls = noise, []
 
@@ -194,18 +196,20 @@ def test_run_adherence_with_fake_engines() -> None:
     prompts = heldout_prompts(15, "one", seed=1) + heldout_prompts(15, "two", seed=1)
     engine = _RenderEngine()
     steps_seen = []
-    report = run_adherence(engine, prompts, cfg_scale=5.0, steps=12, sampler="Euler a", seed=100, n=2,
+    report = run_adherence(engine, prompts, cfg_scale=5.0, steps=12, sampler="Euler a", seed=100, n=2, cfg_rescale=0.7,
                            progress=lambda done, total: steps_seen.append((done, total)))
     assert report["one"]["attributes_right"] >= 0.99 and report["two"]["attributes_right"] >= 0.99
     assert report["all"]["n_images"] == 60 and steps_seen[-1] == (60, 60)
     assert {"color", "shape", "count"} <= set(report["one"]["per_attribute"])
     assert "relation" in report["two"]["per_attribute"] or "position" in report["two"]["per_attribute"]
     assert [c.seed for c in engine.calls] == list(range(100, 160))
-    assert {(c.cfg_scale, c.steps, c.sampler, c.width) for c in engine.calls} == {(5.0, 12, "Euler a", None)}
+    assert {(c.cfg_scale, c.cfg_rescale, c.steps, c.sampler, c.width) for c in engine.calls} == {
+        (5.0, 0.7, 12, "Euler a", None)}
     assert report["records"][3]["prompt"] == prompts[1][0] and report["records"][3]["seed"] == 103
     assert report["settings"]["n_prompts"] == 30 and report["seconds_per_image"] > 0
     noisy = run_adherence(_RenderEngine(noise=True), prompts, seed=100, resolution=64)
     assert noisy["one"]["attributes_right"] < 0.35 and noisy["two"]["attributes_right"] < 0.35
+    assert noisy["settings"]["cfg_scale"] == 4.5 and noisy["settings"]["cfg_rescale"] == 0.0  # None: the model's
     with pytest.raises(ConfigError):
         run_adherence(engine, [], seed=0)
     by_caption = run_adherence(engine, ["two blue squares", "a red circle above a green square"], resolution=128)

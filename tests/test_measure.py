@@ -53,8 +53,20 @@ def test_eval_adherence_on_seen_combinations(tiny_model: Path, capsys: pytest.Ca
     assert out.startswith("CFG 7.0 (seen prompts): attributes right: one-object ") and "(2 images" in out
 
 
+def test_eval_adherence_takes_the_cfg_rescale(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "adherence", "--model", str(tiny_model), "--n-one", "1", "--n-two", "0", "--steps", "2",
+            "--resolution", "64", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["7.0"]
+    assert main([*argv, "--cfg-rescale", "0.7"]) == 0
+    rescaled = json.loads(capsys.readouterr().out)["7.0"]
+    assert plain["settings"]["cfg_rescale"] == 0.0 and rescaled["settings"]["cfg_rescale"] == 0.7
+    assert plain["settings"]["cfg_scale"] == rescaled["settings"]["cfg_scale"] == 7.0  # the file names no default
+
+
 @pytest.mark.parametrize("argv", [["bench", "--steps", "0"], ["eval", "adherence", "--steps", "0"],
-                                  ["eval", "adherence", "--n-one", "0", "--n-two", "0"]])
+                                  ["eval", "adherence", "--n-one", "0", "--n-two", "0"],
+                                  ["eval", "adherence", "--cfg-rescale", "1.5"]])
 def test_bad_values_are_one_line_errors(tiny_model: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--model", str(tiny_model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

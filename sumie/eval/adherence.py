@@ -326,13 +326,15 @@ def default_prompts(n_one: int = 50, n_two: int = 50, seed: int = 0,
     return make(n_one, "one", seed) + make(n_two, "two", seed)
 
 
-def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | None = None, cfg_scale: float = 7.0,
-                  steps: int = 20, sampler: str = "DPM++ 2M", seed: int = 0, n: int = 1,
+def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | None = None,
+                  cfg_scale: float | None = None, steps: int = 20, sampler: str = "DPM++ 2M", seed: int = 0, n: int = 1,
+                  cfg_rescale: float = 0.0,
                   resolution: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Generate ``n`` images per prompt with ``engine.generate`` and score them: :func:`evaluate`'s report + extras."""
     # prompts: (caption, spec) pairs or captions of the synthetic grammar; None = default_prompts(seed=seed).
-    # Image j of prompt i gets seed ``seed + n * i + j``; resolution None = the model's native size. The report
+    # Image j of prompt i gets seed ``seed + n * i + j``; cfg_scale None = the model's default, resolution None = the
+    # model's native size; cfg_rescale is the guidance rescale phi (Lin et al. 2023, 0 = off). The report
     # adds ``settings``, ``seconds_per_image`` (generation only) and per-image ``records`` (prompt, seed, scores).
     from sumie.pipelines.params import GenerationParams
 
@@ -349,7 +351,7 @@ def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | 
         for j in range(n):
             image_seed = seed + n * i + j
             params = GenerationParams(prompt=caption, width=resolution, height=resolution, cfg_scale=cfg_scale,
-                                      steps=steps, sampler=sampler, seed=image_seed)
+                                      cfg_rescale=cfg_rescale, steps=steps, sampler=sampler, seed=image_seed)
             image = engine.generate(params).images[0]
             images.append(image)
             specs.append(spec)
@@ -360,7 +362,8 @@ def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | 
     report = evaluate(images, specs)
     for record, s in zip(records, report.pop("scores"), strict=True):
         record["scores"] = s
-    report["settings"] = {"cfg_scale": cfg_scale, "steps": steps, "sampler": sampler, "seed": seed, "n": n,
+    report["settings"] = {"cfg_scale": engine.default_cfg_scale if cfg_scale is None else cfg_scale,
+                          "cfg_rescale": cfg_rescale, "steps": steps, "sampler": sampler, "seed": seed, "n": n,
                           "resolution": resolution, "n_prompts": len(prompts)}
     report["seconds_per_image"] = elapsed / total
     report["records"] = records

@@ -29,7 +29,10 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     model_arg(a)
     a.add_argument("--n-one", type=int, default=50, help="one-object prompts")
     a.add_argument("--n-two", type=int, default=50, help="two-object prompts")
-    a.add_argument("--cfg-scale", type=float, nargs="+", default=[7.0], help="one or more CFG scales to compare")
+    a.add_argument("--cfg-scale", type=float, nargs="+",
+                   help="one or more CFG scales to compare (default: the model's, 7 if it names none)")
+    a.add_argument("--cfg-rescale", type=float, default=0.0, metavar="PHI",
+                   help="CFG rescale phi for every scale (Lin et al. 2023; 0 = off)")
     a.add_argument("--steps", type=int, default=20)
     a.add_argument("--sampler", default="DPM++ 2M")
     a.add_argument("--seed", type=int, default=0)
@@ -68,18 +71,20 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     import sumie
     from sumie.eval.adherence import default_prompts, run_adherence
 
+    from sumie.errors import ConfigError
+
     _check_positive(steps=args.steps)
     if args.n_one < 0 or args.n_two < 0 or args.n_one + args.n_two == 0:
-        from sumie.errors import ConfigError
-
         raise ConfigError("--n-one and --n-two must be >= 0 and not both 0")
     engine = sumie.load(args.model)
     engine.show_progress = False
     prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
     reports = {}
-    for scale in args.cfg_scale:
+    if not 0.0 <= args.cfg_rescale <= 1.0:
+        raise ConfigError(f"--cfg-rescale must be between 0 and 1, got {args.cfg_rescale}")
+    for scale in args.cfg_scale or [engine.default_cfg_scale]:
         r = run_adherence(engine, prompts, cfg_scale=scale, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                          resolution=args.resolution)
+                          resolution=args.resolution, cfg_rescale=args.cfg_rescale)
         r.pop("records", None)
         r.pop("scores", None)
         r["settings"]["split"] = args.split
@@ -89,7 +94,8 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
         return 0
     for scale, r in reports.items():
         parts = [f"{kind}-object {r[kind]['attributes_right']:.1%}" for kind in ("one", "two") if kind in r]
-        print(f"CFG {scale} ({args.split} prompts): attributes right: " + ", ".join(parts) +
+        rescale = f", rescale {args.cfg_rescale:g}" if args.cfg_rescale else ""
+        print(f"CFG {scale}{rescale} ({args.split} prompts): attributes right: " + ", ".join(parts) +
               f", all {r['all']['attributes_right']:.1%} ({r['all']['n_images']} images, "
               f"{r['seconds_per_image']:.2f} s/image)")
     return 0
