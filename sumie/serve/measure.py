@@ -69,9 +69,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval_adherence(args: argparse.Namespace) -> int:
     """Score generated images against held-out prompts, for each requested CFG scale."""
     import sumie
-    from sumie.eval.adherence import default_prompts, run_adherence
-
     from sumie.errors import ConfigError
+    from sumie.eval.adherence import default_prompts, run_adherence
 
     _check_positive(steps=args.steps)
     if args.n_one < 0 or args.n_two < 0 or args.n_one + args.n_two == 0:
