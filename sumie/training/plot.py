@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from sumie.errors import ConfigError
 
-_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127))
 
 
 def read_log(path: str | Path, key: str = "loss") -> list[tuple[int, float]]:
