@@ -124,7 +124,7 @@ def test_random_seed_is_reported_and_reproducible(sd1: Engine) -> None:
     ({"sampler": "Euler z"}, "unknown sampler"), ({"eta": 0.5, "sampler": "Euler"}, "eta"),
     ({"batch_size": 0}, "at least 1"), ({"subseed_strength": 1.5}, "variation strength"),
     ({"styles": ["x"]}, "styles"), ({"inpaint": InpaintParams(mask=Image.new("L", (64, 64)))}, "init image"),
-    ({"cfg_rescale": 0.5, "prompt": "a AND b"}, "AND"),
+    ({"cfg_rescale": 0.5, "prompt": "a AND b"}, "AND"), ({"cfg_rescale": 1.5}, "CFG rescale must be in"),
 ])
 def test_bad_requests_are_config_errors(sd1: Engine, kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=words):

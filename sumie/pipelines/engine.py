@@ -377,6 +377,8 @@ class Engine:
             raise ConfigError(f"batch size and batch count must be at least 1, got {p.batch_size} and {p.n_iter}")
         if not math.isfinite(p.cfg_scale):
             raise ConfigError(f"CFG scale must be a finite number, got {p.cfg_scale}")
+        if not 0.0 <= p.cfg_rescale <= 1.0:
+            raise ConfigError(f"CFG rescale must be in [0, 1] (0 = off, 0.7 is usual), got {p.cfg_rescale}")
         if not 0.0 <= p.subseed_strength <= 1.0:
             raise ConfigError(f"variation strength must be in [0, 1], got {p.subseed_strength}")
         if not 0.0 <= p.denoising_strength <= 1.0:

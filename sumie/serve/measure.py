@@ -79,8 +79,6 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     engine.show_progress = False
     prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
     reports = {}
-    if not 0.0 <= args.cfg_rescale <= 1.0:
-        raise ConfigError(f"--cfg-rescale must be between 0 and 1, got {args.cfg_rescale}")
     for scale in args.cfg_scale or [engine.default_cfg_scale]:
         r = run_adherence(engine, prompts, cfg_scale=scale, steps=args.steps, sampler=args.sampler, seed=args.seed,
                           resolution=args.resolution, cfg_rescale=args.cfg_rescale)
