@@ -439,9 +439,14 @@ def sample_spec(rng: random.Random, heldout: HeldOut | None = DEFAULT_HELDOUT, *
     raise ConfigError("the held-out split leaves no valid scene; hold out fewer combinations")
 
 
-def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None) -> Sample:
+def _scene(rng: random.Random, heldout: HeldOut | None) -> tuple[SceneSpec, Scene]:
+    """The first draws of every sample: its spec, then where its objects go (no image: render draws nothing)."""
     spec = sample_spec(rng, heldout)
-    scene = realize(spec, rng, heldout)  # render draws nothing from rng: the scene alone needs no image
+    return spec, realize(spec, rng, heldout)
+
+
+def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None) -> Sample:
+    spec, scene = _scene(rng, heldout)
     return Sample(render(scene, resolution), make_caption(spec, rng), spec, scene)
 
 
@@ -484,8 +489,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def mask(self, index: int) -> Tensor:
         """Where the objects of item ``index`` are: [1, H, W] float32 in [0, 1] (for foreground-weighted losses)."""
-        rng = self._rng(index)
-        scene = realize(sample_spec(rng, self.heldout), rng, self.heldout)  # as sample(), without the RGB image
+        _, scene = _scene(self._rng(index), self.heldout)  # as sample(), without the RGB image
         arr = torch.from_numpy(np.asarray(render_mask(scene, self.resolution), dtype=np.uint8).copy())
         return arr.float().div_(255.0).unsqueeze(0)
 
