@@ -18,7 +18,8 @@ run_stage diffusion-2.toml sumie-tiny-2 model.safetensors
 run_stage diffusion-3.toml sumie-tiny-3 model.safetensors
 run_stage diffusion-4.toml sumie-tiny-4 model.safetensors
 run_stage diffusion-5.toml sumie-tiny-5 model.safetensors
-"$SUMIE" eval adherence --model "$R/runs/sumie-tiny-5/model.safetensors" --cfg-scale 1 3 7 \
-  --json > "$R/runs/sumie-tiny-5/adherence.json"
-cp "$R/runs/sumie-tiny-5/model.safetensors" sumie/data/sumie-tiny.safetensors
+run_stage diffusion-6.toml sumie-tiny-6 model.safetensors
+"$SUMIE" eval adherence --model "$R/runs/sumie-tiny-6/model.safetensors" --cfg-scale 1 3 7 \
+  --json > "$R/runs/sumie-tiny-6/adherence.json"
+cp "$R/runs/sumie-tiny-6/model.safetensors" sumie/data/sumie-tiny.safetensors
 echo "installed sumie/data/sumie-tiny.safetensors"
