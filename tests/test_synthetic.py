@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from sumie.training.synthetic import (
     POSITIONS,
     SIZE_RANGES,
     ObjectSpec,
+    SceneMix,
     SceneSpec,
     TrainSet,
     heldout_prompts,
@@ -210,3 +212,43 @@ def test_masks_cover_exactly_the_object_pixels() -> None:
         area = sum(area_of[x.shape] * (x.extent * 64) ** 2 for x in s.scene.instances)
         assert float(m.sum()) == pytest.approx(area, rel=0.15)
         assert np.array_equal(np.asarray(render_mask(s.scene, 64)), (m[0].numpy() * 255).round().astype(np.uint8))
+
+
+def test_default_mix_keeps_the_draws_sumie_tiny_was_trained_on() -> None:
+    """The shipped model's latent cache and every published evaluation depend on these exact draws."""
+    assert [TrainSet(64, 10, seed=1).sample(i).caption for i in range(3)] == [
+        "a black square at the top on a gray background",
+        "a gray background with a white square and a black triangle",
+        "a picture of a large orange triangle in the middle and a red circle in the bottom left",
+    ]
+    assert TrainSet(64, 10, seed=1, mix={}).sample(2).caption == TrainSet(64, 10, seed=1).sample(2).caption
+
+
+def test_scene_mix_sets_the_share_of_each_kind_of_caption() -> None:
+    def shares(mix: dict[str, float]) -> tuple[float, float, float]:
+        specs = [s.spec for s in (TrainSet(64, 600, seed=3, mix=mix).sample(i) for i in range(600))]
+        two = [sp for sp in specs if len(sp.objects) == 2]
+        placed = sum(sp.relation is not None for sp in two), sum(sp.objects[0].position is not None for sp in two)
+        return len(two) / len(specs), placed[0] / max(len(two), 1), placed[1] / max(len(two), 1)
+
+    default_two, _, _ = shares({})
+    two, relation, positions = shares({"one": 0.1, "count": 0.0, "two": 0.9, "relation": 0.5, "positions": 0.5})
+    assert default_two < 0.45 and two > 0.75  # the held-out pairs reject some draws, so shares sit below the mix
+    assert relation > 0.4 and positions > 0.4 and relation + positions > 0.98
+    assert shares({"one": 1.0, "count": 0.0, "two": 0.0})[0] == 0.0
+    only_counts = [TrainSet(64, 50, seed=0, mix={"one": 0, "count": 1, "two": 0}).sample(i).spec for i in range(50)]
+    assert all(len(sp.objects) == 1 and sp.objects[0].count > 1 for sp in only_counts)
+
+
+@pytest.mark.parametrize(("mix", "message"), [
+    ({"two": 0.6}, "must sum to 1, got 1.2"),
+    ({"one": 0.5, "count": -0.1, "two": 0.6}, "count must be a number in"),
+    ({"relation": 0.8, "positions": 0.5}, "must be <= 1"),
+    ({"three": 0.1}, "unknown key 'three' in the synthetic mix; valid keys: one, count, two"),
+    ({"one": "half"}, "one must be a number"),
+    (0.5, "must be a table"),
+])
+def test_bad_scene_mix_is_a_clear_error(mix: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainSet(64, 10, mix=mix)  # type: ignore[arg-type]
+    assert SceneMix() == SceneMix.from_options({})

@@ -191,6 +191,19 @@ def test_cli_train_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.C
     _write(cfg, '[train]\nwhat = "vae"\nbatch = 4\n')
     assert main(["train", str(cfg)]) == 2
     assert "unknown key 'batch' in [train]" in capsys.readouterr().err
+    _write(cfg, '[data]\nsynthetic = { length = 10, mix = { two = 0.6 } }\n[train]\nwhat = "vae"\n')
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one + count + two must sum to 1, got 1.2" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_synthetic_mix_is_part_of_the_data_name_that_keys_the_latent_cache() -> None:
+    default = synthetic_dataset({"length": 8}, 64).describe()
+    mixed = synthetic_dataset({"length": 8, "mix": {"one": 0.3, "count": 0.1, "two": 0.6}}, 64)
+    same = synthetic_dataset({"length": 8, "mix": {"two": 0.6, "count": 0.1, "one": 0.3}}, 64)
+    assert mixed.describe() != default and mixed.describe() == same.describe()
+    assert [mixed.load(i)[1] for i in range(8)] != [synthetic_dataset({"length": 8}, 64).load(i)[1] for i in range(8)]
 
 
 def test_center_crop_and_aspect_buckets(tmp_path: Path) -> None:

@@ -290,20 +290,23 @@ def _swap_left_right(caption: str) -> str:
     return " ".join(swap.get(w, w) for w in words)
 
 
-SYNTHETIC_KEYS = ("length", "seed", "resolution")
+SYNTHETIC_KEYS = ("length", "seed", "resolution", "mix")
 
 
 def synthetic_dataset(options: dict[str, Any], resolution: int) -> MapDataset:
-    """The built-in captioned shapes (:class:`sumie.training.synthetic.TrainSet`): ``length``, ``seed`` options.
+    """The built-in captioned shapes (:class:`sumie.training.synthetic.TrainSet`): ``length``, ``seed`` and ``mix``
+    (:class:`~sumie.training.synthetic.SceneMix`, e.g. ``{ one = 0.3, count = 0.1, two = 0.6 }``) options.
 
     The held-out attribute combinations of :data:`~sumie.training.synthetic.DEFAULT_HELDOUT` never appear.
     """
-    from sumie.training.synthetic import TrainSet
+    from sumie.training.synthetic import SceneMix, TrainSet
 
     for key in options:
         if key not in SYNTHETIC_KEYS:
             raise ConfigError(f"unknown key {key!r} in [data] synthetic; valid keys: {', '.join(SYNTHETIC_KEYS)}")
     kwargs = {"resolution": resolution, **options}
+    if "mix" in kwargs:  # one spelling per mix in the name, which keys the latent cache
+        kwargs["mix"] = SceneMix.from_options(kwargs["mix"])
     return MapDataset(TrainSet(**kwargs), f"synthetic{sorted(kwargs.items())}", swap_left_right=True)
 
 

@@ -74,10 +74,51 @@ _BACKGROUND_SUFFIXES = ("on a {} background", "on {}", "against a {} background"
 _PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ")
 _COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 
-# how often training captions state each optional attribute, and the mix of scene kinds
+# how often training captions state each optional attribute
 _P_SIZE, _P_POSITION, _P_BACKGROUND = 0.5, 0.6, 0.5
-_P_ONE, _P_COUNT = 0.45, 0.15  # the rest: two objects
-_P_RELATION, _P_TWO_POSITIONS = 0.35, 0.3  # of two-object scenes; the rest state no placement
+
+
+@dataclass(frozen=True)
+class SceneMix:
+    """The mix of scene kinds in training captions: ``one`` object, a ``count`` of 2-3 alike objects or ``two``
+    different objects (shares that sum to 1); of the two-object captions, the share that states a ``relation`` and the
+    share that states both objects' ``positions`` (the rest state no placement)."""
+
+    one: float = 0.45
+    count: float = 0.15
+    two: float = 0.40
+    relation: float = 0.35
+    positions: float = 0.30
+
+    def __post_init__(self) -> None:
+        values = {k: getattr(self, k) for k in MIX_KEYS}
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ConfigError(f"synthetic mix {key} must be a number in [0, 1], got {value!r}")
+        total = self.one + self.count + self.two
+        if abs(total - 1) > 1e-6:
+            raise ConfigError(f"synthetic mix one + count + two must sum to 1, got {total:g} "
+                              f"({self.one:g} + {self.count:g} + {self.two:g}); e.g. one = 0.3, count = 0.1, two = 0.6")
+        if self.relation + self.positions > 1 + 1e-6:
+            raise ConfigError(f"synthetic mix relation + positions are shares of the two-object captions and must be "
+                              f"<= 1, got {self.relation:g} + {self.positions:g}")
+
+    @classmethod
+    def from_options(cls, options: object) -> SceneMix:
+        """From a ``mix = { two = 0.6, ... }`` table of a run config (unnamed keys keep their defaults)."""
+        if isinstance(options, SceneMix):
+            return options
+        if not isinstance(options, dict):
+            raise ConfigError(f"synthetic mix must be a table like {{ one = 0.3, count = 0.1, two = 0.6 }}, "
+                              f"got {options!r}")
+        for key in options:
+            if key not in MIX_KEYS:
+                raise ConfigError(f"unknown key {key!r} in the synthetic mix; valid keys: {', '.join(MIX_KEYS)}")
+        return cls(**options)
+
+
+MIX_KEYS = ("one", "count", "two", "relation", "positions")
+DEFAULT_MIX = SceneMix()  # what sumie-tiny was trained on; the evaluation prompts always use it
 
 
 @dataclass(frozen=True)
@@ -392,23 +433,23 @@ def _random_object(rng: random.Random, count: int, p_position: float) -> ObjectS
     return ObjectSpec(rng.choice(SHAPES), rng.choice(list(COLORS)), size, position, count)
 
 
-def _random_spec(rng: random.Random, kind: str | None = None) -> SceneSpec:
+def _random_spec(rng: random.Random, kind: str | None = None, mix: SceneMix = DEFAULT_MIX) -> SceneSpec:
     """A spec from the training distribution of captions (``kind`` forces "one" or "two" objects)."""
     u = rng.random()
     if kind == "one":
-        u *= _P_ONE + _P_COUNT
+        u *= mix.one + mix.count
     elif kind == "two":
-        u = _P_ONE + _P_COUNT + u * (1 - _P_ONE - _P_COUNT)
+        u = mix.one + mix.count + u * mix.two
     relation = None
-    if u < _P_ONE:
+    if u < mix.one:
         objects: tuple[ObjectSpec, ...] = (_random_object(rng, 1, _P_POSITION),)
-    elif u < _P_ONE + _P_COUNT:
+    elif u < mix.one + mix.count:
         objects = (_random_object(rng, rng.choice((2, 3)), 0.0),)
     else:
         v = rng.random()
-        with_positions = _P_RELATION <= v < _P_RELATION + _P_TWO_POSITIONS
+        with_positions = mix.relation <= v < mix.relation + mix.positions
         objects = (_random_object(rng, 1, float(with_positions)), _random_object(rng, 1, float(with_positions)))
-        relation = rng.choice(RELATIONS) if v < _P_RELATION else None
+        relation = rng.choice(RELATIONS) if v < mix.relation else None
     colors = [o.color for o in objects]
     background = rng.choice(_backgrounds_for(colors) or ["gray"]) if rng.random() < _P_BACKGROUND else None
     return SceneSpec(objects, background, relation)
@@ -423,12 +464,12 @@ def _valid(spec: SceneSpec) -> bool:
 
 
 def sample_spec(rng: random.Random, heldout: HeldOut | None = DEFAULT_HELDOUT, *, novel: bool = False,
-                kind: str | None = None, novelty: str | None = None) -> SceneSpec:
+                kind: str | None = None, novelty: str | None = None, mix: SceneMix = DEFAULT_MIX) -> SceneSpec:
     """A random caption spec, allowed in training (``novel=False``) or stating a held-out pair of kind ``novelty``."""
     if novel and heldout is None:
         raise ConfigError("novel specs need a held-out split")
     for _ in range(100_000):
-        spec = _random_spec(rng, kind)
+        spec = _random_spec(rng, kind, mix)
         if not _valid(spec):
             continue
         if heldout is None:
@@ -439,14 +480,14 @@ def sample_spec(rng: random.Random, heldout: HeldOut | None = DEFAULT_HELDOUT, *
     raise ConfigError("the held-out split leaves no valid scene; hold out fewer combinations")
 
 
-def _scene(rng: random.Random, heldout: HeldOut | None) -> tuple[SceneSpec, Scene]:
+def _scene(rng: random.Random, heldout: HeldOut | None, mix: SceneMix) -> tuple[SceneSpec, Scene]:
     """The first draws of every sample: its spec, then where its objects go (no image: render draws nothing)."""
-    spec = sample_spec(rng, heldout)
+    spec = sample_spec(rng, heldout, mix=mix)
     return spec, realize(spec, rng, heldout)
 
 
-def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None) -> Sample:
-    spec, scene = _scene(rng, heldout)
+def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None, mix: SceneMix) -> Sample:
+    spec, scene = _scene(rng, heldout, mix)
     return Sample(render(scene, resolution), make_caption(spec, rng), spec, scene)
 
 
@@ -462,14 +503,15 @@ def to_tensor(image: Image.Image) -> Tensor:
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Training split: item ``i`` -> (image [3, H, W] in [-1, 1], caption), deterministic in (seed, i)."""
+    """Training split: item ``i`` -> (image [3, H, W] in [-1, 1], caption), deterministic in (seed, mix, i)."""
 
     def __init__(self, resolution: int = 64, length: int = 100_000, seed: int = 0,
-                 heldout: HeldOut | None = DEFAULT_HELDOUT) -> None:
+                 heldout: HeldOut | None = DEFAULT_HELDOUT, mix: SceneMix | dict[str, float] = DEFAULT_MIX) -> None:
         _check_resolution(resolution)
         if length < 1:
             raise ConfigError(f"synthetic dataset length must be >= 1, got {length}")
         self.resolution, self.length, self.seed, self.heldout = resolution, length, seed, heldout
+        self.mix = SceneMix.from_options(mix)
 
     def __len__(self) -> int:
         return self.length
@@ -481,7 +523,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def sample(self, index: int) -> Sample:
         """Sample ``index`` with its PIL image, caption, spec and scene."""
-        return _sample(self._rng(index), self.resolution, self.heldout)
+        return _sample(self._rng(index), self.resolution, self.heldout, self.mix)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         s = self.sample(index)
@@ -489,7 +531,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def mask(self, index: int) -> Tensor:
         """Where the objects of item ``index`` are: [1, H, W] float32 in [0, 1] (for foreground-weighted losses)."""
-        _, scene = _scene(self._rng(index), self.heldout)  # as sample(), without the RGB image
+        _, scene = _scene(self._rng(index), self.heldout, self.mix)  # as sample(), without the RGB image
         arr = torch.from_numpy(np.asarray(render_mask(scene, self.resolution), dtype=np.uint8).copy())
         return arr.float().div_(255.0).unsqueeze(0)
 
