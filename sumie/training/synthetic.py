@@ -91,8 +91,8 @@ class SceneMix:
     positions: float = 0.30
 
     def __post_init__(self) -> None:
-        values = {k: getattr(self, k) for k in MIX_KEYS}
-        for key, value in values.items():
+        for key in MIX_KEYS:
+            value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
                 raise ConfigError(f"synthetic mix {key} must be a number in [0, 1], got {value!r}")
         total = self.one + self.count + self.two
