@@ -305,3 +305,47 @@ def test_declared_config_in_metadata_decides_what_shapes_cannot(tmp_path: Path) 
     save_safetensors_atomic(bad, tmp_path / "junk.safetensors", metadata={"sumie.config": "{not json"})
     with pytest.raises(CheckpointError, match="sumie.config"):
         load_models(tmp_path / "junk.safetensors")
+
+
+def test_bake_vae_replaces_only_the_vae_and_keeps_metadata(tmp_path: Path, tiny_files: dict,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from sumie.checkpoints.io import file_metadata
+    from sumie.serve.cli import main
+
+    _, sd = tiny_files["sd1"]
+    model = tmp_path / "model.safetensors"
+    meta = {"sumie.cfg_scale": "3.0", "sumie.resolution": "64"}
+    save_file({k: v.half() for k, v in sd.items()}, str(model), metadata=meta)  # stored in fp16
+    other = random_single_file(TINY["sd1"], seed=7)
+    vae_sd = {k.removeprefix("first_stage_model."): v for k, v in other.items() if k.startswith("first_stage_model.")}
+    vae = tmp_path / "vae.safetensors"
+    save_file(vae_sd, str(vae))
+    out = tmp_path / "baked.safetensors"
+    assert main(["bake-vae", str(model), str(vae), "-o", str(out)]) == 0
+    baked = load_state_dict(out)
+    assert set(baked) == set(sd) and file_metadata(out) == meta
+    for k, v in baked.items():
+        want = vae_sd[k.removeprefix("first_stage_model.")] if k.startswith("first_stage_model.") else sd[k]
+        assert v.dtype == torch.float16 and torch.equal(v, want.half()), k
+    models = load_models(out)
+    assert models.cfg_scale == 3.0 and models.native_size == 64
+    assert main(["bake-vae", str(model), str(vae), "-o", str(out)]) == 2  # no silent overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bake_vae_refuses_another_architecture(tmp_path: Path, tiny_files: dict,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from sumie.serve.cli import main
+
+    model = tiny_files["sd1"][0]
+    wider = AutoencoderKL(replace(TINY["sd1"].vae, ch=2 * TINY["sd1"].vae.ch)).state_dict()
+    save_file(wider, str(tmp_path / "wide.safetensors"))
+    save_file({k: v for k, v in wider.items() if not k.startswith("encoder.")}, str(tmp_path / "part.safetensors"))
+    out = tmp_path / "out.safetensors"
+    for name, words in (("wide", "has shape"), ("part", "keys missing")):
+        assert main(["bake-vae", str(model), str(tmp_path / f"{name}.safetensors"), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert main(["bake-vae", str(model), str(tmp_path / "wide.safetensors"), "-o", str(tmp_path / "x.ckpt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+    assert not out.exists()

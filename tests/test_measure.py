@@ -66,8 +66,11 @@ def test_eval_adherence_takes_the_cfg_rescale(tiny_model: Path, capsys: pytest.C
 
 @pytest.mark.parametrize("argv", [["bench", "--steps", "0"], ["eval", "adherence", "--steps", "0"],
                                   ["eval", "adherence", "--n-one", "0", "--n-two", "0"],
-                                  ["eval", "adherence", "--cfg-rescale", "1.5"]])
+                                  ["eval", "adherence", "--cfg-rescale", "1.5"],
+                                  ["bench", "--vae", "no-such-vae.safetensors"],
+                                  ["eval", "adherence", "--vae", "no-such-vae.safetensors"]])
 def test_bad_values_are_one_line_errors(tiny_model: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--model", str(tiny_model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sumie: error: ")
+    assert "--vae" not in argv or "no-such-vae.safetensors: no such file" in err[0]  # the VAE is loaded

@@ -590,3 +590,30 @@ def test_foreground_weight_needs_masks(shapes: Path, tmp_path: Path) -> None:
                             "train": {"foreground_weight": 4.0}, "output": {"dir": str(tmp_path / "out")}})
     with pytest.raises(ConfigError, match=r"needs masks.*\.mask\.png beside each image"):
         Trainer(cfg, progress=False)
+
+
+def test_decoder_only_run_keeps_the_encoder_and_the_latent_scale(vae_run: tuple, shapes: Path, tmp_path: Path) -> None:
+    trainer, result = vae_run
+    cfg = make_config(tmp_path / "dec", shapes, model={"vae_from": str(result.export)},
+                      train={"what": "vae", "steps": 30, "batch_size": 8, "lr": 2e-3, "train_vae_encoder": False})
+    dec = Trainer(cfg, progress=False)
+    trained_params = {id(p) for p in dec.params}
+    assert trained_params == {id(p) for p in (*dec.models.vae.decoder.parameters(),
+                                              *dec.models.vae.post_quant_conv.parameters())}
+    out = dec.run()
+    before = load_vae_file(result.export, trainer.models.config.vae)
+    after = load_vae_file(out.export, trainer.models.config.vae)
+    b, a = before.state_dict(), after.state_dict()
+    enc = [k for k in b if k.startswith(("encoder.", "quant_conv."))]
+    assert enc and all(torch.equal(b[k], a[k]) for k in enc)  # the latent space is the same
+    assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
+    assert after.config.scaling_factor == before.config.scaling_factor  # not measured again
+    data = FolderDataset(shapes, 16)
+    assert _recon_error(after, data) < _recon_error(before, data)  # measured: 0.154 -> 0.145
+
+
+def test_decoder_only_needs_a_trained_vae(shapes: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="vae_from"):
+        make_config(tmp_path, shapes, train={"what": "vae", "train_vae_encoder": False})
+    with pytest.raises(ConfigError, match=r"train_vae_encoder only applies to what = \"vae\""):
+        make_config(tmp_path, shapes, model={"vae_from": "x.safetensors"}, train={"train_vae_encoder": False})

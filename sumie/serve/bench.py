@@ -17,8 +17,8 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def run_bench(model: str | Path | None, *, steps: int = 20, width: int | None = None, height: int | None = None,
-              sampler: str = "DPM++ 2M", cfg_scale: float | None = None, runs: int = 3,
+def run_bench(model: str | Path | None, *, vae: str | Path | None = None, steps: int = 20, width: int | None = None,
+              height: int | None = None, sampler: str = "DPM++ 2M", cfg_scale: float | None = None, runs: int = 3,
               dtype: torch.dtype = torch.float32, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Median seconds per image over ``runs`` generations after one warm-up, plus the share of each stage."""
     import sumie
@@ -26,7 +26,7 @@ def run_bench(model: str | Path | None, *, steps: int = 20, width: int | None = 
 
     if threads:
         torch.set_num_threads(threads)
-    engine, load_s = _timed(lambda: sumie.load(model, dtype=dtype, device=device))
+    engine, load_s = _timed(lambda: sumie.load(model, dtype=dtype, device=device, vae=vae))
     engine.show_progress = False
     cfg = engine.models.config
     unet_calls = 0

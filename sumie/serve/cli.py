@@ -99,6 +99,18 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bake_vae(args: argparse.Namespace) -> int:
+    """Replace a checkpoint's VAE weights with a standalone VAE's (A1111's "Bake in VAE")."""
+    from sumie.checkpoints.bake import bake_vae
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SumieError(f"{out}: already exists; pass --overwrite to replace it")
+    n = bake_vae(args.model, args.vae, out)
+    print(f"wrote {out} ({args.model} with the {n} VAE tensors of {args.vae})")
+    return 0
+
+
 def cmd_samplers(args: argparse.Namespace) -> int:
     """List the samplers and schedules with the names A1111 and ComfyUI use for them."""
     from sumie.sampling import registry
@@ -594,8 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "or from one checkpoint folder")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("bake-vae", help="write a checkpoint with a standalone VAE baked in")
+    p.add_argument("model", help="single-file checkpoint (.safetensors or .ckpt)")
+    p.add_argument("vae", help="standalone VAE file (LDM or diffusers keys) of the model's architecture")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_bake_vae)
+
     def model_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded sumie-tiny)")
+        p.add_argument("--vae", metavar="PATH", help="standalone VAE replacing the checkpoint's")
 
     measure.add_parsers(sub, model_arg)
     return parser

@@ -56,8 +56,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sumie.serve.bench import run_bench
 
     _check_positive(steps=args.steps, runs=args.runs)
-    report = run_bench(args.model, steps=args.steps, width=args.width, height=args.height, sampler=args.sampler,
-                       cfg_scale=args.cfg_scale, runs=args.runs, threads=args.threads, dtype=torch.float32)
+    report = run_bench(args.model, vae=args.vae, steps=args.steps, width=args.width, height=args.height,
+                       sampler=args.sampler, cfg_scale=args.cfg_scale, runs=args.runs, threads=args.threads,
+                       dtype=torch.float32)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -75,7 +76,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     _check_positive(steps=args.steps)
     if args.n_one < 0 or args.n_two < 0 or args.n_one + args.n_two == 0:
         raise ConfigError("--n-one and --n-two must be >= 0 and not both 0")
-    engine = sumie.load(args.model)
+    engine = sumie.load(args.model, vae=args.vae)
     engine.show_progress = False
     prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
     reports = {}

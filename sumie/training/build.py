@@ -133,8 +133,9 @@ def export_vae(path: Path, vae: AutoencoderKL, extra: dict[str, str] | None = No
 def build_models(cfg: TrainConfig) -> TrainModels:
     """New networks (seeded by ``[train] seed``, LDM init) or those of ``init_from``; ``vae_from`` replaces the VAE.
 
-    what = "vae": only the VAE trains. what = "diffusion": the UNet trains, the text encoders too when
-    ``train_text_encoder`` (default: from scratch yes, fine-tuning no), the VAE is frozen.
+    what = "vae": only the VAE trains (its decoder alone with ``train_vae_encoder = false``). what = "diffusion":
+    the UNet trains, the text encoders too when ``train_text_encoder`` (default: from scratch yes, fine-tuning no),
+    the VAE is frozen.
     """
     m, t = cfg.model, cfg.train
     device = t.device
@@ -188,6 +189,9 @@ def build_models(cfg: TrainConfig) -> TrainModels:
         trains = name in models.trainable()
         module.requires_grad_(trains)
         module.train(trains)
+    if models.train_vae and not t.train_vae_encoder:  # decoder only (as Stability's sd-vae-ft-mse): same latents
+        for frozen in (vae.encoder, vae.quant_conv):
+            frozen.requires_grad_(False)
     return models
 
 

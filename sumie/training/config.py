@@ -121,6 +121,7 @@ class TrainSection:
     timestep_bias_end: int = 1000
     train_text_encoder: bool | None = None  # None = yes from scratch, no when fine-tuning (init_from)
     # vae
+    train_vae_encoder: bool = True  # false: only the decoder trains; the latent space (and any UNet on it) is kept
     kl_weight: float = 1e-6  # on KL summed over latents / pixels, i.e. LDM's weight on its sums
     recon: Literal["l1", "l2"] = "l1"
     edge_weight: float = 0.0  # L1 between image gradients (sharper edges)
@@ -308,6 +309,15 @@ def _validate(cfg: TrainConfig) -> None:
     if m.init_from is not None and (m.unet or m.text_encoder):
         raise ConfigError("[model] init_from takes the architecture from the checkpoint; remove [model.unet] and "
                           "[model.text_encoder] (or drop init_from to build a new model)")
+    if not t.train_vae_encoder:
+        if t.what != "vae":
+            raise ConfigError("[train] train_vae_encoder only applies to what = \"vae\"; remove it")
+        if m.vae_from is None and m.init_from is None:
+            raise ConfigError("[train] train_vae_encoder = false fine-tunes the decoder of a trained VAE; set [model] "
+                              "vae_from (or init_from) to it")
+        if "scaling_factor" in m.vae or "shift_factor" in m.vae:
+            raise ConfigError("[model.vae] scaling_factor/shift_factor: a decoder-only run keeps the VAE's latent "
+                              "space and its factors; remove them")
     if t.what == "vae" and d.cache_latents:
         raise ConfigError("[data] cache_latents only applies to what = \"diffusion\"; remove it for VAE training")
     if t.device != "cpu" and not t.device.startswith("cuda"):

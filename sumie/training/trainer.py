@@ -314,7 +314,8 @@ class Trainer:
         t = self.cfg.train
         x = images.to(self.device)
         with self._autocast():
-            post = self.models.vae.encode(x)
+            with torch.set_grad_enabled(t.train_vae_encoder):
+                post = self.models.vae.encode(x)
             recon = self.models.vae.decode(post.sample(self.generator))
         return vae_loss(x, recon, post, kl_weight=t.kl_weight, recon_kind=t.recon, edge_weight=t.edge_weight,
                         multiscale_weight=t.multiscale_weight)
@@ -552,7 +553,8 @@ class Trainer:
         with self._averaged(), torch.no_grad():
             if self.what == "vae":
                 path = self.out / (o.export if o.export != "model.safetensors" else "vae.safetensors")
-                if "scaling_factor" not in self.cfg.model.vae and "init_from" not in m.sources:
+                if ("scaling_factor" not in self.cfg.model.vae and "init_from" not in m.sources
+                        and self.cfg.train.train_vae_encoder):  # a new latent space: measure its scale
                     m.vae.config = replace(m.vae.config, scaling_factor=self._estimate_scaling())
                     m.config = replace(m.config, vae=m.vae.config)
                 export_vae(path, m.vae, meta)
