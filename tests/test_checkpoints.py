@@ -213,6 +213,38 @@ def test_standalone_vae_files(tmp_path: Path, tiny_files: dict) -> None:
     assert torch.equal(models.vae.state_dict()["decoder.conv_out.weight"], vae_sd["decoder.conv_out.weight"])
 
 
+def test_standalone_vae_keeps_its_group_norm(tmp_path: Path, tiny_files: dict) -> None:
+    """The group count is not in the weights: a Sumie VAE file declares it, any other file takes the model's."""
+    from sumie.training.build import export_vae
+
+    cfg = replace(TINY["sd1"].vae, norm_groups=8)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg).eval()
+    with torch.no_grad():  # move the norms off their identity init so the group count changes the output
+        for m in vae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = vae.decoder(vae.post_quant_conv(z))
+
+    def decode(v: AutoencoderKL) -> torch.Tensor:
+        with torch.no_grad():
+            return v.decoder(v.post_quant_conv(z))
+
+    declared = tmp_path / "declared.safetensors"
+    export_vae(declared, vae)
+    assert torch.allclose(decode(load_vae(declared)), want, atol=1e-6)
+    models = load_models(tiny_files["sd1"][0], vae=declared)  # the model's own VAE has 32 groups
+    assert models.vae.config.norm_groups == 8 and models.config.vae.norm_groups == 8
+    assert models.vae.config.scaling_factor == models.config.vae.scaling_factor
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(bare))
+    assert torch.allclose(decode(load_vae(bare, fallback=cfg)), want, atol=1e-6)
+    assert not torch.allclose(decode(load_vae(bare)), want, atol=1e-3)  # SD's 32 groups: another function
+
 def _mecha_layout(name: str) -> dict[str, torch.Tensor]:
     """Every key and shape of a real checkpoint, as listed by sd-mecha (EMA and optional keys included)."""
     import importlib.util

@@ -166,7 +166,8 @@ def load_models(
         models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p),
                            native_size=_metadata_size(meta), cfg_scale=_metadata_cfg(meta))
     if vae is not None:
-        models.vae = load_vae(vae, dtype=dtype, device=device, scaling_factor=models.config.vae.scaling_factor)
+        models.vae = load_vae(vae, dtype=dtype, device=device, scaling_factor=models.config.vae.scaling_factor,
+                              fallback=models.config.vae)
         models.config = replace(models.config, vae=models.vae.config)  # type: ignore[arg-type]
     return models
 
@@ -319,19 +320,43 @@ def vae_state_dict_from_file(path: str | os.PathLike[str], load: bool = True) ->
     return vae_attention_to_conv(sd)
 
 
+VAE_METADATA_KEY = "sumie.vae_config"
+
+
+def declared_vae_config(metadata: Mapping[str, str], where: str) -> VAEConfig | None:
+    """The VAEConfig a Sumie-written VAE file declares (``sumie.vae_config`` metadata), or None."""
+    if VAE_METADATA_KEY not in metadata:
+        return None
+    try:
+        d = json.loads(metadata[VAE_METADATA_KEY])
+        return VAEConfig(**{k: (tuple(v) if k == "ch_mult" else v) for k, v in d.items()})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: unreadable {VAE_METADATA_KEY} metadata ({e}); the file is damaged") from None
+
+
 def load_vae(
     path: str | os.PathLike[str],
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     scaling_factor: float | None = None,
+    fallback: VAEConfig | None = None,
 ) -> AutoencoderKL:
-    """Load a standalone VAE file; the scaling factor comes from the model it is used with."""
-    sd = vae_state_dict_from_file(path)
-    cfg: VAEConfig = infer_vae_config(sd)
+    """Load a standalone VAE file, frozen; the scaling factor comes from the model it is used with.
+
+    Group norms' group count cannot be read from the weights: a Sumie-written file declares its config
+    (``sumie.vae_config``); any other file is taken to share ``fallback``'s (the model's) group count, else SD's 32.
+    """
+    p = Path(path)
+    sd = vae_state_dict_from_file(p)
+    cfg = declared_vae_config(file_metadata(p), str(p)) if p.suffix.lower() in SAFETENSORS_EXT else None
+    if cfg is None:
+        cfg = infer_vae_config(sd)
+        if fallback is not None:
+            cfg = replace(cfg, scaling_factor=fallback.scaling_factor, norm_groups=fallback.norm_groups)
     if scaling_factor is not None:
         cfg = replace(cfg, scaling_factor=scaling_factor)
-    return build_module(AutoencoderKL, cfg, sd, str(path), "VAE", device, dtype)  # type: ignore[return-value]
+    return build_module(AutoencoderKL, cfg, sd, str(p), "VAE", device, dtype)  # type: ignore[return-value]
 
 
 def stored_dtype(path: str | os.PathLike[str]) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sumie.checkpoints.io import file_metadata, save_safetensors_atomic
+from sumie.checkpoints.io import save_safetensors_atomic
+from sumie.checkpoints.loader import VAE_METADATA_KEY, load_vae
 from sumie.configs import ModelConfig, VAEConfig
 from sumie.errors import CheckpointError, ConfigError
 from sumie.models.clip import CLIPTextModel
@@ -18,10 +19,7 @@ from sumie.models.unet import ResBlock, UNetModel
 from sumie.models.vae import AutoencoderKL
 from sumie.training.config import TrainConfig, build_model_config
 
-__all__ = ["TrainModels", "build_models", "export_vae", "init_clip_", "init_unet_", "load_vae_file",
-           "vae_config_from_metadata"]
-
-VAE_METADATA_KEY = "sumie.vae_config"
+__all__ = ["TrainModels", "build_models", "export_vae", "init_clip_", "init_unet_", "load_vae_file"]
 
 
 @dataclass
@@ -97,29 +95,11 @@ def init_clip_(te: CLIPTextModel) -> CLIPTextModel:
     return te
 
 
-def vae_config_from_metadata(metadata: dict[str, str], where: str) -> VAEConfig | None:
-    """The VAEConfig a Sumie-written VAE file declares (``sumie.vae_config``), or None."""
-    if VAE_METADATA_KEY not in metadata:
-        return None
-    try:
-        d = json.loads(metadata[VAE_METADATA_KEY])
-        return VAEConfig(**{k: (tuple(v) if k == "ch_mult" else v) for k, v in d.items()})
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: unreadable {VAE_METADATA_KEY} metadata ({e}); the file is damaged") from None
-
-
 def load_vae_file(path: Path, fallback: VAEConfig, device: str = "cpu") -> AutoencoderKL:
     """A standalone VAE (Sumie's ``vae.safetensors`` with its config, or any LDM/diffusers VAE file), frozen."""
-    from sumie.checkpoints.keymaps.vae import infer_vae_config
-    from sumie.checkpoints.loader import build_module, vae_state_dict_from_file
-
     if not path.exists():
         raise ConfigError(f"[model] vae_from {path}: no such file; train a VAE first (what = \"vae\")")
-    sd = vae_state_dict_from_file(path)
-    cfg = vae_config_from_metadata(file_metadata(path), str(path)) if path.suffix == ".safetensors" else None
-    if cfg is None:
-        cfg = replace(infer_vae_config(sd), scaling_factor=fallback.scaling_factor, norm_groups=fallback.norm_groups)
-    return build_module(AutoencoderKL, cfg, sd, str(path), "VAE", device)  # type: ignore[return-value]
+    return load_vae(path, device=device, fallback=fallback)
 
 
 def export_vae(path: Path, vae: AutoencoderKL, extra: dict[str, str] | None = None) -> None:
