@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-train the embedded model sumie-tiny from scratch with Sumie's own trainer, evaluate it, and install it
 # as package data (sumie/data/sumie-tiny.safetensors). See docs/sumie-tiny.md for what one run took.
-#   scripts/train-sumie-tiny.sh            all stages (VAE; UNet + text encoder; their continuation), then eval adherence
+#   scripts/train-sumie-tiny.sh            all stages (VAE; UNet + text encoder; their continuation; the VAE decoder), bake, eval adherence
 #   SUMIE=.venv/bin/sumie scripts/train-sumie-tiny.sh
 # Interrupted? Run it again: each stage resumes from its newest checkpoint (exact resume).
 set -euo pipefail
@@ -19,7 +19,11 @@ run_stage diffusion-3.toml sumie-tiny-3 model.safetensors
 run_stage diffusion-4.toml sumie-tiny-4 model.safetensors
 run_stage diffusion-5.toml sumie-tiny-5 model.safetensors
 run_stage diffusion-6.toml sumie-tiny-6 model.safetensors
-"$SUMIE" eval adherence --model "$R/runs/sumie-tiny-6/model.safetensors" --cfg-scale 1 3 7 \
-  --json > "$R/runs/sumie-tiny-6/adherence.json"
-cp "$R/runs/sumie-tiny-6/model.safetensors" sumie/data/sumie-tiny.safetensors
+run_stage diffusion-7.toml sumie-tiny-7 model.safetensors
+run_stage diffusion-8.toml sumie-tiny-8 model.safetensors
+run_stage vae-decoder.toml sumie-tiny-vae-c vae.safetensors
+M="$R/runs/sumie-tiny-8/model-vae-c.safetensors"
+"$SUMIE" bake-vae "$R/runs/sumie-tiny-8/model.safetensors" "$R/runs/sumie-tiny-vae-c/vae.safetensors" -o "$M" --overwrite
+"$SUMIE" eval adherence --model "$M" --cfg-scale 1 2 3 4 7 --json > "$R/runs/sumie-tiny-8/adherence.json"
+cp "$M" sumie/data/sumie-tiny.safetensors
 echo "installed sumie/data/sumie-tiny.safetensors"
