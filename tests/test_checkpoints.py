@@ -381,3 +381,56 @@ def test_bake_vae_refuses_another_architecture(tmp_path: Path, tiny_files: dict,
     assert main(["bake-vae", str(model), str(tmp_path / "wide.safetensors"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_convert_stores_token_embeddings_in_fp8_and_loads(tmp_path: Path, tiny_files: dict, family: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    from sumie.checkpoints.io import file_metadata
+    from sumie.serve.cli import main
+
+    path, sd = tiny_files[family]
+    model = tmp_path / "model.safetensors"
+    save_file(sd, str(model), metadata={"sumie.cfg_scale": "5.0"})
+    out = tmp_path / "small.safetensors"
+    assert main(["convert", str(model), "-o", str(out), "--dtype", "fp16", "--fp8-embeddings"]) == 0
+    assert "in fp8" in capsys.readouterr().out
+    tables = [k for k in sd if k.endswith("token_embedding.weight")]
+    assert len(tables) == (2 if family == "sdxl" else 1)
+    with safe_open(str(out), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert file_metadata(out) == {"sumie.cfg_scale": "5.0"} and set(dtypes) == set(sd)
+    for k, d in dtypes.items():
+        want = "F8_E4M3" if k in tables else ("F16" if sd[k].is_floating_point() else d)
+        assert d == want, (k, d)
+    models = load_models(out)  # upcast on load to the run dtype
+    te = models.text_encoders[0].text_model.embeddings.token_embedding.weight
+    assert te.dtype == torch.float32
+    stored = sd[[k for k in tables if "embedders.1" not in k][0]]
+    assert torch.equal(te, stored.to(torch.float8_e4m3fn).float())
+    assert (te - stored).abs().max() <= stored.abs().max() / 8  # 3 mantissa bits
+
+
+def test_convert_bad_requests_are_clear(tmp_path: Path, tiny_files: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from sumie.serve.cli import main
+
+    path, sd = tiny_files["sd1"]
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(path), "-o", str(out)]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    huge = dict(sd)
+    key = next(k for k in sd if k.endswith("token_embedding.weight"))
+    huge[key] = sd[key].clone()
+    huge[key][0, 0] = 1000.0
+    bad = tmp_path / "huge.safetensors"
+    save_file(huge, str(bad))
+    assert main(["convert", str(bad), "-o", str(out), "--fp8-embeddings"]) == 2
+    err = capsys.readouterr().err
+    assert "beyond float8" in err and "Traceback" not in err, err
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, str(vae_only))
+    assert main(["convert", str(vae_only), "-o", str(out), "--fp8-embeddings"]) == 2
+    assert "no CLIP token embedding" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,16 +1,29 @@
-"""Bake a standalone VAE into a single-file checkpoint (A1111's "Bake in VAE"; ComfyUI's CheckpointSave)."""
+"""Rewrite single-file checkpoints: bake a standalone VAE in (A1111's "Bake in VAE"), change how tensors are stored."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import torch
+
 from sumie.checkpoints.detect import VAE_PREFIX
 from sumie.checkpoints.io import file_metadata, load_state_dict, save_safetensors_atomic
 from sumie.checkpoints.loader import vae_state_dict_from_file
 from sumie.errors import CheckpointError
 
-__all__ = ["bake_vae"]
+__all__ = ["FP8_MAX", "bake_vae", "convert_checkpoint"]
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
+_TOKEN_EMBEDDING = "token_embedding.weight"  # CLIP (HF and OpenCLIP layouts) token tables: 49,408 rows each
+
+
+def _check_paths(model_p: Path, out_p: Path, what: str) -> None:
+    if model_p.is_dir():
+        raise CheckpointError(f"{model_p}: a diffusers folder; {what} writes single-file checkpoints, give a "
+                              ".safetensors or .ckpt model")
+    if out_p.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{out_p}: the output must be a .safetensors file")
 
 
 def bake_vae(model: str | os.PathLike[str], vae: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
@@ -21,11 +34,7 @@ def bake_vae(model: str | os.PathLike[str], vae: str | os.PathLike[str], out: st
     latent scaling factor stays the model's). Returns the number of tensors replaced.
     """
     model_p, out_p = Path(model), Path(out)
-    if model_p.is_dir():
-        raise CheckpointError(f"{model_p}: a diffusers folder; bake-vae writes single-file checkpoints, give a "
-                              ".safetensors or .ckpt model")
-    if out_p.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{out_p}: the output must be a .safetensors file")
+    _check_paths(model_p, out_p, "bake-vae")
     sd = load_state_dict(model_p)
     mine = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     if "decoder.conv_in.weight" not in mine:
@@ -48,3 +57,40 @@ def bake_vae(model: str | os.PathLike[str], vae: str | os.PathLike[str], out: st
     save_safetensors_atomic({k: v.contiguous() for k, v in sd.items()}, out_p, metadata=file_metadata(model_p))
     return len(mine)
 
+
+
+def convert_checkpoint(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    fp8_embeddings: bool = False,
+) -> dict[str, int]:
+    """Write ``model`` to ``out`` (.safetensors, atomic) with its floating tensors stored in ``dtype``.
+
+    ``fp8_embeddings`` stores the CLIP token embedding tables in float8 e4m3 (1 byte a value; they are a quarter of a
+    small model and barely used at inference: one row per prompt token); Sumie's loader upcasts them, other tools
+    need torch >= 2.1 to read them. Keys and metadata are kept. Returns how many tensors were cast and stored in fp8.
+    """
+    model_p, out_p = Path(model), Path(out)
+    _check_paths(model_p, out_p, "convert")
+    sd = load_state_dict(model_p)
+    cast = fp8 = 0
+    for key, tensor in sd.items():
+        if not tensor.is_floating_point():
+            continue
+        if fp8_embeddings and key.endswith(_TOKEN_EMBEDDING):
+            peak = tensor.float().abs().max().item()
+            if not peak <= FP8_MAX:  # also catches NaN
+                raise CheckpointError(f"{model_p}: {key} has values up to {peak:g}, beyond float8's +-{FP8_MAX:g}; "
+                                      "convert without --fp8-embeddings")
+            sd[key] = tensor.to(torch.float8_e4m3fn)
+            fp8 += 1
+        elif dtype is not None and tensor.dtype != dtype:
+            sd[key] = tensor.to(dtype)
+            cast += 1
+    if fp8_embeddings and not fp8:
+        raise CheckpointError(f"{model_p}: no CLIP token embedding (*.{_TOKEN_EMBEDDING}) in this checkpoint; "
+                              "convert without --fp8-embeddings")
+    save_safetensors_atomic({k: v.contiguous() for k, v in sd.items()}, out_p, metadata=file_metadata(model_p))
+    return {"cast": cast, "fp8": fp8}

@@ -111,6 +111,25 @@ def cmd_bake_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Store a checkpoint's tensors in another dtype (and its token embeddings in fp8)."""
+    import torch
+
+    from sumie.checkpoints.bake import convert_checkpoint
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SumieError(f"{out}: already exists; pass --overwrite to replace it")
+    if args.dtype is None and not args.fp8_embeddings:
+        raise SumieError("convert: nothing to do; pass --dtype and/or --fp8-embeddings")
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    n = convert_checkpoint(args.model, out, dtype=dtype, fp8_embeddings=args.fp8_embeddings)
+    done = ([f"{n['cast']} tensors cast to {args.dtype}"] if args.dtype else []) + (
+        [f"{n['fp8']} token embedding(s) in fp8"] if args.fp8_embeddings else [])
+    print(f"wrote {out} ({', '.join(done)}; {out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_samplers(args: argparse.Namespace) -> int:
     """List the samplers and schedules with the names A1111 and ComfyUI use for them."""
     from sumie.sampling import registry
@@ -612,6 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_bake_vae)
+
+    p = sub.add_parser("convert", help="store a checkpoint's tensors in another dtype (token embeddings in fp8)")
+    p.add_argument("model", help="single-file checkpoint (.safetensors or .ckpt)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .safetensors file")
+    p.add_argument("--dtype", choices=list(_DTYPES), help="store every floating tensor in this dtype")
+    p.add_argument("--fp8-embeddings", action="store_true",
+                   help="store the CLIP token embedding tables in float8 e4m3 (1 byte a value)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert)
 
     def model_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded sumie-tiny)")
