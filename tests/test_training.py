@@ -618,3 +618,18 @@ def test_decoder_only_needs_a_trained_vae(shapes: Path, tmp_path: Path) -> None:
         make_config(tmp_path, shapes, train={"what": "vae", "train_vae_encoder": False})
     with pytest.raises(ConfigError, match=r"train_vae_encoder only applies to what = \"vae\""):
         make_config(tmp_path, shapes, model={"vae_from": "x.safetensors"}, train={"train_vae_encoder": False})
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "sumie-tiny").glob("*.toml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_are_valid_configs(recipe: Path) -> None:
+    cfg = load_config(recipe)
+    assert cfg.output.dir.parent.name == "runs" and cfg.train.steps > 0
+    if cfg.train.what == "diffusion":  # every diffusion stage starts from a trained VAE or an earlier export
+        assert cfg.model.vae_from is not None or cfg.model.init_from is not None
+
+
+def test_recipes_are_found() -> None:
+    assert len(RECIPES) >= 11
