@@ -58,7 +58,6 @@ def bake_vae(model: str | os.PathLike[str], vae: str | os.PathLike[str], out: st
     return len(mine)
 
 
-
 def convert_checkpoint(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
