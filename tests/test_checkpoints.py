@@ -434,3 +434,9 @@ def test_convert_bad_requests_are_clear(tmp_path: Path, tiny_files: dict, capsys
     assert main(["convert", str(vae_only), "-o", str(out), "--fp8-embeddings"]) == 2
     assert "no CLIP token embedding" in capsys.readouterr().err
     assert not out.exists()
+    out.write_bytes(b"keep me")
+    for argv in (["convert", str(path), "-o", str(out), "--dtype", "fp16"],
+                 ["bake-vae", str(path), str(path), "-o", str(out)],
+                 ["random-checkpoint", "sd1", str(out), "--tiny"]):
+        assert main(argv) == 2, argv
+        assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep me"

@@ -81,6 +81,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_output(args: argparse.Namespace) -> Path:
+    """``args.output`` as a Path; refuses an existing file unless ``--overwrite``."""
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SumieError(f"{out}: already exists; pass --overwrite to replace it")
+    return out
+
+
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     """Write a checkpoint with random weights in the real single-file layout (for tests and demos)."""
     from sumie.checkpoints.io import save_safetensors_atomic
@@ -91,9 +99,7 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     cfg = table[args.family]
     if args.inpainting:
         cfg = cfg.with_(unet=cfg.unet.__class__(**{**cfg.unet.__dict__, "in_channels": 9}))
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise SumieError(f"{out}: already exists; pass --overwrite to replace it")
+    out = _new_output(args)
     save_safetensors_atomic(random_single_file(cfg, seed=args.seed), out)
     print(f"wrote {out} ({'tiny ' if args.tiny else ''}{args.family}, random weights)")
     return 0
@@ -103,9 +109,7 @@ def cmd_bake_vae(args: argparse.Namespace) -> int:
     """Replace a checkpoint's VAE weights with a standalone VAE's (A1111's "Bake in VAE")."""
     from sumie.checkpoints.bake import bake_vae
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise SumieError(f"{out}: already exists; pass --overwrite to replace it")
+    out = _new_output(args)
     n = bake_vae(args.model, args.vae, out)
     print(f"wrote {out} ({args.model} with the {n} VAE tensors of {args.vae})")
     return 0
@@ -117,9 +121,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from sumie.checkpoints.bake import convert_checkpoint
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise SumieError(f"{out}: already exists; pass --overwrite to replace it")
+    out = _new_output(args)
     if args.dtype is None and not args.fp8_embeddings:
         raise SumieError("convert: nothing to do; pass --dtype and/or --fp8-embeddings")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
