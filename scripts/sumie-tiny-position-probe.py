@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 import sumie
-from sumie.eval.adherence import score
 from sumie.pipelines.params import GenerationParams
 from sumie.prompts.tokenizer import CLIPTokenizer
+from sumie.tiny.adherence import score
+from sumie.tiny.synthetic import POSITION_PHRASES, POSITIONS, TrainSet, to_tensor
 from sumie.training.losses import NoiseSchedule
-from sumie.training.synthetic import POSITION_PHRASES, POSITIONS, TrainSet, to_tensor
 
 PHRASES = {p: POSITION_PHRASES[p][0] for p in POSITIONS}  # "top left" -> "in the top left"
 _ALL_PHRASES = [p for phrases in POSITION_PHRASES.values() for p in phrases]

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 import sumie
-from sumie.eval.adherence import default_prompts, detect, evaluate, score
-from sumie.training.synthetic import TrainSet, realize, render, to_tensor
+from sumie.tiny.adherence import default_prompts, detect, evaluate, score
+from sumie.tiny.synthetic import TrainSet, realize, render, to_tensor
 
 
 @torch.no_grad()

@@ -2,6 +2,6 @@
 
 import sys
 
-from sumie.serve.cli import main
+from sumie.cli.main import main
 
 sys.exit(main())

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from sumie.errors import ConfigError
-from sumie.eval.adherence import default_prompts, detect, evaluate, label_components, run_adherence, score
 from sumie.pipelines.params import GenerationParams
-from sumie.training.synthetic import (
+from sumie.tiny.adherence import default_prompts, detect, evaluate, label_components, run_adherence, score
+from sumie.tiny.synthetic import (
     BACKGROUNDS,
     COLORS,
     MIN_CONTRAST,

@@ -342,7 +342,7 @@ def test_declared_config_in_metadata_decides_what_shapes_cannot(tmp_path: Path) 
 def test_bake_vae_replaces_only_the_vae_and_keeps_metadata(tmp_path: Path, tiny_files: dict,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from sumie.checkpoints.io import file_metadata
-    from sumie.serve.cli import main
+    from sumie.cli.main import main
 
     _, sd = tiny_files["sd1"]
     model = tmp_path / "model.safetensors"
@@ -367,7 +367,7 @@ def test_bake_vae_replaces_only_the_vae_and_keeps_metadata(tmp_path: Path, tiny_
 
 def test_bake_vae_refuses_another_architecture(tmp_path: Path, tiny_files: dict,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from sumie.serve.cli import main
+    from sumie.cli.main import main
 
     model = tiny_files["sd1"][0]
     wider = AutoencoderKL(replace(TINY["sd1"].vae, ch=2 * TINY["sd1"].vae.ch)).state_dict()
@@ -389,7 +389,7 @@ def test_convert_stores_token_embeddings_in_fp8_and_loads(tmp_path: Path, tiny_f
     from safetensors import safe_open
 
     from sumie.checkpoints.io import file_metadata
-    from sumie.serve.cli import main
+    from sumie.cli.main import main
 
     path, sd = tiny_files[family]
     model = tmp_path / "model.safetensors"
@@ -414,7 +414,7 @@ def test_convert_stores_token_embeddings_in_fp8_and_loads(tmp_path: Path, tiny_f
 
 
 def test_convert_bad_requests_are_clear(tmp_path: Path, tiny_files: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    from sumie.serve.cli import main
+    from sumie.cli.main import main
 
     path, sd = tiny_files["sd1"]
     out = tmp_path / "out.safetensors"

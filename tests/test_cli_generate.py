@@ -1,7 +1,7 @@
 """The generation commands of the ``sumie`` CLI on a tiny random SD1 checkpoint (64x64, 2-3 steps).
 
 A few runs go through a real subprocess (exit codes, one-line errors without traceback, a fresh process re-creating
-an image bit for bit); the rest call :func:`sumie.serve.cli.main` in-process.
+an image bit for bit); the rest call :func:`sumie.cli.main.main` in-process.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from safetensors.torch import save_file
 
 from sumie.checkpoints.save import random_single_file
+from sumie.cli import cli
+from sumie.cli.main import main
 from sumie.configs import TINY
 from sumie.models.taesd import TAESD
 from sumie.pipelines.infotext import parse_infotext
 from sumie.pipelines.output import read_png_info
-from sumie.serve import cli
-from sumie.serve.cli import main
 
 torch.set_num_threads(1)
 

@@ -20,7 +20,8 @@ from sumie.checkpoints.keymaps.clip import add_text_model_prefix
 from sumie.configs import TINY, ModelConfig, TextEncoderConfig
 from sumie.errors import CheckpointError, ConfigError
 from sumie.models.clip import CLIPTextModel
-from sumie.prompts.conditioning import (
+from sumie.prompts.embeddings import Embedding, EmbeddingLibrary, load_embedding_file
+from sumie.prompts.text_conditioning import (
     CHUNK_LENGTH,
     Conditioning,
     ConditioningOptions,
@@ -34,7 +35,6 @@ from sumie.prompts.conditioning import (
     stack_contexts,
     tokenize_prompt,
 )
-from sumie.prompts.embeddings import Embedding, EmbeddingLibrary, load_embedding_file
 from sumie.prompts.tokenizer import CLIPTokenizer
 
 BOS, EOS, COMMA = 49406, 49407, 267

@@ -20,11 +20,11 @@ from sumie.checkpoints import embedded
 from sumie.checkpoints.embedded import DEFAULT_MODEL, embedded_path, resolve_model
 from sumie.checkpoints.io import file_metadata
 from sumie.checkpoints.loader import load_models
+from sumie.cli.main import main
 from sumie.errors import ConfigError
-from sumie.eval.adherence import score
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.params import GenerationParams
-from sumie.serve.cli import main
+from sumie.tiny.adherence import score
 
 
 def test_resolve_model_names_and_paths(tmp_path: Path) -> None:

@@ -23,10 +23,10 @@ from sumie.errors import ConfigError
 from sumie.models.taesd import TAESD
 from sumie.models.unet import timestep_embedding
 from sumie.pipelines import images as img_ops
-from sumie.pipelines.conditioning import PromptConds, ScheduledCond
 from sumie.pipelines.denoise import GuidedModel, Stage
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.params import GenerationParams, HiresParams, InpaintParams, RefinerParams
+from sumie.pipelines.scheduled_conds import PromptConds, ScheduledCond
 from sumie.pipelines.variation import MAX_SEED, VariationRNG, slerp
 from sumie.sampling import registry
 from sumie.sampling.discretization import ZSNR_LAST_ALPHA_CUMPROD

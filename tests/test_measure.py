@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from sumie.checkpoints.save import random_single_file
+from sumie.cli.main import main
 from sumie.configs import TINY
-from sumie.serve.cli import main
 
 torch.set_num_threads(1)
 

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
+from sumie.cli.main import main
 from sumie.errors import ConfigError
 from sumie.sampling import registry, schedules
 from sumie.sampling.discretization import DiscreteSigmas
 from sumie.sampling.samplers.sde import sample_dpmpp_2m_sde
-from sumie.serve.cli import main
 
 # A1111 1.10's sampler labels (sd_samplers_kdiffusion / _timesteps / _lcm / _extra) -> (sampler, default schedule)
 A1111 = {

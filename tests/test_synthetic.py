@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sumie.errors import ConfigError
-from sumie.training.synthetic import (
+from sumie.tiny.synthetic import (
     BACKGROUNDS,
     COLORS,
     DEFAULT_HELDOUT,

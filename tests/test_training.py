@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from sumie.checkpoints.io import file_metadata, save_safetensors_atomic
 from sumie.checkpoints.loader import load_models
 from sumie.checkpoints.save import random_single_file
+from sumie.cli.main import main
 from sumie.configs import TINY
 from sumie.errors import ConfigError, SumieError
 from sumie.models.vae import DiagonalGaussian
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.params import GenerationParams
-from sumie.serve.cli import main
 from sumie.training.build import load_vae_file
 from sumie.training.config import TrainConfig, config_from_dict, load_config
 from sumie.training.data import BatchStream, DataError, FolderDataset, make_buckets, nearest_bucket, synthetic_dataset

@@ -3,7 +3,7 @@
 :class:`GuidedModel` is the ``model(x, sigma) -> x0`` every sampler calls; it is AUTOMATIC1111's ``CFGDenoiser``:
 
 * it counts its calls; call k takes each prompt's schedule entry for k (prompt editing, alternation; see
-  :mod:`sumie.pipelines.conditioning`);
+  :mod:`sumie.pipelines.scheduled_conds`);
 * classifier-free guidance (Ho & Salimans 2022) through :func:`sumie.sampling.guidance.cfg_model` for plain prompts;
   ``AND`` (composable diffusion, Liu et al. 2022) as A1111's ``combine_denoised``: ``uncond + sum_i w_i * scale *
   (cond_i - uncond)``, the sub-prompts' contexts padded to one length by repeating their last vector
@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from sumie.errors import ConfigError
-from sumie.pipelines.conditioning import PromptConds
-from sumie.prompts.conditioning import stack_contexts
+from sumie.pipelines.scheduled_conds import PromptConds
+from sumie.prompts.text_conditioning import stack_contexts
 from sumie.sampling.conventions import A1111, Convention, start_latent
 from sumie.sampling.denoisers import EpsDenoiser
 from sumie.sampling.discretization import DiscreteSigmas

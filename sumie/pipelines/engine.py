@@ -4,7 +4,7 @@ Flow of a request, as AUTOMATIC1111 1.10 ``process_images`` runs it (differences
 
 1. validate; resolve the sampler and schedule; width/height default to the model's native size (the init image's
    size, rounded down to a multiple of 8, for img2img); seeds fixed (-1 -> random), image k gets ``seed + k``;
-2. the prompts are scheduled and encoded once per pass (:mod:`sumie.pipelines.conditioning`);
+2. the prompts are scheduled and encoded once per pass (:mod:`sumie.pipelines.scheduled_conds`);
 3. per batch (``n_iter`` of them) one :class:`~sumie.pipelines.variation.VariationRNG` gives the initial noise and
    the ancestral noise; the DPM++ SDE family gets per-image Brownian trees over the pass's whole schedule;
 4. txt2img starts from noise, img2img and inpainting from the VAE latent of the init image plus noise at the
@@ -55,19 +55,19 @@ from sumie.errors import ConfigError
 from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
-from sumie.pipelines.conditioning import (
+from sumie.pipelines.denoise import GuidedModel, Stage, UNetNetwork, denoise, refiner_switch, sampler_options
+from sumie.pipelines.params import DEFAULT_CFG_SCALE, GenerationParams
+from sumie.pipelines.scheduled_conds import (
     PromptConds,
     PromptEncoder,
     SDXLSizes,
     describe_networks,
     total_steps,
 )
-from sumie.pipelines.denoise import GuidedModel, Stage, UNetNetwork, denoise, refiner_switch, sampler_options
-from sumie.pipelines.params import DEFAULT_CFG_SCALE, GenerationParams
 from sumie.pipelines.variation import VariationRNG, all_seeds, fixed_seed
-from sumie.prompts.conditioning import ConditioningOptions, TextConditioner
 from sumie.prompts.embeddings import EmbeddingLibrary
 from sumie.prompts.parser import strip_comments
+from sumie.prompts.text_conditioning import ConditioningOptions, TextConditioner
 from sumie.prompts.tokenizer import CLIPTokenizer
 from sumie.sampling import registry
 from sumie.sampling.conventions import A1111, Convention, convention_denoiser, diffusers_convention

@@ -7,7 +7,7 @@ The order A1111 applies them to a prompt, and the functions here:
 3. ``a AND b :0.5`` splits into weighted sub-prompts (:func:`split_and`, positive prompts only);
 4. ``[from:to:when]`` / ``[a|b]`` make one text per step range (:func:`prompt_schedule`);
 5. each text becomes ``(text, weight)`` pieces with ``(x)``, ``[x]``, ``(x:1.3)`` and ``BREAK``
-   (:func:`parse_prompt_attention`), which :mod:`sumie.prompts.conditioning` tokenizes.
+   (:func:`parse_prompt_attention`), which :mod:`sumie.prompts.text_conditioning` tokenizes.
 
 A1111 parses step 4 with a lark grammar; here a small two-pass parser reads the same language:
 a bracket at the top level of a prompt is a construct when it is a valid one (the choice lark makes),

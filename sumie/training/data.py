@@ -294,12 +294,12 @@ SYNTHETIC_KEYS = ("length", "seed", "resolution", "mix")
 
 
 def synthetic_dataset(options: dict[str, Any], resolution: int) -> MapDataset:
-    """The built-in captioned shapes (:class:`sumie.training.synthetic.TrainSet`): ``length``, ``seed`` and ``mix``
-    (:class:`~sumie.training.synthetic.SceneMix`, e.g. ``{ one = 0.3, count = 0.1, two = 0.6 }``) options.
+    """The built-in captioned shapes (:class:`sumie.tiny.synthetic.TrainSet`): ``length``, ``seed`` and ``mix``
+    (:class:`~sumie.tiny.synthetic.SceneMix`, e.g. ``{ one = 0.3, count = 0.1, two = 0.6 }``) options.
 
-    The held-out attribute combinations of :data:`~sumie.training.synthetic.DEFAULT_HELDOUT` never appear.
+    The held-out attribute combinations of :data:`~sumie.tiny.synthetic.DEFAULT_HELDOUT` never appear.
     """
-    from sumie.training.synthetic import SceneMix, TrainSet
+    from sumie.tiny.synthetic import SceneMix, TrainSet
 
     for key in options:
         if key not in SYNTHETIC_KEYS:

@@ -2,7 +2,7 @@
 
 Each sample is drawn from a seed (sample ``i`` of seed ``s`` is always the same), rendered with PIL at 4x and
 box-downsampled (anti-aliased edges), and comes with its caption and its structured spec, which the adherence
-detector (:mod:`sumie.eval.adherence`) scores generated images against.
+detector (:mod:`sumie.tiny.adherence`) scores generated images against.
 
 Layout rules the detector relies on: every object lies inside its own cell of a 3x3 grid (no two objects share a
 cell, so they never touch); triangles point up; squares are axis-aligned; small objects span 0.11-0.15 of the image

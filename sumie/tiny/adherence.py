@@ -1,6 +1,6 @@
 """Prompt adherence on the synthetic shapes domain: a deterministic detector and its scores.
 
-The detector (numpy only) reads a generated image the way :mod:`sumie.training.synthetic` draws one:
+The detector (numpy only) reads a generated image the way :mod:`sumie.tiny.synthetic` draws one:
 
 1. background: each border pixel votes for its nearest background colour; the winner's median border RGB is the
    background estimate;
@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from sumie.errors import ConfigError
-from sumie.training.synthetic import (
+from sumie.tiny.synthetic import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,

@@ -26,8 +26,8 @@ from torch import Tensor
 from sumie.configs import ModelConfig
 from sumie.errors import ConfigError
 from sumie.models.unet import sdxl_adm_vector
-from sumie.prompts.conditioning import TextConditioner
 from sumie.prompts.parser import ExtraNetwork, extract_extra_networks, prompt_schedule, split_and, strip_comments
+from sumie.prompts.text_conditioning import TextConditioner
 
 # A1111 1.10 samplers with "second_order": prompt schedules count two model calls per step.
 SECOND_ORDER = frozenset({"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "restart"})

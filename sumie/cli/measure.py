@@ -53,7 +53,7 @@ def _check_positive(**values: int) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Median seconds per image and where they go."""
-    from sumie.serve.bench import run_bench
+    from sumie.cli.bench import run_bench
 
     _check_positive(steps=args.steps, runs=args.runs)
     report = run_bench(args.model, vae=args.vae, steps=args.steps, width=args.width, height=args.height,
@@ -71,7 +71,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     """Score generated images against held-out prompts, for each requested CFG scale."""
     import sumie
     from sumie.errors import ConfigError
-    from sumie.eval.adherence import default_prompts, run_adherence
+    from sumie.tiny.adherence import default_prompts, run_adherence
 
     _check_positive(steps=args.steps)
     if args.n_one < 0 or args.n_two < 0 or args.n_one + args.n_two == 0:

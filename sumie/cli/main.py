@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sumie.cli import measure
 from sumie.errors import SumieError
-from sumie.serve import measure
 
 if TYPE_CHECKING:
     from sumie.pipelines.params import GenerationParams

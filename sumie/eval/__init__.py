@@ -1,1 +1,0 @@
-"""Evaluation of generated images (prompt adherence on the synthetic domain)."""
