@@ -16,7 +16,7 @@ from sumie.sampling.samplers.common import (
     Model,
     NoiseSampler,
     ancestral_step,
-    denoise,
+    call_model,
     require_noise,
     sigma_batch,
     to_d,
@@ -34,7 +34,7 @@ def _ancestral_loop(model: Model, x: Tensor, sigmas: Tensor, update: _Update, na
     noise_sampler = require_noise(noise_sampler, name) if eta else noise_sampler
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = update(x, denoised, sigma, sigma_down)
         quiet = sigma_next == 0 or (quiet_when_down_is_zero and sigma_down == 0)

@@ -34,7 +34,7 @@ def sigma_batch(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma * x.new_ones([x.shape[0]])
 
 
-def denoise(model: Model, x: Tensor, sigma: Tensor, i: int, callback: Callback | None,
+def call_model(model: Model, x: Tensor, sigma: Tensor, i: int, callback: Callback | None,
             sigma_hat: Tensor | None = None) -> Tensor:
     """x0 = model(x, sigma_hat or sigma) [B, ...], reported to ``callback`` as step ``i``."""
     at = sigma if sigma_hat is None else sigma_hat

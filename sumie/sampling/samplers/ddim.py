@@ -32,7 +32,7 @@ from sumie.sampling.samplers.common import (
     NoiseSampler,
     ancestral_step,
     bcast,
-    denoise,
+    call_model,
     require_noise,
     to_d,
 )
@@ -55,7 +55,7 @@ def sample_ddim(
         noise_sampler = require_noise(noise_sampler, "DDIM with eta > 0")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         # For eta <= 1 this is exactly diffusers' variance; eta > 1 (NaN in diffusers) clamps to sigma_up = sigma_next.
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         eps = to_d(x, sigma, denoised)
@@ -78,7 +78,7 @@ def sample_ddpm(
     noise_sampler = require_noise(noise_sampler, "DDPM")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         ratio = (sigma_next / sigma) ** 2  # posterior mean keeps this share of the noise x - x0
         x = denoised + (x - denoised) * bcast(ratio, x)
         if sigma_next > 0:

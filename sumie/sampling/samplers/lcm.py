@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sumie.errors import ConfigError
 from sumie.sampling.discretization import DiscreteSigmas
-from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, append_zero, bcast, denoise, require_noise
+from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, append_zero, bcast, call_model, require_noise
 
 
 class LCMDenoiser:
@@ -85,7 +85,7 @@ def sample_lcm(
         noise_sampler = require_noise(noise_sampler, "LCM")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         x = denoised
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * bcast(sigma_next, x)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sumie.errors import ConfigError
-from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, denoise, require_noise, sigma_batch, to_d
+from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, call_model, require_noise, sigma_batch, to_d
 
 
 def _churn(x: Tensor, sigmas: Tensor, i: int, noise_sampler: NoiseSampler | None, s_churn: float, s_tmin: float,
@@ -39,7 +39,7 @@ def _karras_loop(model: Model, x: Tensor, sigmas: Tensor, update: _Update, name:
     noise_sampler = require_noise(noise_sampler, name) if s_churn > 0 else noise_sampler
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoise(model, x, sigmas[i], i, callback, sigma_hat)
+        denoised = call_model(model, x, sigmas[i], i, callback, sigma_hat)
         d = to_d(x, sigma_hat, denoised)
         x = update(x, d, sigma_hat, sigmas[i + 1])
     return x
@@ -139,7 +139,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callba
     old_denoised: Tensor | None = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         # lambda = -log sigma; sigma_next / sigma computed as exp(-lambda_next) / exp(-lambda) like the reference
         t, t_next = -sigma.log(), -sigma_next.log()
         h = t_next - t

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, bcast, denoise, sigma_batch, to_d
+from sumie.sampling.samplers.common import Callback, Model, NoiseSampler, bcast, call_model, sigma_batch, to_d
 
 
 def _plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
@@ -39,7 +39,7 @@ def sample_plms(
     history: list[Tensor] = []
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         eps = to_d(x, sigma, denoised)
         dt = bcast(sigma_next - sigma, x)
         if history:

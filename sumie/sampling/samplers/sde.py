@@ -20,7 +20,7 @@ from sumie.sampling.samplers.common import (
     Model,
     NoiseSampler,
     ancestral_step,
-    denoise,
+    call_model,
     require_noise,
     sigma_batch,
     to_d,
@@ -36,7 +36,7 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, *, callback: Callb
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         if sigma_next == 0:
             x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
             continue
@@ -76,7 +76,7 @@ def _multistep_sde(model: Model, x: Tensor, sigmas: Tensor, update: MultistepUpd
     history: History = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(model, x, sigma, i, callback)
+        denoised = call_model(model, x, sigma, i, callback)
         if sigma_next == 0:
             x = denoised
             continue
