@@ -16,6 +16,7 @@ import yaml
 from sumie.checkpoints.keymaps.unet import diffusers_to_ldm_unet, infer_unet_config, ldm_to_diffusers_unet
 from sumie.configs import SD1, SD2, SDXL, SDXL_REFINER, UNetConfig
 from sumie.errors import CheckpointError
+from sumie.models.hooks import Residuals
 from sumie.models.unet import UNetModel, sdxl_adm_vector, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
@@ -192,7 +193,7 @@ def test_parity_odd_latent_size(name: str) -> None:
 
 
 def test_parity_control_residuals() -> None:
-    """control['skips'] / control['middle'] equal diffusers' down/mid additional residuals (ControlNet)."""
+    """Residuals(skips=..., middle=...) equal diffusers' down/mid additional residuals (ControlNet)."""
     dcfg, cfg = SDXL_TINY
     ref = _reference(dcfg, seed=7)
     model = _ours_from_reference(ref, cfg)
@@ -208,7 +209,7 @@ def test_parity_control_residuals() -> None:
     skips = [torch.randn(f.shape, generator=g) for f in feats]
     middle = torch.randn(mid[0].shape, generator=g)
     r = _ref_out(ref, inp, down_block_additional_residuals=tuple(skips), mid_block_additional_residual=middle)
-    ours = _ours(model, inp, control={"skips": skips, "middle": [middle]})
+    ours = _ours(model, inp, control=Residuals(skips=skips, middle=middle))
     _assert_close(ours, r)
     assert (ours - plain).abs().max() > 1e-2
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sumie.models.hooks import AttnSite, BlockKind, UNetOptions
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in at least fp32 and cast back (LDM ``GroupNorm32``): stable fp16/bf16 statistics."""
@@ -30,14 +32,36 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # LDM: to_out.0 (index 1 was dropout)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """x [B, N, query_dim], context [B, L, context_dim] -> [B, N, query_dim]."""
+    def _heads(self, t: Tensor) -> Tensor:
+        """[B, L, heads * d] -> [B, heads, L, d]."""
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, options: UNetOptions | None = None,
+                site: AttnSite | None = None) -> Tensor:
+        """x [B, N, query_dim], context [B, L, context_dim] -> [B, N, query_dim]; hooks from ``options`` at ``site``."""
         ctx = x if context is None else context
         b, n, _ = x.shape
-        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k = self.to_k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if options is None or site is None or options.empty:
+            out = F.scaled_dot_product_attention(self._heads(self.to_q(x)), self._heads(self.to_k(ctx)),
+                                                 self._heads(self.to_v(ctx)))
+            return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        for patch in options.attn_inputs:
+            ctx = patch(x, ctx, site, options)
+        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        if options.attention is not None:
+            out = options.attention(q, k, v, site, options)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        for extra_kv in options.extra_kv if site.kind == "cross" else ():
+            extra = extra_kv(site, options)
+            if extra is None:
+                continue
+            ek = self._heads(extra.k.to(q.dtype).expand(b, -1, -1))
+            ev = self._heads(extra.v.to(q.dtype).expand(b, -1, -1))
+            scale = extra.scale
+            if isinstance(scale, Tensor):
+                scale = scale.to(q.dtype).view(-1, 1, 1, 1)
+            out = out + F.scaled_dot_product_attention(q, ek, ev) * scale
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -78,10 +102,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x [B, N, dim], context [B, L, context_dim] -> [B, N, dim]."""
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: Tensor, context: Tensor, options: UNetOptions | None = None,
+                sites: tuple[AttnSite, AttnSite] | None = None) -> Tensor:
+        """x [B, N, dim], context [B, L, context_dim] -> [B, N, dim]; ``sites`` = (self, cross) for the hooks."""
+        s_self, s_cross = sites if sites is not None else (None, None)
+        x = x + self.attn1(self.norm1(x), None, options, s_self)
+        x = x + self.attn2(self.norm2(x), context, options, s_cross)
         return x + self.ff(self.norm3(x))
 
 
@@ -109,8 +135,9 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x [B, C, H, W], context [B, L, context_dim] -> [B, C, H, W]."""
+    def forward(self, x: Tensor, context: Tensor, options: UNetOptions | None = None,
+                block: tuple[BlockKind, int] | None = None) -> Tensor:
+        """x [B, C, H, W], context [B, L, context_dim] -> [B, C, H, W]; ``block`` locates it for the hooks."""
         b, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
@@ -118,8 +145,12 @@ class SpatialTransformer(nn.Module):
             x = self.proj_in(x.permute(0, 2, 3, 1).reshape(b, h * w, -1))
         else:
             x = self.proj_in(x).flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        hooked = options is not None and block is not None and not options.empty
+        for i, layer in enumerate(self.transformer_blocks):
+            sites = None
+            if hooked:
+                sites = (AttnSite(block, i, "self", (h, w)), AttnSite(block, i, "cross", (h, w)))  # type: ignore[arg-type]
+            x = layer(x, context, options, sites)
         if self.use_linear:
             x = self.proj_out(x).transpose(1, 2).reshape(b, -1, h, w).contiguous()  # not channels-last
         else:

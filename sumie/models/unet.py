@@ -7,7 +7,7 @@ State-dict keys are those under ``model.diffusion_model.`` in SD1/SD2/SDXL singl
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from sumie.configs import UNetConfig
 from sumie.models.attention import GroupNorm32, SpatialTransformer
-
-Control = Mapping[str, Sequence[Tensor | None]]
+from sumie.models.hooks import BlockKind, Residuals, UNetOptions
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -100,14 +99,16 @@ class UNetBlock(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks (LDM ``TimestepEmbedSequential``)."""
 
     def forward(
-        self, x: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None = None
+        self, x: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None = None,
+        options: UNetOptions | None = None, where: tuple[BlockKind, int] | None = None,
     ) -> Tensor:
-        """x [B, C, H, W] -> [B, C', H', W']; ``size`` is the target size of a trailing Upsample."""
+        """x [B, C, H, W] -> [B, C', H', W']; ``size`` is the target size of a trailing Upsample, ``where`` the
+        block's place for the attention hooks in ``options``."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, options, where)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -194,14 +195,14 @@ class UNetModel(nn.Module):
         timesteps: Tensor,
         context: Tensor,
         y: Tensor | None = None,
-        control: Control | None = None,
+        control: Residuals | None = None,
+        options: UNetOptions | None = None,
     ) -> Tensor:
         """x [B, in_ch, H, W], t [B] (or scalar), context [B, L, ctx], y [B, adm] -> [B, out_ch, H, W].
 
-        The output has x's dtype; the network runs in the parameters' dtype. ``control`` (ControlNet hook):
-        ``control["skips"]`` holds one residual (or None) per input block, in input-block order, added to
-        that block's output where the decoder reads it as a skip connection; ``control["middle"]`` holds
-        one residual added to the middle block's output.
+        The output has x's dtype; the network runs in the parameters' dtype. ``control``: residuals added at the
+        encoder, middle and skip connections (:class:`~sumie.models.hooks.Residuals`: ControlNet, T2I-Adapter);
+        ``options``: attention hooks and per-call facts (:class:`~sumie.models.hooks.UNetOptions`).
         """
         dtype = self.dtype
         if timesteps.ndim == 0:
@@ -212,29 +213,27 @@ class UNetModel(nn.Module):
                 raise ValueError("this UNet has an ADM label embedding (SDXL): pass y [B, adm_in_channels]")
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
+        n_blocks = len(self.input_blocks)
+        if control is not None and max(len(control.encoder), len(control.skips)) > n_blocks:
+            raise ValueError(f"control residuals for {max(len(control.encoder), len(control.skips))} input blocks; "
+                             f"this UNet has {n_blocks}")
 
         h = x.to(dtype)
         skips: list[Tensor] = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, context, None, options, ("input", i))
+            if control is not None and i < len(control.encoder) and control.encoder[i] is not None:
+                h = h + control.encoder[i].to(dtype)  # type: ignore[union-attr]
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, None, options, ("middle", 0))
+        if control is not None and control.middle is not None:
+            h = h + control.middle.to(dtype)
 
-        skip_res: list[Tensor | None] = [None] * len(skips)
-        if control is not None:
-            for r in control.get("middle", ()):
-                if r is not None:
-                    h = h + r.to(dtype)
-            given = list(control.get("skips", ()))
-            if len(given) > len(skips):
-                raise ValueError(f"control['skips'] has {len(given)} tensors for {len(skips)} input blocks")
-            skip_res[: len(given)] = given
-
-        for block in self.output_blocks:
+        for j, block in enumerate(self.output_blocks):
             skip = skips.pop()
-            r = skip_res[len(skips)]
-            if r is not None:
-                skip = skip + r.to(dtype)
+            i = len(skips)
+            if control is not None and i < len(control.skips) and control.skips[i] is not None:
+                skip = skip + control.skips[i].to(dtype)  # type: ignore[union-attr]
             h = torch.cat([h, skip], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, options, ("output", j))
         return self.out(h).to(x.dtype)
