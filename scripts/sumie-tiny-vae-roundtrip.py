@@ -27,7 +27,7 @@ from sumie.tiny.synthetic import TrainSet, realize, render, to_tensor
 @torch.no_grad()
 def round_trip(engine: Any, image: Image.Image) -> Image.Image:
     """Encode (posterior mean) and decode one PIL image through the engine's VAE."""
-    return engine.decode(engine.encode_tensor(to_tensor(image)[None]))[0]
+    return engine.decode(engine.encode(to_tensor(image)[None]))[0]
 
 
 def main() -> None:

@@ -13,3 +13,7 @@ class CheckpointError(SumieError):
 
 class ConfigError(SumieError):
     """Settings that do not fit together (unknown option, wrong value)."""
+
+
+class NaNError(SumieError):
+    """A network produced NaN or infinite values (names the stage: UNet step k, VAE decode) and how to avoid it."""

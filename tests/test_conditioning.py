@@ -23,7 +23,6 @@ from sumie.models.clip import CLIPTextModel
 from sumie.prompts.embeddings import Embedding, EmbeddingLibrary, load_embedding_file
 from sumie.prompts.text_conditioning import (
     CHUNK_LENGTH,
-    Conditioning,
     ConditioningOptions,
     TextConditioner,
     apply_emphasis,
@@ -31,7 +30,6 @@ from sumie.prompts.text_conditioning import (
     empty_chunk,
     encoder_layer,
     pad_conds,
-    pad_conds_v0,
     stack_contexts,
     tokenize_prompt,
 )
@@ -414,20 +412,15 @@ def test_loaded_checkpoint_shapes(tmp_path: Path) -> None:
 
 def test_pad_conds() -> None:
     g = torch.Generator().manual_seed(0)
-    empty = Conditioning(torch.randn(1, 77, 4, generator=g))
-    cond = Conditioning(torch.randn(2, 231, 4, generator=g), torch.randn(2, 3, generator=g))
-    uncond = Conditioning(torch.randn(2, 77, 4, generator=g), torch.randn(2, 3, generator=g))
+    empty = torch.randn(1, 77, 4, generator=g)
+    cond = torch.randn(2, 231, 4, generator=g)
+    uncond = torch.randn(2, 77, 4, generator=g)
     c, u = pad_conds(cond, uncond, empty)
-    assert c is cond and u.context.shape == (2, 231, 4) and u.pooled is uncond.pooled
-    assert torch.equal(u.context[:, :77], uncond.context)
-    assert torch.equal(u.context[1, 77:154], empty.context[0]) and torch.equal(u.context[0, 154:], empty.context[0])
+    assert c is cond and u.shape == (2, 231, 4)
+    assert torch.equal(u[:, :77], uncond)
+    assert torch.equal(u[1, 77:154], empty[0]) and torch.equal(u[0, 154:], empty[0])
     u2, c2 = pad_conds(uncond, cond, empty)
-    assert u2.context.shape == (2, 231, 4) and c2 is cond
-
-    _, v = pad_conds_v0(cond, uncond)
-    assert v.context.shape == (2, 231, 4) and torch.equal(v.context[:, 200], uncond.context[:, -1])
-    _, cut = pad_conds_v0(uncond, cond)
-    assert torch.equal(cut.context, cond.context[:, :77])
+    assert u2.shape == (2, 231, 4) and c2 is cond
 
     s = stack_contexts([torch.ones(77, 4), 2 * torch.ones(154, 4)])
     assert s.shape == (2, 154, 4) and torch.equal(s[0, 100], torch.ones(4))

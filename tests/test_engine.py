@@ -23,6 +23,8 @@ from sumie.errors import ConfigError
 from sumie.models.taesd import TAESD
 from sumie.models.unet import timestep_embedding
 from sumie.pipelines import images as img_ops
+from sumie.pipelines import outpaint, vae_io
+from sumie.pipelines.control import ProgressEvent
 from sumie.pipelines.denoise import GuidedModel, Stage
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.params import GenerationParams, HiresParams, InpaintParams, RefinerParams
@@ -30,6 +32,7 @@ from sumie.pipelines.scheduled_conds import PromptConds, ScheduledCond
 from sumie.pipelines.variation import MAX_SEED, VariationRNG, slerp
 from sumie.sampling import registry
 from sumie.sampling.discretization import ZSNR_LAST_ALPHA_CUMPROD
+from sumie.sampling.guidance import masked_model
 
 
 def _write(tmp: Path, name: str, cfg: object, seed: int) -> Path:
@@ -185,7 +188,9 @@ def test_and_is_one_call_with_every_sub_prompt(sd1: Engine) -> None:
 
 
 class ToyDenoiser:
-    """x0 = x * 0.5 + sum(context) per row (records calls)."""
+    """x0 = x * 0.5 + (context summed over features, averaged over tokens) per row (records calls).
+
+    Averaging over tokens, like attention, gives the same for a context repeated to a longer length."""
 
     def __init__(self) -> None:
         self.rows: list[int] = []
@@ -193,7 +198,7 @@ class ToyDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, y: Tensor | None = None,
                  concat: Tensor | None = None) -> Tensor:
         self.rows.append(x.shape[0])
-        return x * 0.5 + context.sum(dim=(1, 2)).view(-1, 1, 1, 1)
+        return x * 0.5 + context.mean(dim=1).sum(dim=1).view(-1, 1, 1, 1)
 
 
 def _sc(*vals: float, length: int = 1) -> ScheduledCond:
@@ -208,10 +213,10 @@ def test_guided_model_combines_and_like_a1111() -> None:
     model = GuidedModel([Stage(den, cond, uncond)], scale=4.0)  # type: ignore[arg-type]
     x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     out = model(x, torch.tensor(1.0))
-    # parts padded to 2 tokens by repeating their last vector (A1111 stack_conds): sums 4.0 and 12.0;
-    # the uncond has 1 token, so conds and uncond go in two calls
-    assert den.rows == [4, 2]
-    c1, c2, u = x * 0.5 + 4.0, x * 0.5 + 12.0, x * 0.5 + 0.5
+    # parts padded to 2 tokens by repeating their last vector (A1111 stack_conds): 2.0 and 6.0; the uncond has
+    # 1 token and is repeated to 2, so conds and uncond share one call of 6 rows
+    assert den.rows == [6]
+    c1, c2, u = x * 0.5 + 2.0, x * 0.5 + 6.0, x * 0.5 + 0.5
     torch.testing.assert_close(out, u + (c1 - u) * 4.0 + (c2 - u) * 2.0)
     # schedules index by call: the second call takes each part's second entry
     den2 = ToyDenoiser()
@@ -242,7 +247,8 @@ def test_img2img_steps_follow_the_convention(sd1: Engine, init_image: Image.Imag
     assert len(s.calls) == calls
 
 
-def test_img2img_strength_zero_returns_the_encoded_image(sd1: Engine, init_image: Image.Image) -> None:
+def test_img2img_strength_zero_returns_the_encoded_image(sd1: Engine, init_image: Image.Image,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # diffusers: no step; the latent is a posterior sample drawn from the image's generator before the noise
     r = sd1.generate(P(init_images=[init_image], denoising_strength=0.0, convention="diffusers", seed=11))
     vae = sd1.models.vae
@@ -254,13 +260,11 @@ def test_img2img_strength_zero_returns_the_encoded_image(sd1: Engine, init_image
     # (compared in latent space: the tiny random VAE decoder magnifies any latent change)
     mean = vae.scale_latents(vae.encode(img_ops.to_tensor(init_image)).mean)
     latents: list[Tensor] = []
-    decode = sd1.decode
-    sd1.decode = lambda z, *a, **k: (latents.append(z), decode(z, *a, **k))[1]  # type: ignore[method-assign]
-    try:
-        for strength in (0.0, 1.0):
-            sd1.generate(P(init_images=[init_image], denoising_strength=strength, sampler="Euler", steps=10))
-    finally:
-        del sd1.decode
+    decode = vae_io.decode_images
+    monkeypatch.setattr(vae_io, "decode_images",
+                        lambda vae, z, *a, **k: (latents.append(z), decode(vae, z, *a, **k))[1])
+    for strength in (0.0, 1.0):
+        sd1.generate(P(init_images=[init_image], denoising_strength=strength, sampler="Euler", steps=10))
     assert (latents[0] - mean).abs().mean() < 0.05 < 1.0 < (latents[1] - mean).abs().mean()
 
 
@@ -354,10 +358,10 @@ def test_refiner_takes_over_at_the_switch_sigma(sdxl: Engine, paths: dict[str, P
     assert len(base.calls) == n_base and len(ref.calls) == 6 - n_base and 0 < n_base < 6
     y = ref.calls[0]["y"]
     assert y is not None and y.shape == (2, 64 + 5 * 256)
-    ids = _ids(y, 64, 5)  # cfg_model rows: uncond first
-    torch.testing.assert_close(ids[0, 4], timestep_embedding(torch.tensor([2.5]), 256)[0])
-    torch.testing.assert_close(ids[1, 4], timestep_embedding(torch.tensor([6.0]), 256)[0])
-    torch.testing.assert_close(ids[1, :4], timestep_embedding(torch.tensor([64.0, 64.0, 0.0, 0.0]), 256))
+    ids = _ids(y, 64, 5)  # rows: cond first, uncond last (A1111's order)
+    torch.testing.assert_close(ids[1, 4], timestep_embedding(torch.tensor([2.5]), 256)[0])
+    torch.testing.assert_close(ids[0, 4], timestep_embedding(torch.tensor([6.0]), 256)[0])
+    torch.testing.assert_close(ids[0, :4], timestep_embedding(torch.tensor([64.0, 64.0, 0.0, 0.0]), 256))
     assert "Refiner: tiny_refiner" in r.infotexts[0]
 
 
@@ -401,22 +405,44 @@ def test_nine_channel_inpainting_model(paths: dict[str, Path], init_image: Image
 
 # ---------------------------------------------------------------------------------------- callbacks and conventions
 
-def test_progress_and_preview_callbacks(sd1: Engine) -> None:
-    seen: list[tuple[int, int]] = []
-    previews: list[tuple[int, list[Image.Image]]] = []
+def test_progress_events_and_previews(sd1: Engine) -> None:
+    events: list[ProgressEvent] = []
     sd1.generate(P(steps=3, batch_size=2, n_iter=2, hires=HiresParams(scale=1.5, steps=2)),
-                 progress=lambda d, t: seen.append((d, t)), preview=lambda d, ims: previews.append((d, ims)),
-                 preview_every=2)
-    assert seen[-1] == (10, 10) and [d for d, _ in seen] == list(range(1, 11))
-    assert [d for d, _ in previews] == [2, 3, 5, 7, 8, 10]
-    assert all(len(ims) == 2 for _, ims in previews) and previews[-1][1][0].size == (96, 96)
+                 progress=events.append, preview_every=2)
+    assert [(e.done, e.total) for e in events] == [(d, 10) for d in range(1, 11)]
+    assert [(e.pass_name, e.batch, e.step, e.steps) for e in events[:5]] == [
+        ("first", 0, 1, 3), ("first", 0, 2, 3), ("first", 0, 3, 3), ("hires", 0, 1, 2), ("hires", 0, 2, 2)]
+    assert all(e.batches == 2 for e in events) and events[5].batch == 1 and events[-1].fraction == 1.0
+    assert events[0].eta is not None and events[-1].eta == 0 and all(e.elapsed >= 0 for e in events)
+    previews = [(e.done, e.preview) for e in events if e.preview is not None]
+    assert [d for d, _ in previews] == [2, 3, 5, 7, 8, 10]  # every 2nd step of each pass and each pass's last
+    # a random tiny VAE has no cheap latent -> RGB factors: previews decode with the VAE, at full size
+    assert all(len(ims) == 2 for _, ims in previews) and previews[-1][1][0].size == (96, 96)  # type: ignore[index]
     sd1.taesd = TAESD().eval()
     try:
-        fast: list[list[Image.Image]] = []
-        sd1.generate(P(steps=2), preview=lambda d, ims: fast.append(ims), preview_every=1)
-        assert len(fast) == 2 and fast[0][0].size == (64, 64)
+        fast: list[ProgressEvent] = []
+        sd1.generate(P(steps=2), progress=fast.append, preview_every=1)
+        assert [len(e.preview) for e in fast] == [1, 1] and fast[0].preview[0].size == (64, 64)  # type: ignore
     finally:
         sd1.taesd = None
+
+
+def test_cheap_previews_use_a1111s_factors_for_the_sd_vaes() -> None:
+    from sumie.configs import VAEConfig
+    from sumie.models.vae import AutoencoderKL
+
+    assert vae_io.cheap_factors(TINY["sd1"].vae) is None  # another latent space
+    for scale, key in ((0.18215, "sd"), (0.13025, "sdxl")):
+        with torch.device("meta"):
+            vae = AutoencoderKL(VAEConfig(scaling_factor=scale))  # never run: the cheap path is a 4 x 3 matrix
+        prev = vae_io.Previewer(vae)
+        assert prev.method == "cheap"
+        z = torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+        img = np.asarray(prev(z)[0])
+        assert img.shape == (3, 5, 3)
+        f = vae_io.CHEAP_FACTORS[key]  # A1111: rgb[r] = sum_l z[l] * f[l][r], then truncate ((x + 1) / 2 * 255)
+        r = sum(float(z[0, lch, 1, 2]) * f[lch][0] for lch in range(4))
+        assert img[1, 2, 0] == int(255 * min(max((r + 1) / 2, 0.0), 1.0))
 
 
 def test_uint8_conventions(sd1: Engine) -> None:
@@ -446,8 +472,8 @@ def test_ensd_comments_and_extra_networks(sd1: Engine) -> None:
     assert "ENSD: 31337" in ensd.infotexts[0] and not np.array_equal(arr(plain.images[0]), arr(ensd.images[0]))
     det = sd1.generate(P(steps=3, sampler="Euler", eta_noise_seed_delta=31337))
     assert "ENSD" not in det.infotexts[0]  # deterministic: no noise after the first draw
-    with pytest.warns(UserWarning, match="lora:detail"):
-        tagged = sd1.generate(P(steps=2, prompt="a cat <lora:detail:0.5> # a comment\nsitting"))
+    tagged = sd1.generate(P(steps=2, prompt="a cat <lora:detail:0.5> # a comment\nsitting"))
+    assert len(tagged.warnings) == 1 and "<lora:detail:0.5>" in tagged.warnings[0]
     assert tagged.infotexts[0].startswith("a cat <lora:detail:0.5> \nsitting\n")
     same = sd1.generate(P(steps=2, prompt="a cat  \nsitting"))
     assert np.array_equal(arr(tagged.images[0]), arr(same.images[0]))
@@ -462,8 +488,8 @@ def test_half_precision_run(paths: dict[str, Path]) -> None:
 
 def test_outpainting_extends_the_canvas(sd1: Engine, init_image: Image.Image) -> None:
     b = 2  # A1111 poor man's outpainting with mask blur b
-    canvas, mask = img_ops.outpaint_canvas(init_image, 16, 0, 0, 8, fill="color", overlap=2 * b)
-    latent_mask = img_ops.outpaint_mask(canvas.size, 16, 0, 0, 8, b // 2)
+    canvas, mask = outpaint.outpaint_canvas(init_image, 16, 0, 0, 8, fill="color", overlap=2 * b)
+    latent_mask = outpaint.outpaint_mask(canvas.size, 16, 0, 0, 8, b // 2)
     r = sd1.generate(P(init_images=[canvas], width=None, height=None, denoising_strength=0.8, steps=3,
                        inpaint=InpaintParams(mask=mask, mask_blur=2 * b, fill="fill", latent_mask=latent_mask)))
     out = arr(r.images[0])
@@ -484,7 +510,7 @@ def test_only_masked_inpainting_pastes_back(sd1: Engine, init_image: Image.Image
     assert np.array_equal(out[:20], arr(big)[:20]) and np.abs(out[32:48, 42:58] - arr(big)[32:48, 42:58]).mean() > 2
 
 
-def test_guided_model_blends_masked_regions() -> None:
+def test_masked_guided_model_blends_masked_regions() -> None:
     rows: list[Tensor] = []
 
     def mixing(x: Tensor, sigma: Tensor, context: Tensor, **_: object) -> Tensor:
@@ -495,7 +521,7 @@ def test_guided_model_blends_masked_regions() -> None:
     mask[..., 1:, :] = 1  # generate the lower two rows, keep the top one
     init, noise = torch.full((2, 4, 3, 3), 5.0), torch.ones(2, 4, 3, 3)
     stage = Stage(mixing, PromptConds(((_sc(1.0), 1.0),)), PromptConds(((_sc(0.0), 1.0),)))  # type: ignore[arg-type]
-    model = GuidedModel([stage], 1.0, mask=mask, init_latent=init, noise=noise, blend_input=True, blend_from_call=1)
+    model = masked_model(GuidedModel([stage], 1.0), mask, init, noise, blend_input=True, blend_from_call=1)
     x = torch.zeros(2, 4, 3, 3)
     first = model(x, torch.tensor(2.0))  # call 0 is not blended (diffusers' run from pure noise)
     torch.testing.assert_close(first[..., 0, :], init[..., 0, :])  # the prediction keeps the original

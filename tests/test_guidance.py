@@ -1,5 +1,6 @@
-"""Guidance: classifier-free guidance (batching, skipped uncond pass, CFG rescale against diffusers, ComfyUI and
-A1111's extension), masked denoising (ComfyUI's KSamplerX0Inpaint) and per-step conditioning."""
+"""Guidance: classifier-free guidance (batching, skipped uncond pass, several weighted conds, prompts of different
+lengths in one call, CFG rescale against diffusers, ComfyUI and A1111's extension) and masked denoising (ComfyUI's
+KSamplerX0Inpaint)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from torch import Tensor
 from sumie.errors import ConfigError
 from sumie.sampling.denoisers import EpsDenoiser, VDenoiser
 from sumie.sampling.discretization import DiscreteSigmas
-from sumie.sampling.guidance import cfg_model, masked_model, step_schedule
-from sumie.sampling.samplers.ode import sample_dpm_2, sample_euler
+from sumie.sampling.guidance import cfg_model, guided_call, masked_model, repeat_to_common_length
+from sumie.sampling.samplers.ode import sample_euler
 from sumie.sampling.schedules import karras
 
 F64 = torch.float64
@@ -46,12 +47,12 @@ def _data(b: int = 3, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 # --- classifier-free guidance ---
 
 
-def test_cfg_is_one_batched_call_with_uncond_first() -> None:
+def test_cfg_is_one_batched_call_with_uncond_last() -> None:
     x, sigma, c, u = _data()
     rec = Recorder()
     out = cfg_model(rec, {"context": c, "gain": 0.5}, {"context": u, "gain": 0.5}, 7.5)(x, sigma)
     assert len(rec.calls) == 1 and rec.calls[0]["batch"] == 6
-    assert torch.equal(rec.calls[0]["context"], torch.cat([u, c])) and rec.calls[0]["gain"] == 0.5
+    assert torch.equal(rec.calls[0]["context"], torch.cat([c, u])) and rec.calls[0]["gain"] == 0.5
     ref = Recorder()
     cond_x0, uncond_x0 = ref(x, sigma, context=c, gain=0.5), ref(x, sigma, context=u, gain=0.5)
     torch.testing.assert_close(out, uncond_x0 + 7.5 * (cond_x0 - uncond_x0), rtol=0, atol=1e-12)
@@ -71,7 +72,7 @@ def test_cfg_broadcasts_a_single_cond_row_and_checks_shapes() -> None:
     x, sigma, c, u = _data()
     rec = Recorder()
     cfg_model(rec, {"context": c[:1]}, {"context": u[:1]}, 5.0)(x, sigma)
-    assert torch.equal(rec.calls[0]["context"], torch.cat([u[:1].expand(3, 5, 8), c[:1].expand(3, 5, 8)]))
+    assert torch.equal(rec.calls[0]["context"], torch.cat([c[:1].expand(3, 5, 8), u[:1].expand(3, 5, 8)]))
     with pytest.raises(ConfigError, match="shapes differ"):
         cfg_model(rec, {"context": c}, {"context": u[:, :4]}, 5.0)(x, sigma)
     with pytest.raises(ConfigError, match="same keys"):
@@ -213,39 +214,56 @@ def test_masked_model_checks_shapes() -> None:
         masked_model(lambda x, s: x, torch.ones(2, 2, 1, 8, 8), latent, torch.zeros_like(latent))
 
 
-# --- conditioning that changes during sampling ---
+# --- several conds, rows, prompts of different lengths ---
 
 
-def test_step_schedule_maps_sigmas_to_steps() -> None:
-    sigmas = karras(10, 0.03, 14.6, dtype=F64)
-    sched = step_schedule([(0.5, {"tag": "a"}), (1.0, {"tag": "b"})], sigmas)
-    assert [sched.step(s) for s in sigmas[:-1]] == list(range(10))
-    mids = (sigmas[:-2] * sigmas[1:-1]).sqrt()  # strictly inside step i
-    assert [sched.step(m) for m in mids] == list(range(9))
-    assert [sched(s.reshape(1))["tag"] for s in sigmas[:-1]] == ["a"] * 5 + ["b"] * 5
-
-
-@pytest.mark.parametrize(("sampler", "expected"), [
-    (sample_euler, ["a"] * 5 + ["b"] * 5),
-    # DPM2: the step-i evaluation at sigma_i, then one at the log-midpoint of step i (the last step is Euler).
-    (sample_dpm_2, ["a"] * 10 + ["b"] * 9),
-])
-def test_prompt_editing_switches_at_half_the_steps(sampler, expected: list[str]) -> None:  # noqa: ANN001
-    sigmas = karras(10, 0.03, 14.6, dtype=F64)
-    a, b = torch.full((1, 2, 3), 0.1, dtype=F64), torch.full((1, 2, 3), -0.2, dtype=F64)
+def test_weighted_conds_follow_composable_diffusion() -> None:
+    """AND: x0 = u + sum_i w_i * scale * (c_i - u), all conds and the uncond in one call, rows labelled."""
+    x, sigma, c, u = _data()
+    c2 = c.flip(0) * 0.5
     rec = Recorder()
-    cond = step_schedule([(0.5, {"context": a}), (1.0, {"context": b})], sigmas)  # "[a:b:0.5]"
-    uncond = lambda s: {"context": torch.zeros(1, 2, 3, dtype=F64)}  # noqa: E731 - a callable cond works too
-    sampler(cfg_model(rec, cond, uncond, 5.0), torch.ones(2, 4, dtype=F64) * sigmas[0], sigmas)
-    tags = ["a" if bool((call["context"][-1] == 0.1).all()) else "b" for call in rec.calls]
-    assert tags == expected
-    assert all(bool((call["context"][:2] == 0).all()) for call in rec.calls)  # uncond rows first
+    labels: list[Tensor] = []
+
+    def extra(rows: Tensor) -> dict:
+        labels.append(rows)
+        return {}
+
+    out = guided_call(rec, x, sigma, [({"context": c}, 1.0), ({"context": c2}, -0.4)], {"context": u}, 5.0,
+                      extra=extra)
+    assert [call["batch"] for call in rec.calls] == [9]
+    assert labels[0].tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0]
+    ref = Recorder()
+    a, b, n = ref(x, sigma, context=c), ref(x, sigma, context=c2), ref(x, sigma, context=u)
+    torch.testing.assert_close(out, n + 5.0 * (a - n) - 0.4 * 5.0 * (b - n), rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="uncond"):
+        guided_call(rec, x, sigma, [({"context": c}, 1.0), ({"context": c2}, 1.0)], None, 5.0)
 
 
-def test_step_schedule_validates_segments() -> None:
-    sigmas = karras(10, 0.03, 14.6)
-    for bad in ([], [(0.5, {})], [(0.6, {}), (0.4, {}), (1.0, {})], [(0.0, {}), (1.0, {})]):
-        with pytest.raises(ConfigError):
-            step_schedule(bad, sigmas)
-    with pytest.raises(ConfigError):
-        step_schedule([(1.0, {})], sigmas[:1])
+def _attention_denoiser(x: Tensor, sigma: Tensor, *, context: Tensor) -> Tensor:
+    """A toy network that reads its context through softmax attention only (queries from x)."""
+    q = x.flatten(2).transpose(1, 2)  # [B, N, 4]
+    w = (q @ context[..., :4].transpose(1, 2)).softmax(-1)  # [B, N, L]
+    return x + (w @ context).mean(-1).view(x.shape[0], 1, 6, 6) * 0.1
+
+
+def test_prompts_of_different_lengths_share_one_call_through_repetition() -> None:
+    """Repeating a context to the common length changes nothing for attention: one call == two separate calls."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 6, 6, generator=g, dtype=F64)
+    sigma = torch.full((3,), 1.5, dtype=F64)
+    c = torch.randn(1, 6, 8, generator=g, dtype=F64)  # a "two-chunk" prompt
+    u = torch.randn(1, 4, 8, generator=g, dtype=F64)  # a "one-chunk" negative prompt
+    assert [r.shape[1] for r in repeat_to_common_length([c, u])] == [12, 12]
+    calls: list[int] = []
+
+    def den(xx: Tensor, s: Tensor, *, context: Tensor) -> Tensor:
+        calls.append(context.shape[1])
+        return _attention_denoiser(xx, s, context=context)
+
+    out = guided_call(den, x, sigma, [({"context": c}, 1.0)], {"context": u}, 6.0, repeat_context=True)
+    assert calls == [12]
+    a = _attention_denoiser(x, sigma, context=c.expand(3, -1, -1))
+    n = _attention_denoiser(x, sigma, context=u.expand(3, -1, -1))
+    torch.testing.assert_close(out, n + 6.0 * (a - n), rtol=0, atol=1e-12)  # fp64: rounding only
+    with pytest.raises(ConfigError, match="shapes differ"):  # without the opt-in: a clear error
+        guided_call(den, x, sigma, [({"context": c}, 1.0)], {"context": u}, 6.0)

@@ -15,6 +15,10 @@ from sumie.configs import TINY
 from sumie.errors import ConfigError, SumieError
 from sumie.models.vae import AutoencoderKL
 from sumie.pipelines import images as im
+from sumie.pipelines import inpaint as ip
+from sumie.pipelines import masks as mk
+from sumie.pipelines import outpaint as op
+from sumie.pipelines import vae_io
 from sumie.pipelines.params import InpaintParams
 
 torch.set_num_threads(1)
@@ -182,28 +186,28 @@ def test_unreadable_images_name_the_file(tmp_path) -> None:
     with pytest.raises(im.ImageError, match="directory"):
         im.load_image(tmp_path)
     with pytest.raises(im.ImageError, match="nomask.png"):
-        im.load_mask(tmp_path / "nomask.png", (8, 8))
+        mk.load_mask(tmp_path / "nomask.png", (8, 8))
 
 
 def test_load_mask_sizes_and_alpha(tmp_path) -> None:
     block_mask(16, 8, (0, 0, 4, 8)).save(tmp_path / "m.png")
-    m = im.load_mask(tmp_path / "m.png", (16, 8))
+    m = mk.load_mask(tmp_path / "m.png", (16, 8))
     assert m.mode == "L" and np.array(m)[:, :4].min() == 255 and np.array(m)[:, 4:].max() == 0
     with pytest.raises(im.ImageError, match=r"16x8 but the image is 32x16.*resize"):
-        im.load_mask(tmp_path / "m.png", (32, 16))
-    big = im.load_mask(tmp_path / "m.png", (32, 16), resize=True)
+        mk.load_mask(tmp_path / "m.png", (32, 16))
+    big = mk.load_mask(tmp_path / "m.png", (32, 16), resize=True)
     assert big.size == (32, 16)
     # A transparent RGBA mask: its alpha, thresholded at > 128 (A1111 create_binary_mask).
     rgba = np.zeros((1, 4, 4), np.uint8)
     rgba[0, :, 3] = [0, 128, 129, 255]
-    assert np.array(im.load_mask(Image.fromarray(rgba, "RGBA"), (4, 1)))[0].tolist() == [0, 0, 255, 255]
-    assert np.array(im.load_mask(Image.fromarray(rgba, "RGBA"), (4, 1), round_mask=False))[0].tolist() == [
+    assert np.array(mk.load_mask(Image.fromarray(rgba, "RGBA"), (4, 1)))[0].tolist() == [0, 0, 255, 255]
+    assert np.array(mk.load_mask(Image.fromarray(rgba, "RGBA"), (4, 1), round_mask=False))[0].tolist() == [
         0, 128, 129, 255,
     ]
     # Fully opaque RGBA: its luminance instead.
     rgba[0, :, 3] = 255
     rgba[0, :, :3] = 200
-    assert np.array(im.load_mask(Image.fromarray(rgba, "RGBA"), (4, 1)))[0].tolist() == [200] * 4
+    assert np.array(mk.load_mask(Image.fromarray(rgba, "RGBA"), (4, 1)))[0].tolist() == [200] * 4
 
 
 # ----------------------------------------------------------------------------------------------------- mask blur
@@ -253,8 +257,8 @@ def reference_blur_row(row: list[int], sigma: float) -> list[int]:
 def test_blur_matches_recorded_opencv(name: str, sigma: int) -> None:
     row = ROW if name == "row" else STEP
     a = np.array([row], np.uint8)
-    assert im.gaussian_blur_1d(a, sigma, axis=1)[0].tolist() == CV2[name, sigma]
-    assert im.gaussian_blur_1d(a.T.copy(), sigma, axis=0)[:, 0].tolist() == CV2[name, sigma]
+    assert mk.gaussian_blur_1d(a, sigma, axis=1)[0].tolist() == CV2[name, sigma]
+    assert mk.gaussian_blur_1d(a.T.copy(), sigma, axis=0)[:, 0].tolist() == CV2[name, sigma]
     assert reference_blur_row(row, sigma) == CV2[name, sigma]
 
 
@@ -264,29 +268,29 @@ def test_blur_matches_plain_reference(sigma: float) -> None:
     a = rng.integers(0, 256, (5, 37), dtype=np.uint8)
     a[:, :10] = 0
     a[:, 30:] = 255
-    out = im.gaussian_blur_1d(a, sigma, axis=1)
+    out = mk.gaussian_blur_1d(a, sigma, axis=1)
     for y in range(5):
         assert out[y].tolist() == reference_blur_row(a[y].tolist(), sigma)
     # The 8-bit kernel keeps the blur within a few levels of the exact float Gaussian convolution.
-    n = im.blur_kernel_size(sigma)
+    n = mk.blur_kernel_size(sigma)
     r = n // 2
     g = np.exp(-((np.arange(n) - r) ** 2) / (2 * sigma**2))
     g /= g.sum()
-    idx = im.reflect101(np.arange(37)[:, None] + np.arange(-r, r + 1)[None], 37)
+    idx = mk.reflect101(np.arange(37)[:, None] + np.arange(-r, r + 1)[None], 37)
     ideal = (a[:, idx] * g).sum(-1)
     assert np.abs(out - ideal).max() <= 3.0
 
 
 def test_kernel_properties() -> None:
     for sigma in (1, 2, 4, 8, 16, 64):
-        k = im.gaussian_kernel_fixed(sigma, im.blur_kernel_size(sigma))
+        k = mk.gaussian_kernel_fixed(sigma, mk.blur_kernel_size(sigma))
         assert k.sum() == 256 and np.array_equal(k, k[::-1]) and k.min() >= 0
         assert k.max() - k[len(k) // 2] <= 1  # error diffusion: small taps are not monotonic (as in OpenCV)
-    assert im.blur_kernel_size(4) == 21 and im.blur_kernel_size(1) == 7 and im.blur_kernel_size(0.1) == 1
-    assert im.reflect101(np.array([-3, -2, -1, 0, 3, 4, 5, 9]), 4).tolist() == [3, 2, 1, 0, 3, 2, 1, 3]
-    assert im.reflect101(np.array([-5, 0, 5]), 1).tolist() == [0, 0, 0]
+    assert mk.blur_kernel_size(4) == 21 and mk.blur_kernel_size(1) == 7 and mk.blur_kernel_size(0.1) == 1
+    assert mk.reflect101(np.array([-3, -2, -1, 0, 3, 4, 5, 9]), 4).tolist() == [3, 2, 1, 0, 3, 2, 1, 3]
+    assert mk.reflect101(np.array([-5, 0, 5]), 1).tolist() == [0, 0, 0]
     with pytest.raises(ConfigError):
-        im.gaussian_kernel_fixed(2, 4)
+        mk.gaussian_kernel_fixed(2, 4)
 
 
 def test_blur_matches_live_opencv() -> None:
@@ -296,25 +300,25 @@ def test_blur_matches_live_opencv() -> None:
         h, w = (int(v) for v in rng.integers(1, 48, 2))
         a = (rng.random((h, w)) > 0.6).astype(np.uint8) * 255 if trial % 2 else rng.integers(0, 256, (h, w), np.uint8)
         s = int(rng.integers(1, 24))
-        k = im.blur_kernel_size(s)
-        assert np.array_equal(im.gaussian_blur_1d(a, s, 1), cv2.GaussianBlur(a, (k, 1), s)), (h, w, s)
-        assert np.array_equal(im.gaussian_blur_1d(a, s, 0), cv2.GaussianBlur(a, (1, k), s)), (h, w, s)
+        k = mk.blur_kernel_size(s)
+        assert np.array_equal(mk.gaussian_blur_1d(a, s, 1), cv2.GaussianBlur(a, (k, 1), s)), (h, w, s)
+        assert np.array_equal(mk.gaussian_blur_1d(a, s, 0), cv2.GaussianBlur(a, (1, k), s)), (h, w, s)
 
 
 def test_prepare_mask() -> None:
     m = block_mask(40, 30, (10, 5, 25, 20))
-    assert np.array_equal(np.array(im.prepare_mask(m, 0)), np.array(m))
-    inv = np.array(im.prepare_mask(m, 0, invert=True))
+    assert np.array_equal(np.array(mk.prepare_mask(m, 0)), np.array(m))
+    inv = np.array(mk.prepare_mask(m, 0, invert=True))
     assert np.array_equal(inv, 255 - np.array(m))
-    out = np.array(im.prepare_mask(m, 3, blur_y=2))
+    out = np.array(mk.prepare_mask(m, 3, blur_y=2))
     a = np.array(m)
     rows = np.array([reference_blur_row(r.tolist(), 3) for r in a], np.uint8)
     both = np.array([reference_blur_row(c.tolist(), 2) for c in rows.T], np.uint8).T
     assert np.array_equal(out, both)
-    only_y = np.array(im.prepare_mask(m, 0, blur_y=2))
+    only_y = np.array(mk.prepare_mask(m, 0, blur_y=2))
     assert np.array_equal(only_y, np.array([reference_blur_row(c.tolist(), 2) for c in a.T], np.uint8).T)
     with pytest.raises(ConfigError, match="mask blur"):
-        im.prepare_mask(m, -1)
+        mk.prepare_mask(m, -1)
 
 
 # ---------------------------------------------------------------------------------------------------- only masked
@@ -322,14 +326,14 @@ def test_prepare_mask() -> None:
 
 def test_get_crop_region() -> None:
     m = block_mask(64, 64, (10, 20, 20, 30))
-    assert im.get_crop_region(m) == (10, 20, 20, 30)
-    assert im.get_crop_region(m, 5) == (5, 15, 25, 35)
-    assert im.get_crop_region(np.array(m), 100) == (0, 0, 64, 64)
-    assert im.get_crop_region(block_mask(8, 8, (0, 0, 0, 0))) is None
+    assert mk.get_crop_region(m) == (10, 20, 20, 30)
+    assert mk.get_crop_region(m, 5) == (5, 15, 25, 35)
+    assert mk.get_crop_region(np.array(m), 100) == (0, 0, 64, 64)
+    assert mk.get_crop_region(block_mask(8, 8, (0, 0, 0, 0))) is None
     faint = block_mask(16, 16, (3, 4, 5, 9), value=1)  # any non-zero pixel counts (blurred edges)
-    assert im.get_crop_region(faint, 2) == (1, 2, 7, 11)
+    assert mk.get_crop_region(faint, 2) == (1, 2, 7, 11)
     with pytest.raises(ConfigError, match="padding"):
-        im.get_crop_region(m, -1)
+        mk.get_crop_region(m, -1)
 
 
 @pytest.mark.parametrize(
@@ -344,14 +348,14 @@ def test_get_crop_region() -> None:
     ],
 )
 def test_expand_crop_region(region, proc, image, expected) -> None:
-    assert im.expand_crop_region(region, *proc, *image) == expected
+    assert mk.expand_crop_region(region, *proc, *image) == expected
 
 
 def test_paste_back_binary_mask() -> None:
     orig = rand_rgb(32, 32, 1)
     gen = rand_rgb(32, 32, 2)
     m = block_mask(32, 32, (8, 4, 20, 30))
-    out = np.array(im.paste_back(orig, gen, None, m))
+    out = np.array(ip.paste_back(orig, gen, None, m))
     inside = np.array(m) == 255
     assert np.array_equal(out[inside], np.array(gen)[inside])
     assert np.array_equal(out[~inside], np.array(orig)[~inside])
@@ -361,7 +365,7 @@ def test_paste_back_soft_mask_blends() -> None:
     orig = Image.new("RGB", (4, 1), (200, 0, 100))
     gen = Image.new("RGB", (4, 1), (0, 200, 50))
     m = Image.fromarray(np.array([[0, 64, 192, 255]], np.uint8))
-    out = np.array(im.paste_back(orig, gen, None, m))[0].astype(float)
+    out = np.array(ip.paste_back(orig, gen, None, m))[0].astype(float)
     w = np.array([0, 64, 192, 255])[:, None] / 255
     expect = np.array([200, 0, 100]) * (1 - w) + np.array([0, 200, 50]) * w
     assert np.abs(out - expect).max() <= 1.5
@@ -372,21 +376,21 @@ def test_paste_back_only_masked_uncrops() -> None:
     m = block_mask(64, 48, (20, 10, 30, 20))
     region = (16, 8, 32, 24)  # 16x16 crop, generated at 32x32
     gen = Image.new("RGB", (32, 32), (9, 99, 199))
-    out = np.array(im.paste_back(orig, gen, region, m))
+    out = np.array(ip.paste_back(orig, gen, region, m))
     inside = np.array(m) == 255
     assert (out[inside] == [9, 99, 199]).all()
     assert np.array_equal(out[~inside], np.array(orig)[~inside])
     # Generated at the crop size: pasted pixel for pixel.
     gen2 = rand_rgb(16, 16, 4)
-    out2 = np.array(im.paste_back(orig, gen2, region, Image.new("L", (64, 48), 255)))
+    out2 = np.array(ip.paste_back(orig, gen2, region, Image.new("L", (64, 48), 255)))
     assert np.array_equal(out2[8:24, 16:32], np.array(gen2))
 
 
 def test_crop_for_processing() -> None:
     img = rand_rgb(64, 64, 5)
-    out = im.crop_for_processing(img, (8, 8, 24, 40), 16, 32)
+    out = ip.crop_for_processing(img, (8, 8, 24, 40), 16, 32)
     assert np.array_equal(np.array(out), np.array(img)[8:40, 8:24])
-    out2 = im.crop_for_processing(img, (0, 0, 16, 16), 32, 32)
+    out2 = ip.crop_for_processing(img, (0, 0, 16, 16), 32, 32)
     assert np.array_equal(np.array(out2), np.array(img.crop((0, 0, 16, 16)).resize((32, 32), Image.Resampling.LANCZOS)))
 
 
@@ -398,31 +402,31 @@ def test_fill_keeps_unmasked_and_spreads_colours() -> None:
     a[:, :24] = (250, 10, 10)
     a[:, 24:] = (10, 10, 250)
     m = block_mask(48, 16, (16, 0, 32, 16))
-    out = np.array(im.fill_masked_image(Image.fromarray(a), m))
+    out = np.array(ip.fill_masked_image(Image.fromarray(a), m))
     keep = np.array(m) == 0
     assert np.array_equal(out[keep], a[keep])
     assert (out[:, 16, 0] > out[:, 16, 2]).all() and (out[:, 31, 2] > out[:, 31, 0]).all()
     assert out[:, 16, 0].min() > 150 and out[:, 31, 2].min() > 150
     flat = Image.new("RGB", (24, 24), (30, 140, 220))
-    filled = np.array(im.fill_masked_image(flat, block_mask(24, 24, (4, 4, 20, 20)))).astype(int)
+    filled = np.array(ip.fill_masked_image(flat, block_mask(24, 24, (4, 4, 20, 20)))).astype(int)
     assert np.abs(filled - (30, 140, 220)).max() <= 6  # PIL's premultiplied-alpha rounding at low alpha
     with pytest.raises(im.ImageError, match="fill"):
-        im.fill_masked_image(flat, block_mask(8, 8, (0, 0, 2, 2)))
+        ip.fill_masked_image(flat, block_mask(8, 8, (0, 0, 2, 2)))
 
 
 def test_latent_mask_bicubic_then_round() -> None:
     m = block_mask(64, 64, (0, 0, 32, 64))  # left half
-    lm = im.latent_mask(m, 8, 8)
+    lm = mk.latent_mask(m, 8, 8)
     assert lm.shape == (1, 1, 8, 8) and lm.dtype == torch.float32
     assert lm[0, 0].tolist() == [[1.0] * 4 + [0.0] * 4] * 8
     line = block_mask(64, 64, (20, 0, 21, 64))  # one pixel wide: about 1/8 after downsampling
-    assert im.latent_mask(line, 8, 8).sum() == 0
-    soft = im.latent_mask(line, 8, 8, round_mask=False)
+    assert mk.latent_mask(line, 8, 8).sum() == 0
+    soft = mk.latent_mask(line, 8, 8, round_mask=False)
     assert 0 < soft.max() < 0.5
     # The unrounded values are PIL's bicubic of the RGB mask, red channel / 255.
     ref = np.array(line.convert("RGB").resize((8, 8), Image.Resampling.BICUBIC))[..., 0] / np.float32(255)
     assert torch.equal(soft[0, 0], torch.from_numpy(ref.astype(np.float32)))
-    assert im.latent_mask(m, 4, 8)[0, 0].tolist() == [[1.0] * 4 + [0.0] * 4] * 4
+    assert mk.latent_mask(m, 4, 8)[0, 0].tolist() == [[1.0] * 4 + [0.0] * 4] * 4
 
 
 def test_apply_latent_fill() -> None:
@@ -432,17 +436,17 @@ def test_apply_latent_fill() -> None:
     m = torch.zeros(1, 1, 6, 6)
     m[..., 1:4, 2:5] = 1
     sel = m.bool().expand_as(lat)
-    out = im.apply_latent_fill(lat, m, "latent_noise", noise)
+    out = ip.apply_latent_fill(lat, m, "latent_noise", noise)
     assert torch.equal(out[sel], noise[sel]) and torch.equal(out[~sel], lat[~sel])
-    out = im.apply_latent_fill(lat, m, "latent nothing")
+    out = ip.apply_latent_fill(lat, m, "latent nothing")
     assert (out[sel] == 0).all() and torch.equal(out[~sel], lat[~sel])
-    assert im.apply_latent_fill(lat, m, "fill") is lat and im.apply_latent_fill(lat, m, 1) is lat
+    assert ip.apply_latent_fill(lat, m, "fill") is lat and ip.apply_latent_fill(lat, m, 1) is lat
     half = torch.full((1, 1, 6, 6), 0.25)
-    assert torch.allclose(im.apply_latent_fill(lat, half, 2, noise), lat * 0.75 + noise * 0.25)
+    assert torch.allclose(ip.apply_latent_fill(lat, half, 2, noise), lat * 0.75 + noise * 0.25)
     with pytest.raises(ConfigError, match="noise"):
-        im.apply_latent_fill(lat, m, "latent_noise")
+        ip.apply_latent_fill(lat, m, "latent_noise")
     with pytest.raises(ConfigError, match="masked content"):
-        im.apply_latent_fill(lat, m, "blur")
+        ip.apply_latent_fill(lat, m, "blur")
 
 
 # ------------------------------------------------------------------------------------------- inpainting-model inputs
@@ -461,39 +465,40 @@ def test_inpaint_model_inputs_a1111_and_diffusers() -> None:
     mask[..., :, 8:10] = 127 / 255  # rounds to 0
     mask[..., 0:8, 16:17] = 0.5  # exactly one half: A1111 round -> 0, diffusers binarize -> 1
     binary = (torch.round(mask) == 1).float()
-    lat, mlat = im.inpaint_model_inputs(img, mask, fake_encoder)
+    lat, mlat = ip.inpaint_model_inputs(img, mask, fake_encoder)
     assert lat.shape == (2, 4, 2, 4) and mlat.shape == (2, 1, 2, 4)
     assert torch.equal(lat, fake_encoder(img * (1 - binary)))
     assert torch.equal(mlat, binary[..., ::8, ::8].expand(2, -1, -1, -1))  # nearest picks pixel 8 * i
     dbin = (mask >= 0.5).float()
-    dlat, dmlat = im.inpaint_model_inputs(img, mask, fake_encoder, "diffusers")
+    dlat, dmlat = ip.inpaint_model_inputs(img, mask, fake_encoder, "diffusers")
     assert torch.equal(dlat, fake_encoder(img * (1 - dbin)))
     assert torch.equal(dmlat, dbin[..., ::8, ::8].expand(2, -1, -1, -1))
     assert not torch.equal(lat, dlat)  # the 0.5 column
-    wlat, _ = im.inpaint_model_inputs(img, mask, fake_encoder, mask_weight=0.5)
+    wlat, _ = ip.inpaint_model_inputs(img, mask, fake_encoder, mask_weight=0.5)
     assert torch.allclose(wlat, fake_encoder(img - 0.5 * img * binary), atol=1e-6)
     with pytest.raises(im.ImageError, match="mask"):
-        im.inpaint_model_inputs(img, mask[..., :8, :], fake_encoder)
+        ip.inpaint_model_inputs(img, mask[..., :8, :], fake_encoder)
     with pytest.raises(ConfigError, match="convention"):
-        im.inpaint_model_inputs(img, mask, fake_encoder, "comfy")  # type: ignore[arg-type]
+        ip.inpaint_model_inputs(img, mask, fake_encoder, "comfy")  # type: ignore[arg-type]
 
 
 def test_inpaint_model_inputs_with_tiny_vae() -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(TINY["sd1"].vae).eval()
     img = im.to_tensor(rand_rgb(32, 32, 8))
-    mask = im.mask_to_tensor(block_mask(32, 32, (0, 0, 16, 32)))
+    mask = mk.mask_to_tensor(block_mask(32, 32, (0, 0, 16, 32)))
     with torch.no_grad():
-        lat, mlat = im.inpaint_model_inputs(img, mask, vae, sample=False)
+        lat, mlat = ip.inpaint_model_inputs(img, mask, lambda x: vae_io.encode(vae, x))
         expect = vae.scale_latents(vae.encode(img * (1 - mask)).mode())
         assert torch.equal(lat, expect)
         assert mlat[0, 0].tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
         g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        s1, _ = im.inpaint_model_inputs(img, mask, vae, generator=g1)
+        s1, _ = ip.inpaint_model_inputs(img, mask, lambda x: vae_io.encode(vae, x, [g1]))
         s2 = vae.scale_latents(vae.encode(img * (1 - mask)).sample(g2))
         assert torch.equal(s1, s2)
-        t_lat, t_mask = im.txt2img_inpaint_inputs(2, 32, 32, vae, sample=False)
-        assert torch.equal(t_lat, vae.scale_latents(vae.encode(torch.zeros(2, 3, 32, 32)).mode()))
+        t_lat, t_mask = ip.txt2img_inpaint_inputs(2, 32, 32, lambda x: vae_io.encode(vae, x))
+        one = vae.scale_latents(vae.encode(torch.zeros(1, 3, 32, 32)).mode())  # vae_io encodes image by image
+        assert torch.equal(t_lat, torch.cat([one, one]))
         assert t_mask.shape == (2, 1, 4, 4) and (t_mask == 1).all()
 
 
@@ -503,19 +508,19 @@ def test_inpaint_model_inputs_with_tiny_vae() -> None:
 def test_prepare_inpaint_whole_image() -> None:
     img = rand_rgb(32, 32, 9)
     mask = block_mask(32, 32, (8, 8, 16, 24))
-    res = im.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=0, fill="original"), 32, 32)
+    res = ip.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=0, fill="original"), 32, 32)
     assert np.array_equal(np.array(res.image), np.array(img))
     assert np.array_equal(np.array(res.mask), np.array(mask)) and res.latent_mask_source is res.mask
     assert res.paste_to is None and res.crop_region is None
     alpha = np.array(res.overlay)[..., 3]
     assert np.array_equal(alpha, 255 - np.clip(np.array(mask).astype(int) * 2, 0, 255))
     # Blurred: the overlay mask is the blurred mask doubled (clipped), the model mask the blurred one.
-    res = im.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=2, fill="original"), 32, 32)
-    blurred = np.array(im.prepare_mask(mask, 2))
+    res = ip.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=2, fill="original"), 32, 32)
+    blurred = np.array(mk.prepare_mask(mask, 2))
     assert np.array_equal(np.array(res.mask), blurred)
     assert np.array_equal(np.array(res.overlay)[..., 3], 255 - np.clip(blurred.astype(int) * 2, 0, 255))
     # Resized to the processing size with the resize mode, image and mask alike.
-    res = im.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=0, fill="original"), 16, 48, "crop_and_resize")
+    res = ip.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=0, fill="original"), 16, 48, "crop_and_resize")
     assert res.image.size == (16, 48) and res.mask.size == (16, 48) and res.overlay.size == (16, 48)
     assert np.array_equal(np.array(res.image), np.array(im.resize_image(img, 16, 48, 1)))
 
@@ -524,19 +529,19 @@ def test_prepare_inpaint_fills() -> None:
     img = rand_rgb(32, 32, 10)
     mask = block_mask(32, 32, (8, 8, 24, 24))
     for fill in ("fill", "latent_noise", "latent_nothing"):  # A1111 fills unless the fill is "original"
-        res = im.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=1, fill=fill), 32, 32)
-        assert np.array_equal(np.array(res.image), np.array(im.fill_masked_image(img, res.mask)))
+        res = ip.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=1, fill=fill), 32, 32)
+        assert np.array_equal(np.array(res.image), np.array(ip.fill_masked_image(img, res.mask)))
     other = block_mask(32, 32, (0, 0, 4, 4))
-    res = im.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=0, fill="fill"), 32, 32, latent_mask_image=other)
+    res = ip.prepare_inpaint(img, InpaintParams(mask=mask, mask_blur=0, fill="fill"), 32, 32, latent_mask_image=other)
     assert res.latent_mask_source is other and np.array_equal(np.array(res.mask), np.array(mask))
-    assert np.array_equal(np.array(res.image), np.array(im.fill_masked_image(img, other)))
+    assert np.array_equal(np.array(res.image), np.array(ip.fill_masked_image(img, other)))
 
 
 def test_prepare_inpaint_only_masked() -> None:
     img = rand_rgb(64, 64, 11)
     mask = block_mask(64, 64, (40, 8, 48, 16))
     p = InpaintParams(mask=mask, mask_blur=0, fill="original", full_res=True, full_res_padding=4)
-    res = im.prepare_inpaint(img, p, 32, 32)
+    res = ip.prepare_inpaint(img, p, 32, 32)
     assert res.crop_region == (36, 4, 52, 20) and res.paste_to == (36, 4, 16, 16)
     crop = img.crop((36, 4, 52, 20)).resize((32, 32), Image.Resampling.LANCZOS)
     assert np.array_equal(np.array(res.image), np.array(crop))
@@ -544,12 +549,12 @@ def test_prepare_inpaint_only_masked() -> None:
     assert np.array_equal(np.array(res.mask), np.array(im.resize_image(mask.crop((36, 4, 52, 20)), 32, 32, 2)))
     assert res.overlay.size == (64, 64)
     assert np.array_equal(np.array(res.overlay)[..., 3], 255 - np.array(mask))  # not doubled in this mode
-    out = np.array(im.apply_overlay(Image.new("RGB", (32, 32), (1, 2, 3)), res.overlay, res.paste_to))
+    out = np.array(ip.apply_overlay(Image.new("RGB", (32, 32), (1, 2, 3)), res.overlay, res.paste_to))
     inside = np.array(mask) == 255
     assert (out[inside] == (1, 2, 3)).all() and np.array_equal(out[~inside], np.array(img)[~inside])
     # A blank mask: plain img2img.
     blank = InpaintParams(mask=Image.new("L", (64, 64)), mask_blur=4, full_res=True)
-    res = im.prepare_inpaint(img, blank, 32, 32)
+    res = ip.prepare_inpaint(img, blank, 32, 32)
     assert res.mask is None and res.overlay is None and res.paste_to is None
     assert np.array_equal(np.array(res.image), np.array(im.resize_image(img, 32, 32)))
 
@@ -557,11 +562,11 @@ def test_prepare_inpaint_only_masked() -> None:
 def test_prepare_inpaint_errors() -> None:
     img = rand_rgb(32, 32)
     with pytest.raises(im.ImageError, match=r"16x16 but the image is 32x32"):
-        im.prepare_inpaint(img, InpaintParams(mask=Image.new("L", (16, 16))), 32, 32)
+        ip.prepare_inpaint(img, InpaintParams(mask=Image.new("L", (16, 16))), 32, 32)
     with pytest.raises(ConfigError, match="masked content"):
-        im.prepare_inpaint(img, InpaintParams(mask=Image.new("L", (32, 32)), fill="smear"), 32, 32)  # type: ignore
+        ip.prepare_inpaint(img, InpaintParams(mask=Image.new("L", (32, 32)), fill="smear"), 32, 32)  # type: ignore
     with pytest.raises(ConfigError, match="resize mode"):
-        im.prepare_inpaint(img, InpaintParams(mask=Image.new("L", (32, 32))), 32, 32, "tile")  # type: ignore
+        ip.prepare_inpaint(img, InpaintParams(mask=Image.new("L", (32, 32))), 32, 32, "tile")  # type: ignore
 
 
 # ------------------------------------------------------------------------------------------------------ outpainting
@@ -569,20 +574,20 @@ def test_prepare_inpaint_errors() -> None:
 
 def test_outpaint_padding_rounds_up_like_poor_mans() -> None:
     # Poor man's outpainting, 100x100 and 128 px on every side at 64: 356 -> 384, extra 284 split 142 / 142.
-    assert im.outpaint_padding(100, 100, 128, 128, 128, 128, multiple=64) == (142, 142, 142, 142)
-    assert im.outpaint_padding(40, 24, 8, 0, 0, 0) == (8, 0, 0, 0)
-    assert im.outpaint_padding(30, 30, 5, 5, 0, 0) == (5, 5, 0, 2)  # 30 -> 32 on the unpadded axis: bottom
-    assert im.outpaint_padding(30, 32, 1, 3, 0, 0) == (2, 8, 0, 0)  # 34 -> 40: left 1 * 10 // 4, right the rest
-    assert im.outpaint_padding(32, 32, 0, 0, 0, 3) == (0, 0, 0, 8)
+    assert op.outpaint_padding(100, 100, 128, 128, 128, 128, multiple=64) == (142, 142, 142, 142)
+    assert op.outpaint_padding(40, 24, 8, 0, 0, 0) == (8, 0, 0, 0)
+    assert op.outpaint_padding(30, 30, 5, 5, 0, 0) == (5, 5, 0, 2)  # 30 -> 32 on the unpadded axis: bottom
+    assert op.outpaint_padding(30, 32, 1, 3, 0, 0) == (2, 8, 0, 0)  # 34 -> 40: left 1 * 10 // 4, right the rest
+    assert op.outpaint_padding(32, 32, 0, 0, 0, 3) == (0, 0, 0, 8)
     with pytest.raises(ConfigError, match="at least one side"):
-        im.outpaint_padding(32, 32, 0, 0, 0, 0)
+        op.outpaint_padding(32, 32, 0, 0, 0, 0)
     with pytest.raises(ConfigError, match="left"):
-        im.outpaint_padding(32, 32, -8, 0, 0, 0)
+        op.outpaint_padding(32, 32, -8, 0, 0, 0)
 
 
 def test_outpaint_canvas_and_mask() -> None:
     img = rand_rgb(16, 8, 12)
-    canvas, mask = im.outpaint_canvas(img, 8, 8, 0, 0, fill="color", overlap=4, color=(10, 20, 30))
+    canvas, mask = op.outpaint_canvas(img, 8, 8, 0, 0, fill="color", overlap=4, color=(10, 20, 30))
     assert canvas.size == mask.size == (32, 8) and mask.mode == "L"
     c, m = np.array(canvas), np.array(mask)
     assert np.array_equal(c[:, 8:24], np.array(img))
@@ -591,38 +596,38 @@ def test_outpaint_canvas_and_mask() -> None:
     assert m[0].tolist() == [255] * 12 + [0] * 9 + [255] * 11
     assert (m == m[0]).all()
     # Top only: rows 0..7 new, overlap 2 into the image, nothing masked at the far (bottom) edge.
-    _, mt = im.outpaint_canvas(rand_rgb(16, 16), 0, 0, 8, 0, overlap=2)
+    _, mt = op.outpaint_canvas(rand_rgb(16, 16), 0, 0, 8, 0, overlap=2)
     assert np.array(mt)[:, 5].tolist() == [255] * 10 + [0] * 14
 
 
 def test_outpaint_fills() -> None:
     img = rand_rgb(8, 8, 13)
     a = np.array(img)
-    edge, _ = im.outpaint_canvas(img, 8, 0, 0, 8, fill="edge", overlap=2)
+    edge, _ = op.outpaint_canvas(img, 8, 0, 0, 8, fill="edge", overlap=2)
     e = np.array(edge)
     assert e.shape == (16, 16, 3) and np.array_equal(e[:8, 8:], a)
     assert np.array_equal(e[:8, :8], np.repeat(a[:, :1], 8, 1))  # left band: first column repeated
     assert np.array_equal(e[8:, 8:], np.repeat(a[-1:], 8, 0))  # bottom band: last row repeated
     assert (e[8:, :8] == a[-1, 0]).all()  # corner: the corner pixel
-    n1, _ = im.outpaint_canvas(img, 8, 0, 0, 0, fill="noise", overlap=2, seed=1)
-    n2, _ = im.outpaint_canvas(img, 8, 0, 0, 0, fill="noise", overlap=2, seed=1)
-    n3, _ = im.outpaint_canvas(img, 8, 0, 0, 0, fill="noise", overlap=2, seed=2)
+    n1, _ = op.outpaint_canvas(img, 8, 0, 0, 0, fill="noise", overlap=2, seed=1)
+    n2, _ = op.outpaint_canvas(img, 8, 0, 0, 0, fill="noise", overlap=2, seed=1)
+    n3, _ = op.outpaint_canvas(img, 8, 0, 0, 0, fill="noise", overlap=2, seed=2)
     assert np.array_equal(np.array(n1), np.array(n2)) and not np.array_equal(np.array(n1), np.array(n3))
     assert np.array_equal(np.array(n1)[:, 8:], a) and np.array(n1)[:, :8].std() > 40
-    black, _ = im.outpaint_canvas(img, 0, 8, 0, 0, fill="color", overlap=2)
+    black, _ = op.outpaint_canvas(img, 0, 8, 0, 0, fill="color", overlap=2)
     assert (np.array(black)[:, 8:] == 0).all()
     with pytest.raises(ConfigError, match="fill"):
-        im.outpaint_canvas(img, 8, 0, 0, 0, fill="mirror", overlap=2)  # type: ignore[arg-type]
+        op.outpaint_canvas(img, 8, 0, 0, 0, fill="mirror", overlap=2)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="overlap"):
-        im.outpaint_canvas(img, 8, 8, 0, 0, overlap=4)
+        op.outpaint_canvas(img, 8, 8, 0, 0, overlap=4)
     with pytest.raises(ConfigError, match="color"):
-        im.outpaint_canvas(img, 8, 0, 0, 0, fill="color", overlap=2, color=(300, 0, 0))
+        op.outpaint_canvas(img, 8, 0, 0, 0, fill="color", overlap=2, color=(300, 0, 0))
 
 
 def test_outpaint_latent_mask_for_poor_mans_recipe() -> None:
-    canvas, mask = im.outpaint_canvas(rand_rgb(48, 64), 16, 0, 0, 0, fill="color", overlap=8, multiple=64)
+    canvas, mask = op.outpaint_canvas(rand_rgb(48, 64), 16, 0, 0, 0, fill="color", overlap=8, multiple=64)
     assert canvas.size == (64, 64)
-    lm = im.outpaint_mask(canvas.size, 16, 0, 0, 0, 4 // 2)
+    lm = op.outpaint_mask(canvas.size, 16, 0, 0, 0, 4 // 2)
     assert np.array(lm)[0].tolist() == [255] * 18 + [0] * 46
     assert np.array(mask)[0].tolist() == [255] * 24 + [0] * 40
 
@@ -659,5 +664,5 @@ def test_diffusers_convention_matches_diffusers() -> None:
         fake_pipe, mask_cond, init * (mask_cond < 0.5), 2, 16, 32, torch.float32, "cpu", None, False
     )
     batch = init.expand(2, -1, -1, -1)
-    lat, mlat = im.inpaint_model_inputs(batch, im.mask_to_tensor(mask_img), fake_encoder, "diffusers")
+    lat, mlat = ip.inpaint_model_inputs(batch, mk.mask_to_tensor(mask_img), fake_encoder, "diffusers")
     assert torch.equal(lat, d_lat) and torch.equal(mlat, d_mask)

@@ -379,14 +379,14 @@ def test_img2img_matches_img2img_pipeline(sd1: Models, tokenizers: dict[str, Any
     p = params(sampler=s.sampler, scheduler=s.schedule if s.schedule != "spacing" else "Automatic", steps=5,
                init_images=[image], denoising_strength=0.6)
     calls: list[tuple[int, int]] = []
-    ours = u8(sd1.engine.generate(p, sigmas_fn=sigmas_fn, progress=lambda d, t: calls.append((d, t))).images)
+    ours = u8(sd1.engine.generate(p, sigmas_fn=sigmas_fn, progress=lambda e: calls.append((e.done, e.total))).images)
     check(ours, ref_u8(ref), f"img2img {name}")
     assert calls[-1] == (3, 3)  # diffusers: int(0.6 * 5) = 3 steps
 
     # A1111's convention: int(0.6 * 5) + 1 = 4 steps from the posterior mean; a different image
     calls.clear()
     a1111 = u8(sd1.engine.generate(dataclasses.replace(p, convention="a1111"), sigmas_fn=sigmas_fn,
-                                   progress=lambda d, t: calls.append((d, t))).images)
+                                   progress=lambda e: calls.append((e.done, e.total))).images)
     assert calls[-1] == (4, 4)
     assert mad(a1111, ref_u8(ref)) > 20 * STRICT
 

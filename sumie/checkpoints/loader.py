@@ -32,6 +32,7 @@ from sumie.checkpoints.io import (
 from sumie.checkpoints.keymaps.clip import add_text_model_prefix
 from sumie.checkpoints.keymaps.unet import diffusers_to_ldm_unet
 from sumie.checkpoints.keymaps.vae import diffusers_to_ldm_vae, infer_vae_config, vae_attention_to_conv
+from sumie.checkpoints.precision import Precision
 from sumie.configs import FAMILIES, ModelConfig, Prediction, TextEncoderConfig, VAEConfig
 from sumie.errors import CheckpointError
 from sumie.models.clip import CLIPTextModel
@@ -113,13 +114,14 @@ def _check_prediction(prediction: str | None) -> Prediction | None:
     return prediction  # type: ignore[return-value]
 
 
-def _assemble(det: Detection, where: str, device: torch.device | str, dtype: torch.dtype, **info: object) -> (
+def _assemble(det: Detection, where: str, device: torch.device | str, precision: Precision, **info: object) -> (
         StableDiffusionModels):
     cfg = det.config
-    unet = build_module(UNetModel, cfg.unet, det.parts["unet"], where, "UNet", device, dtype)
-    vae = build_module(AutoencoderKL, cfg.vae, det.parts["vae"], where, "VAE", device, dtype)
+    unet = build_module(UNetModel, cfg.unet, det.parts["unet"], where, "UNet", device, precision.unet)
+    vae = build_module(AutoencoderKL, cfg.vae, det.parts["vae"], where, "VAE", device, precision.vae_dtype(cfg.family))
     tes = [
-        build_module(CLIPTextModel, tcfg, det.parts[f"text{i}"], where, f"text encoder {tcfg.name}", device, dtype)
+        build_module(CLIPTextModel, tcfg, det.parts[f"text{i}"], where, f"text encoder {tcfg.name}", device,
+                     precision.text_dtype())
         for i, tcfg in enumerate(cfg.text_encoders)
     ]
     return StableDiffusionModels(
@@ -147,26 +149,32 @@ def _metadata_cfg(meta: Mapping[str, str] | None) -> float | None:
 def load_models(
     path: str | os.PathLike[str],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | Precision = torch.float32,
     device: torch.device | str = "cpu",
     prediction: str | None = None,
     vae: str | os.PathLike[str] | None = None,
 ) -> StableDiffusionModels:
-    """Load a single-file checkpoint or a diffusers folder; ``vae`` replaces the built-in VAE with a file."""
+    """Load a single-file checkpoint or a diffusers folder; ``vae`` replaces the built-in VAE with a file.
+
+    ``dtype``: one run dtype for every network, or a :class:`~sumie.checkpoints.precision.Precision` with the text
+    encoders' and the VAE's own (an SDXL VAE stays in float32 when the rest runs in float16).
+    """
+    precision = Precision.of(dtype)
     pred = _check_prediction(prediction)
     p = Path(path)
     if p.is_dir():
         det = inspect_diffusers_folder(p, prediction=pred, load=True)
-        models = _assemble(det, str(p), device, dtype, source=str(p), hash=None)
+        models = _assemble(det, str(p), device, precision, source=str(p), hash=None)
     else:
         sd = load_state_dict(p)
         meta = file_metadata(p)
         det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p), metadata=meta)
         del sd
-        models = _assemble(det, str(p), device, dtype, source=str(p), hash=model_hash(p),
+        models = _assemble(det, str(p), device, precision, source=str(p), hash=model_hash(p),
                            native_size=_metadata_size(meta), cfg_scale=_metadata_cfg(meta))
     if vae is not None:
-        models.vae = load_vae(vae, dtype=dtype, device=device, scaling_factor=models.config.vae.scaling_factor,
+        models.vae = load_vae(vae, dtype=precision.vae_dtype(models.config.family), device=device,
+                              scaling_factor=models.config.vae.scaling_factor,
                               fallback=models.config.vae)
         models.config = replace(models.config, vae=models.vae.config)  # type: ignore[arg-type]
     return models

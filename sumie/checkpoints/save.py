@@ -42,10 +42,10 @@ def random_single_file(config: ModelConfig, seed: int = 0) -> dict[str, torch.Te
     from sumie.models.unet import UNetModel
     from sumie.models.vae import AutoencoderKL
 
-    torch.manual_seed(seed)
-    unet, vae = UNetModel(config.unet), AutoencoderKL(config.vae)
-    tes = [CLIPTextModel(t) for t in config.text_encoders]
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # seeded draws without touching the caller's RNG
+        torch.manual_seed(seed)
+        unet, vae = UNetModel(config.unet), AutoencoderKL(config.vae)
+        tes = [CLIPTextModel(t) for t in config.text_encoders]
         for m in (unet, vae, *tes):
             for p in m.parameters():
                 if not p.any():  # zero-initialised output layers would hide every later layer in tests

@@ -191,12 +191,6 @@ def _warn(message: str) -> None:
     print(f"sumie: warning: {message}", file=sys.stderr)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: object = None, line: str | None = None) -> None:
-    """Python warnings as one ``sumie: warning:`` line each."""
-    _warn(" ".join(str(message).split()))
-
-
 def _device_and_dtype(args: argparse.Namespace) -> tuple[str, object]:
     """The torch device (default: cuda, then mps, then cpu) and dtype (default: fp16 on a GPU, else fp32)."""
     import torch
@@ -219,18 +213,6 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[str, object]:
     return str(device), getattr(torch, _DTYPES[dtype])
 
 
-def _check_lora_tags(prompt: str, negative: str) -> None:
-    """Warn about extra-network tags: they are cut from the text the model sees (A1111) and not applied yet."""
-    from sumie.prompts.parser import extract_extra_networks, strip_comments
-
-    for text in (prompt, negative):
-        for net in extract_extra_networks(strip_comments(text))[1]:
-            tag = f"<{net.kind}:{':'.join((net.name, *net.args))}>"
-            what = "LoRA" if net.kind.lower() in ("lora", "lyco") else f"'{net.kind}' networks"
-            _warn(f"{tag} is not applied: {what} support comes in a later version; the tag is removed from the "
-                  "prompt the model sees (as A1111 does) and kept in the image's metadata")
-
-
 def _from_png(path: str) -> tuple[GenerationParams, dict[str, object], str]:
     """(params, parsed fields, text) of an image's stored generation parameters."""
     from sumie.errors import ConfigError
@@ -242,7 +224,7 @@ def _from_png(path: str) -> tuple[GenerationParams, dict[str, object], str]:
         raise ConfigError(f"{path}: the image holds no generation parameters; --from-png needs an image written by "
                           "Sumie or A1111")
     fields = parse_infotext(text)
-    return params_from_infotext(fields), fields, text
+    return params_from_infotext(fields, _warn), fields, text
 
 
 def _build_params(args: argparse.Namespace, mode: str) -> tuple[GenerationParams, dict[str, object] | None]:
@@ -373,6 +355,7 @@ def _init_images(args: argparse.Namespace, mode: str, p: GenerationParams) -> No
     import dataclasses
 
     from sumie.pipelines import images as img_ops
+    from sumie.pipelines import masks, outpaint
     from sumie.pipelines.infotext import inpaint_from_infotext
     from sumie.pipelines.params import InpaintParams
     from sumie.pipelines.variation import fixed_seed
@@ -384,10 +367,10 @@ def _init_images(args: argparse.Namespace, mode: str, p: GenerationParams) -> No
         p.init_images = [image]
         return
     if mode == "inpaint":
-        mask = img_ops.load_mask(args.mask, image.size, resize=args.mask_resize)
+        mask = masks.load_mask(args.mask, image.size, resize=args.mask_resize)
     else:
         p.seed = fixed_seed(p.seed)  # the canvas noise and the generation share the seed
-        image, mask = img_ops.outpaint_canvas(image, args.left, args.right, args.top, args.bottom,
+        image, mask = outpaint.outpaint_canvas(image, args.left, args.right, args.top, args.bottom,
                                               fill=args.outpaint_fill, overlap=args.overlap, seed=p.seed)
     if args.from_png:
         inpaint = inpaint_from_infotext(_from_png(args.from_png)[2], mask)
@@ -412,12 +395,7 @@ def _check_model_hash(fields: dict[str, object] | None, engine: object) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """txt2img, img2img, inpainting or outpainting (``args.mode``): images with their infotexts as PNGs."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning  # one "sumie: warning:" line each; restored on exit
-        warnings.filterwarnings("ignore", message="extra networks are not supported")  # _check_lora_tags says it
-        return _generate(args)
+    return _generate(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -431,16 +409,21 @@ def _generate(args: argparse.Namespace) -> int:
         _warn("--preview without --taesd FILE decodes previews with the full VAE (slower)")
     _init_images(args, mode, p)
     outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite, args.format, args.quality)
-    _check_lora_tags(p.prompt, p.negative_prompt)
     engine = sumie.load(args.model, dtype=dtype, device=device, vae=args.vae, prediction=args.prediction,
                         embeddings_dir=args.embeddings, taesd=args.taesd)
     engine.show_progress = False if args.quiet else None  # tqdm on stderr when it is a terminal
     _check_model_hash(fields, engine)
-    preview = (lambda done, images: outputs.preview(images)) if args.preview else None
+    def show(event: object) -> None:
+        if getattr(event, "preview", None):
+            outputs.preview(event.preview)  # type: ignore[attr-defined]
+
     try:
-        result = engine.generate(p, preview=preview, preview_every=args.preview_every)
+        result = engine.generate(p, progress=show if args.preview else None,
+                                 preview_every=args.preview_every if args.preview else 0)
     finally:
         outputs.remove_preview()
+    for message in result.warnings:
+        _warn(message)
     for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
         print(f"wrote {outputs.save(image, seed, text)}")
     return 0
@@ -468,6 +451,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sumie.training.trainer import Trainer
 
     cfg = load_config(args.config)
+    if cfg.train.threads:  # the process's setting, made by the application, not the library
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     resume = None if args.resume is None else (args.resume or cfg.output.dir)
     result = Trainer(cfg, resume=resume).run()
     if result.interrupted:

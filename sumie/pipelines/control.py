@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from PIL import Image
+from torch import Tensor
 
 PassName = Literal["first", "hires", "refiner"]
 
@@ -72,6 +73,7 @@ class ProgressEvent:
     elapsed: float  # seconds since the request started
     eta: float | None  # seconds left, from the mean step time so far (None before the first step)
     preview: list[Image.Image] | None = field(default=None, compare=False)  # current prediction, when asked
+    denoised: Tensor | None = field(default=None, compare=False, repr=False)  # the prediction x0 [B, C, h, w]
 
     @property
     def fraction(self) -> float:

@@ -4,22 +4,27 @@
 
 * it counts its calls; call k takes each prompt's schedule entry for k (prompt editing, alternation; see
   :mod:`sumie.pipelines.scheduled_conds`);
-* classifier-free guidance (Ho & Salimans 2022) through :func:`sumie.sampling.guidance.cfg_model` for plain prompts;
-  ``AND`` (composable diffusion, Liu et al. 2022) as A1111's ``combine_denoised``: ``uncond + sum_i w_i * scale *
-  (cond_i - uncond)``, the sub-prompts' contexts padded to one length by repeating their last vector
-  (``stack_conds``); cond and uncond of different lengths go through the network in two calls (A1111 without
-  "pad prompt/negative prompt"); at CFG scale 1 a plain prompt skips the uncond pass;
-* masked denoising (inpainting): the prediction's kept region is replaced by the original latent after every call
-  (A1111's k-diffusion blend); ``blend_input`` also re-noises the kept region of the input first (ComfyUI's
-  ``KSamplerX0Inpaint``, equivalent to diffusers' per-step blend for one-call-per-step samplers);
+* classifier-free guidance (Ho & Salimans 2022) and ``AND`` (composable diffusion, Liu et al. 2022) in one batched
+  network call per model call through :func:`sumie.sampling.guidance.guided_call`: ``uncond + sum_i w_i * scale *
+  (cond_i - uncond)``; the sub-prompts' contexts padded to one length by repeating their last vector (A1111's
+  ``stack_conds``); cond and uncond of different lengths share the call through repetition to a common length,
+  which attention cannot tell from A1111's two separate calls (``pad_empty``: A1111's "pad prompt/negative prompt",
+  empty-prompt chunks instead); at CFG scale 1 a plain prompt skips the uncond pass;
 * 9-channel inpainting UNets get ``concat`` = mask + masked-image latent appended to their input
   (:class:`UNetNetwork`); the same tensor goes with cond and uncond, as in A1111;
 * a second stage (the SDXL refiner) takes over, for good, at the first call whose sigma is past the switch point;
-  the call counter runs on, as in A1111.
+  the call counter runs on, as in A1111;
+* extensions plug in through :class:`ModelHooks`: wrappers around each model call (which know the call number,
+  sigma and which rows are cond and uncond), residuals (ControlNet, T2I-Adapter) and attention hooks carried through
+  the UNet (:mod:`sumie.models.hooks`).
+
+Masked denoising (inpainting) wraps the guided model in :class:`sumie.sampling.guidance.MaskedModel`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,37 +34,73 @@ import torch
 from torch import Tensor
 
 from sumie.errors import ConfigError
+from sumie.models.hooks import CallInfo, Residuals, UNetOptions
 from sumie.pipelines.scheduled_conds import PromptConds
-from sumie.prompts.text_conditioning import stack_contexts
+from sumie.prompts.text_conditioning import pad_conds, stack_contexts
 from sumie.sampling.conventions import A1111, Convention, start_latent
 from sumie.sampling.denoisers import EpsDenoiser
 from sumie.sampling.discretization import DiscreteSigmas
-from sumie.sampling.guidance import RescaleSpace, cfg_model, rescale_cfg
+from sumie.sampling.guidance import Denoiser, MaskedModel, RescaleSpace, guided_call
 from sumie.sampling.registry import SamplerSpec
-from sumie.sampling.samplers.common import Callback, NoiseSampler, bcast
+from sumie.sampling.samplers.common import Callback, Model, NoiseSampler
 
-__all__ = ["GuidedModel", "Stage", "UNetNetwork", "denoise", "refiner_switch", "sampler_options"]
+__all__ = ["GuidedModel", "ModelHooks", "ModelWrapper", "ResidualFn", "Stage", "UNetNetwork", "denoise",
+           "refiner_switch", "sampler_options"]
+
+# fn(x_in [B, C, h, w], t [B], context [B, L, D], y [B, adm] | None, call) -> residuals of this UNet call, or None
+ResidualFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "CallInfo | None"], "Residuals | None"]
+# w(apply, x, sigma, **kwargs) -> x0 around each model call; kwargs["call"] is its CallInfo (ComfyUI's
+# model_function_wrapper); ``apply(x, sigma, **kwargs)`` runs the next wrapper or the denoiser.
+ModelWrapper = Callable[..., Tensor]
+
+
+@dataclass
+class ModelHooks:
+    """What extensions add to the model calls of one request (LoRA patches weights instead: the model patcher)."""
+
+    unet: UNetOptions = field(default_factory=UNetOptions)
+    residuals: list[ResidualFn] = field(default_factory=list)
+    wrappers: list[ModelWrapper] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is hooked (the plain path)."""
+        return self.unet.empty and not self.residuals and not self.wrappers
 
 
 class UNetNetwork:
-    """The network a denoiser wraps: ``unet(cat([x, concat]), t, context, y)`` (concat only for 9-channel UNets)."""
+    """The network a denoiser wraps: ``unet(cat([x, concat]), t, context, y)`` with the request's hooks.
 
-    def __init__(self, unet: Callable[..., Tensor]) -> None:
+    ``concat`` (mask + masked-image latent) only for 9-channel UNets; ``call`` (:class:`CallInfo`) reaches the
+    attention hooks and residual functions of ``hooks``.
+    """
+
+    def __init__(self, unet: Callable[..., Tensor], hooks: ModelHooks | None = None) -> None:
         self.unet = unet
+        self.hooks = hooks
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-                 concat: Tensor | None = None) -> Tensor:
+                 concat: Tensor | None = None, call: CallInfo | None = None) -> Tensor:
         """x [B, 4, h, w], t [B], context [B, L, D], y [B, adm], concat [B, 5, h, w] -> eps or v [B, 4, h, w]."""
         if concat is not None:
             x = torch.cat([x, concat.to(device=x.device, dtype=x.dtype)], dim=1)
-        return self.unet(x, t, context, y=y)
+        hooks = self.hooks
+        if hooks is None or (hooks.unet.empty and not hooks.residuals):
+            return self.unet(x, t, context, y=y)
+        control: Residuals | None = None
+        for fn in hooks.residuals:
+            r = fn(x, t, context, y, call)
+            if r is not None:
+                control = r if control is None else control.add(r)
+        options = dataclasses.replace(hooks.unet, call=call)
+        return self.unet(x, t, context, y=y, control=control, options=options)
 
 
 @dataclass
 class Stage:
     """One model of a run: its denoiser and conditioning (the refiner is a second stage)."""
 
-    denoiser: EpsDenoiser
+    denoiser: EpsDenoiser | Denoiser
     cond: PromptConds
     uncond: PromptConds
     image_cond: Tensor | None = None  # [B, 5, h, w] for 9-channel inpainting UNets
@@ -82,10 +123,11 @@ def refiner_switch(schedule: DiscreteSigmas, switch_at: float) -> Callable[[Tens
 
 @dataclass
 class GuidedModel:
-    """``model(x, sigma) -> x0`` with guidance, schedules, AND, masks and stages (see the module docstring).
+    """``model(x, sigma) -> x0`` with guidance, schedules, AND, stages and hooks (see the module docstring).
 
-    ``mask`` is 1 where the image is generated ([B or 1, 1, h, w]); ``init_latent`` the original latent there;
-    ``noise`` the unit start noise (only for ``blend_input``). ``calls`` counts the model calls so far.
+    ``calls`` counts the model calls so far; ``pass_call`` gives the network each call's :class:`CallInfo` (the
+    :class:`UNetNetwork` takes it); ``pad_empty`` [1, 77, D] is the empty prompt's chunk for A1111's "pad
+    prompt/negative prompt".
     """
 
     stages: Sequence[Stage]
@@ -93,24 +135,19 @@ class GuidedModel:
     rescale: float = 0.0
     rescale_space: RescaleSpace = "x0"
     switch: Callable[[Tensor], bool] | None = None
-    mask: Tensor | None = None
-    init_latent: Tensor | None = None
-    noise: Tensor | None = None
-    blend_input: bool = False
-    blend_from_call: int = 0  # diffusers blends after each step: a run from pure noise skips the first call
+    wrappers: Sequence[ModelWrapper] = ()
+    pass_call: bool = False
+    pad_empty: Tensor | None = None
     calls: int = 0
     stage_index: int = 0
     switched_at: int | None = field(default=None)
+    padded: bool = False  # a call padded cond or uncond with empty chunks (A1111 writes "Pad conds: True")
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("a guided model needs at least one stage")
         if self.rescale and any(not s.cond.simple for s in self.stages):
             raise ConfigError("CFG rescale does not combine with AND; drop one of them")
-        if self.mask is not None and self.init_latent is None:
-            raise ConfigError("a mask needs the original (init) latent")
-        if self.blend_input and self.noise is None:
-            raise ConfigError("blend_input needs the start noise")
 
     @property
     def stage(self) -> Stage:
@@ -124,62 +161,41 @@ class GuidedModel:
         if self.switch is not None and self.stage_index + 1 < len(self.stages) and self.switch(sigma):
             self.stage_index += 1
             self.switched_at = self.calls
-        if self.mask is not None and self.blend_input and self.calls >= self.blend_from_call:
-            keep = 1 - self.mask.to(x.dtype)
-            x = x * (1 - keep) + (self.init_latent + self.noise * bcast(sigma, x)) * keep
         denoised = self._guided(self.stage, x, sigma, self.calls)
-        if self.mask is not None:
-            mask = self.mask.to(denoised.dtype)
-            denoised = self.init_latent * (1 - mask) + mask * denoised
         self.calls += 1
         return denoised
 
-    def _guided(self, stage: Stage, x: Tensor, sigma: Tensor, call: int) -> Tensor:
-        b = x.shape[0]
-        extra = {} if stage.image_cond is None else {"concat": stage.image_cond}
-        parts = [(part.at(call), w) for part, w in stage.cond.parts]
-        uncond = stage.uncond.parts[0][0].at(call)
-        skip_uncond = stage.cond.simple and self.scale == 1.0
-        if stage.cond.simple and (skip_uncond or parts[0][0]["context"].shape[1] == uncond["context"].shape[1]):
-            guided = cfg_model(stage.denoiser, {**parts[0][0], **extra}, {**uncond, **extra}, self.scale,
-                               self.rescale, self.rescale_space)
-            return guided(x, sigma)
-        n = len(parts)
-        cond_rows = _stack_parts([c for c, _ in parts], b)  # [n * B, ...], part-major
-        uncond_rows = _rows(uncond, b)
+    def _conds(self, stage: Stage, call: int) -> tuple[list[tuple[dict[str, Tensor], float]], dict[str, Tensor]]:
+        parts = [(dict(part.at(call)), w) for part, w in stage.cond.parts]
+        uncond = dict(stage.uncond.parts[0][0].at(call))
+        if len({c["context"].shape[1] for c, _ in parts}) > 1:  # AND parts of different lengths: A1111 stack_conds
+            stacked = stack_contexts([c["context"][0] for c, _ in parts])
+            for i, (c, _) in enumerate(parts):
+                c["context"] = stacked[i : i + 1]
+        if self.pad_empty is not None and parts[0][0]["context"].shape[1] != uncond["context"].shape[1]:
+            padded, uncond["context"] = pad_conds(torch.cat([c["context"] for c, _ in parts]), uncond["context"],
+                                                  self.pad_empty)
+            for i, (c, _) in enumerate(parts):
+                c["context"] = padded[i : i + 1]
+            self.padded = True
         if stage.image_cond is not None:
-            cond_rows["concat"] = stage.image_cond.repeat(n, 1, 1, 1)
-            uncond_rows["concat"] = stage.image_cond
-        x_c, s_c = x.repeat(n, 1, 1, 1), sigma.repeat(n)
-        if cond_rows["context"].shape[1] == uncond_rows["context"].shape[1]:
-            out = stage.denoiser(torch.cat([x_c, x]), torch.cat([s_c, sigma]), **_cat(cond_rows, uncond_rows))
-            cond_out, uncond_out = out[: n * b], out[n * b :]
-        else:
-            cond_out = stage.denoiser(x_c, s_c, **cond_rows)
-            uncond_out = stage.denoiser(x, sigma, **uncond_rows)
-        if self.rescale:  # plain prompt (checked at construction), contexts of different lengths
-            return rescale_cfg(x, sigma, cond_out, uncond_out, self.scale, self.rescale, self.rescale_space)
-        denoised = uncond_out.clone()
-        for i, (_, w) in enumerate(parts):
-            denoised += (cond_out[i * b : (i + 1) * b] - uncond_out) * (w * self.scale)
-        return denoised
+            for c, _ in parts:
+                c["concat"] = stage.image_cond
+            uncond["concat"] = stage.image_cond
+        return parts, uncond
 
-
-def _rows(cond: dict[str, Tensor], b: int) -> dict[str, Tensor]:
-    return {k: v.expand(b, *v.shape[1:]) for k, v in cond.items()}
-
-
-def _stack_parts(conds: list[dict[str, Tensor]], b: int) -> dict[str, Tensor]:
-    """AND parts -> rows [n * B, ...]: contexts padded to one length by repeating the last vector (A1111)."""
-    contexts = stack_contexts([c["context"][0] for c in conds])  # [n, L, D]
-    out = {"context": contexts.repeat_interleave(b, dim=0)}
-    if "y" in conds[0]:
-        out["y"] = torch.cat([c["y"] for c in conds]).repeat_interleave(b, dim=0)
-    return out
-
-
-def _cat(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: torch.cat([a[k], b[k].to(a[k])]) for k in a}
+    def _guided(self, stage: Stage, x: Tensor, sigma: Tensor, call: int) -> Tensor:
+        parts, uncond = self._conds(stage, call)
+        extra = None
+        if self.pass_call:
+            def extra(rows: Tensor) -> dict[str, Any]:
+                n = rows.shape[0] // x.shape[0]
+                return {"call": CallInfo(call, sigma.repeat(n), rows)}
+        denoiser: Denoiser = stage.denoiser
+        for wrapper in reversed(self.wrappers):
+            denoiser = functools.partial(wrapper, denoiser)
+        return guided_call(denoiser, x, sigma, parts, uncond, self.scale, self.rescale, self.rescale_space,
+                           repeat_context=True, extra=extra)
 
 
 def sampler_options(spec: SamplerSpec, eta: float | None = None, s_noise: float | None = None) -> dict[str, Any]:
@@ -198,7 +214,7 @@ def sampler_options(spec: SamplerSpec, eta: float | None = None, s_noise: float 
 
 
 def denoise(
-    model: GuidedModel,
+    model: Model,
     sigmas: Tensor,
     spec: SamplerSpec,
     noise: Tensor,
@@ -214,8 +230,8 @@ def denoise(
 
     txt2img (``init_latent`` None) starts at ``noise * sigmas[0]`` (or the convention's VP scale); img2img and
     inpainting at ``init_latent + noise * sigmas[0]``. Fewer than two sigmas (diffusers' strength 0) returns the
-    init latent unchanged. With a mask in ``model`` the result's kept region is set to the original latent
-    (A1111's ``samples * nmask + init_latent * mask``) unless ``final_blend`` is False.
+    init latent unchanged. When ``model`` is a :class:`~sumie.sampling.guidance.MaskedModel` the result's kept region
+    is set to the original latent (A1111's ``samples * nmask + init_latent * mask``) unless ``final_blend`` is False.
     """
     if sigmas.ndim != 1:
         raise ConfigError("sigmas must be one-dimensional [steps + 1]")
@@ -231,8 +247,7 @@ def denoise(
     else:
         x = init_latent + noise * sigmas[0]
     out = spec(model, x, sigmas, callback=callback, noise_sampler=noise_sampler, **(options or {}))
-    if final_blend and model.mask is not None and model.init_latent is not None:
-        mask = model.mask.to(out.dtype)
-        out = out * mask + model.init_latent * (1 - mask)
+    if final_blend and isinstance(model, MaskedModel):
+        out = model.final(out)
     return out
 

@@ -42,21 +42,23 @@ class HiresPlan:
     steps: int = 0
     strength: float = 0.7
     upscaler: str = "latent"
+    factor: int = 8  # pixels per latent pixel (the VAE's downscale; A1111's opt_f)
 
     @property
     def latent_size(self) -> tuple[int, int]:
         """(h, w) of the second pass's latent after the crop."""
-        return self.upscale_y // 8 - self.truncate_y, self.upscale_x // 8 - self.truncate_x
+        f = self.factor
+        return self.upscale_y // f - self.truncate_y, self.upscale_x // f - self.truncate_x
 
     @property
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the final image."""
         h, w = self.latent_size
-        return w * 8, h * 8
+        return w * self.factor, h * self.factor
 
 
-def plan_hires(width: int, height: int, hires: HiresParams, steps: int) -> HiresPlan:
-    """The second pass of a hires-fix request (A1111 ``calculate_target_resolution``)."""
+def plan_hires(width: int, height: int, hires: HiresParams, steps: int, factor: int = 8) -> HiresPlan:
+    """The second pass of a hires-fix request (A1111 ``calculate_target_resolution``); ``factor``: VAE downscale."""
     if hires.upscaler not in ("latent", "lanczos"):
         raise ConfigError(f"unknown hires upscaler {hires.upscaler!r}; use latent or lanczos")
     if not 0.0 < hires.denoising_strength <= 1.0:
@@ -80,16 +82,16 @@ def plan_hires(width: int, height: int, hires: HiresParams, steps: int) -> Hires
             ux, uy = rx, rx * height // width
         else:
             ux, uy = ry * width // height, ry
-        tx, ty = (ux - rx) // 8, (uy - ry) // 8
-    if ux < 8 or uy < 8:
-        raise ConfigError(f"hires target {ux}x{uy} is too small; use a scale or resize of at least 8 pixels")
+        tx, ty = (ux - rx) // factor, (uy - ry) // factor
+    if ux < factor or uy < factor:
+        raise ConfigError(f"hires target {ux}x{uy} is too small; use a scale or resize of at least {factor} pixels")
     return HiresPlan(width, height, ux, uy, tx, ty, hires.steps or steps, float(hires.denoising_strength),
-                     hires.upscaler)
+                     hires.upscaler, factor)
 
 
 def upscale_latent(latent: Tensor, plan: HiresPlan) -> Tensor:
-    """A1111 "Latent": bilinear [B, C, h, w] -> [B, C, upscale_y // 8, upscale_x // 8], no antialiasing."""
-    size = (plan.upscale_y // 8, plan.upscale_x // 8)
+    """A1111 "Latent": bilinear [B, C, h, w] -> [B, C, upscale_y // f, upscale_x // f], no antialiasing."""
+    size = (plan.upscale_y // plan.factor, plan.upscale_x // plan.factor)
     return F.interpolate(latent, size=size, **LATENT_MODE)  # type: ignore[arg-type]
 
 

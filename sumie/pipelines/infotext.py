@@ -48,7 +48,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,7 @@ _UNSUPPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Hires schedule type", ("Use same scheduler",)), ("Hires checkpoint", ("Use same checkpoint",)),
     ("Sigma churn", ()), ("Sigma tmin", ()), ("Sigma tmax", ()), ("Schedule rho", (0, "0")),
     ("Schedule min sigma", (0, "0")), ("Schedule max sigma", (0, "0")), ("Discard penultimate sigma", ("False",)),
-    ("Emphasis", ("Original",)), ("Pad conds", ("False",)), ("Pad conds v0", ("False",)),
+    ("Emphasis", ("Original",)), ("Pad conds v0", ("False",)),
     ("Old prompt editing timelines", ("False",)), ("Downcast alphas_cumprod", ("False",)),
     ("Refiner switch by sampling steps", ("False",)), ("VAE Encoder", ("Full",)), ("VAE Decoder", ("Full",)),
     ("FP8 weight", ("Disable",)),
@@ -456,12 +456,14 @@ def unsupported_fields(d: Mapping[str, Any]) -> list[str]:
     return notes
 
 
-def params_from_infotext(text: str | Mapping[str, Any]) -> GenerationParams:
+def params_from_infotext(text: str | Mapping[str, Any],
+                         warn: Callable[[str], None] | None = None) -> GenerationParams:
     """GenerationParams from an infotext (or a :func:`parse_infotext` dict), for ``sumie generate --from-png``.
 
     Restores what the text stores: prompts, steps, sampler and schedule, CFG, seeds, size, clip skip, denoising
     strength (img2img: the init image itself is not in the text), hires fix, eta, sigma noise, refiner, and Sumie's
-    own fields. A warning lists fields Sumie cannot apply (e.g. A1111's GPU noise source, a hires prompt).
+    own fields. A warning lists fields Sumie cannot apply (e.g. A1111's GPU noise source, a hires prompt): given to
+    ``warn`` when set, else a Python ``UserWarning``.
     """
     d = parse_infotext(text) if isinstance(text, str) else dict(text)
     sampler = str(d.get("Sampler", GenerationParams.sampler))
@@ -513,9 +515,14 @@ def params_from_infotext(text: str | Mapping[str, Any]) -> GenerationParams:
     if convention not in ("a1111", "diffusers"):
         raise ConfigError(f"infotext field 'Convention' is {convention!r}; use a1111 or diffusers")
     p.convention = convention
+    p.pad_conds = str(d.get("Pad conds", "False")) == "True"
     notes = unsupported_fields(d)
     if notes:
-        warnings.warn("the image will differ: Sumie cannot apply " + "; ".join(notes), UserWarning, stacklevel=2)
+        message = "the image will differ: Sumie cannot apply " + "; ".join(notes)
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=2)
     return p
 
 

@@ -67,6 +67,7 @@ class GenerationParams:
     n_iter: int = 1
     clip_skip: int = 1
     cfg_rescale: float = 0.0
+    pad_conds: bool = False  # A1111 "Pad prompt/negative prompt": pad the shorter with empty chunks (else repetition)
     eta: float | None = None  # ancestral/DDIM eta (None = sampler default)
     s_noise: float | None = None
     eta_noise_seed_delta: int = 0  # A1111 "Eta noise seed delta" (ENSD): generators restart at seed + delta

@@ -36,7 +36,6 @@ __all__ = [
     "empty_chunk",
     "encoder_layer",
     "pad_conds",
-    "pad_conds_v0",
     "stack_contexts",
     "tokenize_prompt",
 ]
@@ -338,37 +337,23 @@ class TextConditioner:
         return self([""])
 
 
-def _with_context(c: Conditioning, context: Tensor) -> Conditioning:
-    return Conditioning(context, c.pooled)
+def pad_conds(cond: Tensor, uncond: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
+    """Contexts [N, L, D] made the same length by appending empty-prompt chunks ``empty`` [1, 77, D] to the shorter.
 
-
-def pad_conds(cond: Conditioning, uncond: Conditioning, empty: Conditioning) -> tuple[Conditioning, Conditioning]:
-    """Make cond and uncond contexts the same length by appending empty-prompt chunks to the shorter one.
-
-    A1111's "Pad prompt/negative prompt" (``pad_cond_uncond``), so both can go through the UNet as one batch.
+    A1111's "Pad prompt/negative prompt" (``pad_cond_uncond``): the padded tokens take part in attention, so the
+    image changes slightly (unlike :func:`sumie.sampling.guidance.repeat_to_common_length`, which changes nothing).
     """
-    chunk = empty.context[:1]  # [1, 77, D]
-    repeats = (cond.context.shape[1] - uncond.context.shape[1]) // chunk.shape[1]
+    chunk = empty[:1]
+    repeats = (cond.shape[1] - uncond.shape[1]) // chunk.shape[1]
 
-    def pad(c: Conditioning, k: int) -> Conditioning:
-        filler = chunk.to(c.context).repeat(c.context.shape[0], k, 1)
-        return _with_context(c, torch.cat([c.context, filler], dim=1))
+    def pad(c: Tensor, k: int) -> Tensor:
+        return torch.cat([c, chunk.to(c).repeat(c.shape[0], k, 1)], dim=1)
 
     if repeats < 0:
         return pad(cond, -repeats), uncond
     if repeats > 0:
         return cond, pad(uncond, repeats)
     return cond, uncond
-
-
-def pad_conds_v0(cond: Conditioning, uncond: Conditioning) -> tuple[Conditioning, Conditioning]:
-    """A1111's older "Pad prompt/negative prompt (v0)": uncond repeats its last vector, or is cut, to cond's length."""
-    u, n = uncond.context, cond.context.shape[1]
-    if u.shape[1] < n:
-        u = torch.cat([u, u[:, -1:].repeat(1, n - u.shape[1], 1)], dim=1)
-    elif u.shape[1] > n:
-        u = u[:, :n]
-    return cond, _with_context(uncond, u)
 
 
 def stack_contexts(contexts: Sequence[Tensor]) -> Tensor:

@@ -4,9 +4,8 @@
   with cond and uncond in one batched network call (uncond rows first, as diffusers orders them), and optional
   CFG rescale (Lin et al. 2023, sec. 3.4).
 * :func:`masked_model` - masked denoising (inpainting with a normal model), ComfyUI's ``KSamplerX0Inpaint``.
-* :func:`step_schedule` - conditioning that changes during sampling (prompt editing ``[a:b:0.5]``, ControlNet step
-  ranges): a cond may be a fixed dict or a callable ``cond_at(sigma) -> dict``; this builds the callable from
-  ``(until_fraction, cond)`` segments.
+* :func:`guided_call` - the one batched CFG evaluation that :class:`CFGDenoiser` and the engine's
+  :class:`~sumie.pipelines.denoise.GuidedModel` (prompt schedules, AND, stages) both use.
 
 CFG rescale, three references and how they relate. Each computes ``cfg = u + s (c - u)`` and replaces it by
 ``r * cfg * std(c) / std(cfg) + (1 - r) * cfg`` (std per sample over all non-batch elements, unbiased), but in a
@@ -23,6 +22,7 @@ CFG itself is the same in every space (it is affine with weights summing to one)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,28 +58,88 @@ def _batch_value(key: str, v: Any, b: int) -> Any:
     return v
 
 
-def _concat(key: str, u: Any, c: Any) -> Any:
-    if isinstance(u, Tensor) and isinstance(c, Tensor):
-        if u.shape[1:] != c.shape[1:]:
-            raise ConfigError(f"cond and uncond {key!r} shapes differ ({tuple(c.shape)} vs {tuple(u.shape)}); "
+def repeat_to_common_length(contexts: Sequence[Tensor]) -> list[Tensor]:
+    """Contexts [B, L_i, D] repeated along L to the least common multiple of their lengths.
+
+    Attention over a token sequence repeated k times equals attention over it once (every key's softmax weight is
+    split k ways), so prompts of different lengths can share one batched call of an attention network (ComfyUI
+    concatenates conds this way). Only valid for networks that read the context through attention alone.
+    """
+    n = math.lcm(*(c.shape[1] for c in contexts))
+    return [c if c.shape[1] == n else c.repeat(1, n // c.shape[1], 1) for c in contexts]
+
+
+def _concat(key: str, values: Sequence[Any], repeat_context: bool) -> Any:
+    first = values[0]
+    if all(isinstance(v, Tensor) for v in values):
+        if key == "context" and repeat_context and len({v.shape[1] for v in values}) > 1:
+            values = repeat_to_common_length(values)
+            first = values[0]
+        if any(v.shape[1:] != first.shape[1:] for v in values):
+            shapes = ", ".join(str(tuple(v.shape)) for v in values)
+            raise ConfigError(f"cond and uncond {key!r} shapes differ ({shapes}); "
                               "pad the shorter prompt to the same number of 77-token chunks")
-        return torch.cat([u, c])
-    if isinstance(u, list | tuple) and isinstance(c, list | tuple) and len(u) == len(c):
-        return type(c)(_concat(key, a, b) for a, b in zip(u, c, strict=True))
-    try:
-        same = u is c or bool(u == c)
-    except (TypeError, ValueError, RuntimeError):
-        same = False
-    if not same:
-        raise ConfigError(f"cond and uncond {key!r} differ and are not tensors; they cannot be batched together")
-    return c
+        return torch.cat([v.to(first) for v in values])
+    if all(isinstance(v, list | tuple) for v in values) and len({len(v) for v in values}) == 1:
+        return type(first)(_concat(key, [v[i] for v in values], repeat_context) for i in range(len(first)))
+    for v in values[1:]:
+        try:
+            same = v is first or bool(v == first)
+        except (TypeError, ValueError, RuntimeError):
+            same = False
+        if not same:
+            raise ConfigError(f"cond and uncond {key!r} differ and are not tensors; they cannot be batched together")
+    return first
 
 
-def batch_conds(uncond: Cond, cond: Cond, b: int) -> dict[str, Any]:
-    """The denoiser kwargs of one batched call: every tensor is ``cat([uncond, cond])`` along the batch."""
-    if set(uncond) != set(cond):
-        raise ConfigError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
-    return {k: _concat(k, _batch_value(k, uncond[k], b), _batch_value(k, cond[k], b)) for k in cond}
+def batch_conds(groups: Sequence[Cond], b: int, repeat_context: bool = False) -> dict[str, Any]:
+    """The denoiser kwargs of one batched call: every tensor of every group, broadcast to b rows, concatenated."""
+    keys = set(groups[0])
+    if any(set(g) != keys for g in groups[1:]):
+        raise ConfigError("cond and uncond need the same keys, got " + " and ".join(str(sorted(g)) for g in groups))
+    return {k: _concat(k, [_batch_value(k, g[k], b) for g in groups], repeat_context) for k in groups[0]}
+
+
+# extra(rows) -> more kwargs for the batched call, given rows [n * B]: 0 = uncond row, k >= 1 = a row of cond k
+ExtraKwargs = Callable[[Tensor], dict[str, Any]]
+
+
+def guided_call(denoiser: Denoiser, x: Tensor, sigma: Tensor, conds: Sequence[tuple[Cond, float]],
+                uncond: Cond | None, scale: float, rescale: float = 0.0, rescale_space: RescaleSpace = "v", *,
+                repeat_context: bool = False, extra: ExtraKwargs | None = None) -> Tensor:
+    """One guided evaluation: every cond and the uncond in one batched denoiser call, then CFG -> x0 [B, ...].
+
+    Rows are ordered cond 1, ..., cond n, uncond (A1111's order); ``x0 = uncond + sum_i w_i * scale * (cond_i -
+    uncond)`` (Ho & Salimans 2022; composable diffusion, Liu et al. 2022, for several weighted conds). A single cond
+    of weight 1 skips the uncond pass at scale 1 or without an uncond. ``repeat_context`` lets contexts of different
+    lengths share the call (:func:`repeat_to_common_length`).
+    """
+    b = x.shape[0]
+    if sigma.ndim == 0:
+        sigma = sigma.expand(b)
+    simple = len(conds) == 1 and conds[0][1] == 1.0
+    with_uncond = uncond is not None and not (simple and scale == 1.0)
+    if not with_uncond and not simple:
+        raise ConfigError("weighted or several conds need an uncond to guide against")
+    if rescale and not simple:
+        raise ConfigError("CFG rescale does not combine with AND; drop one of them")
+    groups = [c for c, _ in conds] + ([uncond] if with_uncond else [])  # type: ignore[list-item]
+    n = len(groups)
+    kwargs = batch_conds(groups, b, repeat_context)
+    if extra is not None:
+        labels = [k + 1 for k in range(len(conds))] + ([0] if with_uncond else [])
+        kwargs.update(extra(torch.tensor(labels, device=x.device).repeat_interleave(b)))
+    reps = (n,) + (1,) * (x.ndim - 1)
+    out = denoiser(x.repeat(reps), sigma.repeat(n), **kwargs)
+    if not with_uncond:
+        return out
+    uncond_out = out[len(conds) * b :]
+    if rescale:
+        return rescale_cfg(x, sigma, out[:b], uncond_out, scale, rescale, rescale_space)
+    denoised = uncond_out.clone()
+    for i, (_, w) in enumerate(conds):
+        denoised += (out[i * b : (i + 1) * b] - uncond_out) * (w * scale)
+    return denoised
 
 
 def _to_space(space: RescaleSpace, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
@@ -114,10 +174,10 @@ def rescale_cfg(x: Tensor, sigma: Tensor, cond_x0: Tensor, uncond_x0: Tensor, sc
 class CFGDenoiser:
     """Classifier-free guidance, Ho & Salimans 2022: ``model(x, sigma) -> uncond + scale * (cond - uncond)``.
 
-    One denoiser call per evaluation: x, sigma and every cond tensor are concatenated along the batch with the
-    uncond rows first (diffusers' order; A1111 puts them last - only the row order of the call differs). With
-    ``scale == 1`` or ``uncond is None`` the uncond pass is skipped entirely (a batch of B, not 2B).
-    ``cond``/``uncond`` may be callables ``cond_at(sigma) -> dict`` (see :func:`step_schedule`).
+    One denoiser call per evaluation (:func:`guided_call`): x, sigma and every cond tensor are concatenated along the
+    batch, cond rows first and uncond rows last (A1111's order; diffusers puts uncond first - only the row order of
+    the call differs). With ``scale == 1`` or ``uncond is None`` the uncond pass is skipped entirely (a batch of B,
+    not 2B). ``cond``/``uncond`` may be callables ``cond_at(sigma) -> dict``.
     """
 
     denoiser: Denoiser
@@ -135,18 +195,11 @@ class CFGDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x [B, ...] at noise level sigma [B] -> guided x0 [B, ...]."""
-        b = x.shape[0]
         if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        cond = _resolve(self.cond, sigma)
-        if self.uncond is None or self.scale == 1.0:
-            return self.denoiser(x, sigma, **{k: _batch_value(k, v, b) for k, v in cond.items()})
-        kwargs = batch_conds(_resolve(self.uncond, sigma), cond, b)
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kwargs)
-        uncond_x0, cond_x0 = out[:b], out[b:]
-        if self.rescale:
-            return rescale_cfg(x, sigma, cond_x0, uncond_x0, self.scale, self.rescale, self.rescale_space)
-        return uncond_x0 + (cond_x0 - uncond_x0) * self.scale
+            sigma = sigma.expand(x.shape[0])
+        uncond = None if self.uncond is None else _resolve(self.uncond, sigma)
+        return guided_call(self.denoiser, x, sigma, [(_resolve(self.cond, sigma), 1.0)], uncond, self.scale,
+                           self.rescale, self.rescale_space)
 
 
 def cfg_model(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float,
@@ -160,24 +213,31 @@ class MaskedModel:
     """Masked denoising, ComfyUI's ``KSamplerX0Inpaint``: only where ``mask`` is 1 is the image generated.
 
     ``mask`` is 1 where to denoise (ComfyUI's denoise_mask, A1111's ``nmask``) and 0 where the original
-    ``init_latent`` is kept; values in between blend. Before each model call the kept region of the model input is
-    replaced by the original re-noised to the current level, ``init_latent + noise * sigma`` (``noise`` is the
-    unscaled initial noise, reused at every step as ComfyUI does); after it, the kept region of the prediction is
-    replaced by ``init_latent``. A1111's k-diffusion samplers blend only the prediction: ``blend_input=False``.
+    ``init_latent`` is kept; values in between blend. Before each model call (from call ``blend_from_call`` on) the
+    kept region of the model input is replaced by the original re-noised to the current level, ``init_latent + noise
+    * sigma`` (``noise`` is the unscaled initial noise, reused at every step as ComfyUI does; diffusers' per-step
+    blend is the same for one-call-per-step samplers, and skips the first call when it starts from pure noise); after
+    it, the kept region of the prediction is replaced by ``init_latent``. A1111's k-diffusion samplers blend only the
+    prediction: ``blend_input=False`` (then ``noise`` may be None).
     """
 
     model: Model
     mask: Tensor
     init_latent: Tensor
-    noise: Tensor
+    noise: Tensor | None = None
     blend_input: bool = True
+    blend_from_call: int = 0
+    calls: int = 0
 
     def __post_init__(self) -> None:
+        if self.blend_input and self.noise is None:
+            raise ConfigError("blending the model input needs the start noise")
+        shapes = [self.mask.shape, self.init_latent.shape] + ([self.noise.shape] if self.noise is not None else [])
         try:
-            shape = torch.broadcast_shapes(self.mask.shape, self.init_latent.shape, self.noise.shape)
+            shape = torch.broadcast_shapes(*shapes)
         except RuntimeError as e:
             raise ConfigError(f"mask {tuple(self.mask.shape)}, init latent {tuple(self.init_latent.shape)} and "
-                              f"noise {tuple(self.noise.shape)} do not broadcast together") from e
+                              f"noise do not broadcast together") from e
         if shape != self.init_latent.shape:
             raise ConfigError(f"mask {tuple(self.mask.shape)} must broadcast to the latent "
                               f"{tuple(self.init_latent.shape)}, e.g. [B, 1, H, W]")
@@ -188,54 +248,18 @@ class MaskedModel:
             raise ConfigError(f"x {tuple(x.shape)} does not match the init latent {tuple(self.init_latent.shape)}")
         mask = self.mask.to(x.dtype)
         keep = 1 - mask
-        if self.blend_input:
-            x = x * mask + (self.init_latent + self.noise * bcast(sigma, x)) * keep
+        if self.blend_input and self.calls >= self.blend_from_call:
+            x = x * mask + (self.init_latent + self.noise * bcast(sigma, x)) * keep  # type: ignore[operator]
+        self.calls += 1
         return self.model(x, sigma) * mask + self.init_latent * keep
 
+    def final(self, x: Tensor) -> Tensor:
+        """The finished latent with the kept region set to the original (A1111 ``samples * nmask + init * mask``)."""
+        mask = self.mask.to(x.dtype)
+        return x * mask + self.init_latent * (1 - mask)
 
-def masked_model(model: Model, mask: Tensor, init_latent: Tensor, noise: Tensor,
-                 blend_input: bool = True) -> MaskedModel:
+
+def masked_model(model: Model, mask: Tensor, init_latent: Tensor, noise: Tensor | None,
+                 blend_input: bool = True, blend_from_call: int = 0) -> MaskedModel:
     """Inpainting with a normal model, ComfyUI's ``KSamplerX0Inpaint`` semantics; see :class:`MaskedModel`."""
-    return MaskedModel(model, mask, init_latent, noise, blend_input)
-
-
-@dataclass(frozen=True)
-class StepSchedule:
-    """``cond_at(sigma)``: the cond of the segment holding the step that ``sigma`` falls in.
-
-    Step i covers the noise levels in (sigmas[i + 1], sigmas[i]] (second-order samplers' intermediate evaluations
-    count with the step they belong to). Segment j, ``(until_j, cond_j)``, holds steps i with
-    ``until_{j-1} * N <= i < until_j * N`` for N steps: ``[a:b:0.5]`` at 20 steps is a for steps 0-9, b for 10-19
-    (A1111 switches one model call later, after ``int(0.5 * 20)`` = 10 completed calls). All images of a batch share
-    the step (sumie's samplers give every image the same sigma); the first sigma decides.
-    """
-
-    sigmas: Tensor
-    segments: tuple[tuple[float, Cond], ...]
-
-    def step(self, sigma: Tensor | float) -> int:
-        """Index of the step (0 .. N - 1) that a noise level belongs to."""
-        s = float(sigma.reshape(-1)[0]) if isinstance(sigma, Tensor) else float(sigma)
-        n = self.sigmas.shape[0] - 1
-        above = int((self.sigmas[:n] >= s * (1 - 1e-6)).sum())
-        return min(max(above - 1, 0), n - 1)
-
-    def __call__(self, sigma: Tensor) -> Cond:
-        """The cond for the step of ``sigma``."""
-        i, n = self.step(sigma), self.sigmas.shape[0] - 1
-        for until, cond in self.segments:
-            if i < until * n:
-                return cond
-        return self.segments[-1][1]
-
-
-def step_schedule(segments: Sequence[tuple[float, Cond]], sigmas: Tensor) -> StepSchedule:
-    """Cond switching at fractions of the steps: ``[(0.5, cond_a), (1.0, cond_b)]`` for ``[a:b:0.5]``."""
-    if not segments:
-        raise ConfigError("a step schedule needs at least one (until_fraction, cond) segment")
-    untils = [float(u) for u, _ in segments]
-    if any(b <= a for a, b in zip(untils[:-1], untils[1:], strict=True)) or untils[0] <= 0 or untils[-1] < 1:
-        raise ConfigError(f"step schedule fractions must increase from > 0 and end at >= 1, got {untils}")
-    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise ConfigError("a step schedule needs the sampler's sigmas [N + 1]")
-    return StepSchedule(sigmas.detach().cpu().double(), tuple((float(u), c) for u, c in segments))
+    return MaskedModel(model, mask, init_latent, noise, blend_input, blend_from_call)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -53,17 +52,18 @@ class BrownianNoise:
         import torchsde
 
         self.device, self.dtype = torch.device(device), dtype
-        t0, t1 = float(sigma_min), float(sigma_max)
+        t0, t1 = torch.tensor(float(sigma_min)), torch.tensor(float(sigma_max))
+        self.t0, self.t1 = float(t0), float(t1)  # the float32 ends the trees keep
         w0 = torch.zeros(tuple(shape), dtype=torch.float32)
-        self.trees = [torchsde.BrownianTree(torch.tensor(t0), w0, torch.tensor(t1), entropy=int(s)) for s in seeds]
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
 
     def __call__(self, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
         """Normalised Brownian increment between two noise levels [B, *shape]."""
         a, b = float(sigma), float(sigma_next)
         lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
-        with warnings.catch_warnings():
-            # torchsde warns when a float64 sigma lies a rounding error outside the float32 tree ends (as in
-            # k-diffusion); the increment it returns is the same.
-            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
-            w = torch.stack([tree(torch.tensor(lo), torch.tensor(hi)) for tree in self.trees]) * sign
+        # a float64 sigma can lie a rounding error outside the float32 tree ends: torchsde would warn and clamp
+        # (k-diffusion lets it); clamping here gives the same increment without touching the warning filters
+        qlo = min(max(float(torch.tensor(lo)), self.t0), self.t1)
+        qhi = min(max(float(torch.tensor(hi)), self.t0), self.t1)
+        w = torch.stack([tree(qlo, qhi) for tree in self.trees]) * sign
         return (w / abs(hi - lo) ** 0.5).to(device=self.device, dtype=self.dtype)

@@ -117,9 +117,15 @@ def build_models(cfg: TrainConfig) -> TrainModels:
     the UNet trains, the text encoders too when ``train_text_encoder`` (default: from scratch yes, fine-tuning no),
     the VAE is frozen.
     """
+    # the LDM inits draw from torch's global generator: seed it inside a fork, so the caller's state is untouched
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        return _build_models(cfg)
+
+
+def _build_models(cfg: TrainConfig) -> TrainModels:
     m, t = cfg.model, cfg.train
     device = t.device
-    torch.manual_seed(t.seed)
     sources: dict[str, str] = {}
     if m.init_from is not None:
         from sumie.checkpoints.loader import load_models

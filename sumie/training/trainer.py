@@ -108,8 +108,6 @@ class Trainer:
         if resume is None and list_checkpoints(self.out):
             raise ConfigError(f"{self.out} already holds checkpoints of a run; continue it with --resume "
                               f"(Trainer(resume=...)) or set another [output] dir")
-        if t.threads:
-            torch.set_num_threads(t.threads)
         self.data = data if data is not None else make_data(cfg)
         self.models: TrainModels = build_models(cfg)
         factor = self.models.vae.downscale

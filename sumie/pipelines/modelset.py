@@ -1,0 +1,53 @@
+"""One loaded checkpoint as the passes use it: its prompt encoder, its training schedule and its denoiser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from sumie.checkpoints.loader import StableDiffusionModels
+from sumie.pipelines.denoise import ModelHooks, UNetNetwork
+from sumie.pipelines.scheduled_conds import PromptEncoder
+from sumie.prompts.embeddings import EmbeddingLibrary
+from sumie.prompts.text_conditioning import ConditioningOptions, TextConditioner
+from sumie.prompts.tokenizer import CLIPTokenizer
+from sumie.sampling.conventions import Convention, convention_denoiser
+from sumie.sampling.denoisers import EpsDenoiser
+from sumie.sampling.discretization import DiscreteSigmas
+
+__all__ = ["ModelSet"]
+
+
+class ModelSet:
+    """A checkpoint's networks with its prompt encoder and denoiser factory (the base model or a refiner)."""
+
+    def __init__(self, models: StableDiffusionModels, tokenizer: CLIPTokenizer,
+                 embeddings: EmbeddingLibrary | None) -> None:
+        self.models = models
+        self.tokenizer = tokenizer
+        self.embeddings = embeddings
+        self.discretization = DiscreteSigmas.from_betas(zero_terminal_snr=models.zero_terminal_snr)
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's file or folder name without extension (A1111's model name)."""
+        return Path(self.models.source).stem
+
+    def conditioner(self, clip_skip: int) -> TextConditioner:
+        """The text encoders with A1111's clip skip."""
+        return TextConditioner(self.models.config, self.models.text_encoders, self.embeddings,
+                               ConditioningOptions(clip_skip=clip_skip), tokenizer=self.tokenizer)
+
+    def encoder(self, clip_skip: int) -> PromptEncoder:
+        """A prompt encoder (schedules, AND, SDXL size conditioning) with A1111's clip skip."""
+        return PromptEncoder(self.models.config, self.conditioner(clip_skip))
+
+    def empty_chunk(self, clip_skip: int) -> Tensor:
+        """The empty prompt's context [1, 77, D] (A1111 ``cond_stage_model_empty_prompt``, for padding)."""
+        return self.conditioner(clip_skip).empty().context
+
+    def denoiser(self, convention: Convention, sigmas: Tensor, hooks: ModelHooks | None = None) -> EpsDenoiser:
+        """The x0 denoiser of this model's UNet (with the request's hooks) under a timestep convention."""
+        network = UNetNetwork(self.models.unet, hooks)  # the UNet may have been swapped (tests spy on it)
+        return convention_denoiser(self.models.config.prediction, network, self.discretization, convention, sigmas)
