@@ -1,6 +1,6 @@
 """Does a model place a shape where the prompt says? A picture for the sumie-tiny model card.
 
-    python scripts/sumie-tiny-position-probe.py [--model FILE] -o docs/img/position-probe.png
+    python scripts/sumie-tiny-position-probe.py [--model FILE] -o docs/img/sumie-tiny-position-probe.png
 
 Columns: the 9 positions of "a large blue square <position> on a white background". Top two rows: the model's x0
 prediction at t = 999 (pure noise in, where a zero-terminal-SNR model decides the layout) for two noise seeds, the

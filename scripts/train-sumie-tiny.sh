@@ -12,16 +12,16 @@ run_stage() {  # config, run folder, exported file
   if [ -f "$R/runs/$2/$3" ]; then echo "$R/runs/$2/$3 exists; stage done"; return; fi
   if ls -d "$R/runs/$2"/checkpoints/step_* >/dev/null 2>&1; then "$SUMIE" train "$R/$1" --resume; else "$SUMIE" train "$R/$1"; fi
 }
-run_stage vae.toml sumie-tiny-vae-b vae.safetensors
-run_stage diffusion.toml sumie-tiny model.safetensors
-run_stage diffusion-2.toml sumie-tiny-2 model.safetensors
-run_stage diffusion-3.toml sumie-tiny-3 model.safetensors
-run_stage diffusion-4.toml sumie-tiny-4 model.safetensors
-run_stage diffusion-5.toml sumie-tiny-5 model.safetensors
-run_stage diffusion-6.toml sumie-tiny-6 model.safetensors
-run_stage diffusion-7.toml sumie-tiny-7 model.safetensors
-run_stage diffusion-8.toml sumie-tiny-8 model.safetensors
-run_stage vae-decoder.toml sumie-tiny-vae-c vae.safetensors
+run_stage stage-01-vae.toml sumie-tiny-vae-b vae.safetensors
+run_stage stage-02-diffusion.toml sumie-tiny model.safetensors
+run_stage stage-03-continue.toml sumie-tiny-2 model.safetensors
+run_stage stage-04-continue.toml sumie-tiny-3 model.safetensors
+run_stage stage-05-timestep-bias.toml sumie-tiny-4 model.safetensors
+run_stage stage-06-foreground-2.toml sumie-tiny-5 model.safetensors
+run_stage stage-07-bias-halved.toml sumie-tiny-6 model.safetensors
+run_stage stage-08-repeat.toml sumie-tiny-7 model.safetensors
+run_stage stage-09-two-objects.toml sumie-tiny-8 model.safetensors
+run_stage stage-10-vae-decoder.toml sumie-tiny-vae-c vae.safetensors
 B="$R/runs/sumie-tiny-8/model-vae-c.safetensors"
 M="$R/runs/sumie-tiny-8/model-v6.safetensors"
 "$SUMIE" bake-vae "$R/runs/sumie-tiny-8/model.safetensors" "$R/runs/sumie-tiny-vae-c/vae.safetensors" -o "$B" --overwrite

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import statistics
 from pathlib import Path
 
@@ -620,16 +621,55 @@ def test_decoder_only_needs_a_trained_vae(shapes: Path, tmp_path: Path) -> None:
         make_config(tmp_path, shapes, model={"vae_from": "x.safetensors"}, train={"train_vae_encoder": False})
 
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "sumie-tiny").glob("*.toml"))
+TINY_RECIPES = Path(__file__).parent.parent / "recipes" / "sumie-tiny"
+RECIPES = sorted(TINY_RECIPES.rglob("*.toml"))  # the stages, and experiments/ (tried, not shipped)
+STAGES = [p for p in RECIPES if p.parent == TINY_RECIPES]
+TRAIN_SCRIPT = Path(__file__).parent.parent / "scripts" / "train-sumie-tiny.sh"
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def _export_path(cfg: TrainConfig) -> Path:
+    """Where a run writes its final file (Trainer.export): ``[output] export``, vae.safetensors for a VAE run."""
+    name = cfg.output.export
+    if cfg.train.what == "vae" and name == "model.safetensors":
+        name = "vae.safetensors"
+    return (cfg.output.dir / name).resolve()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.relative_to(TINY_RECIPES).as_posix() for p in RECIPES])
 def test_shipped_recipes_are_valid_configs(recipe: Path) -> None:
     cfg = load_config(recipe)
-    assert cfg.output.dir.parent.name == "runs" and cfg.train.steps > 0
+    runs = (TINY_RECIPES / "runs").resolve()  # paths are relative to the recipe's folder: experiments/ uses ../runs
+    assert cfg.output.dir.resolve().parent == runs and cfg.train.steps > 0
+    for source in (cfg.model.init_from, cfg.model.vae_from):
+        assert source is None or source.resolve().parent.parent == runs
     if cfg.train.what == "diffusion":  # every diffusion stage starts from a trained VAE or an earlier export
         assert cfg.model.vae_from is not None or cfg.model.init_from is not None
+    stage = int(re.fullmatch(r"stage-(\d\d)-[a-z0-9-]+", recipe.stem).group(1))  # type: ignore[union-attr]
+    header = recipe.read_text(encoding="utf-8")
+    assert header.startswith(f"# Stage {stage} of sumie-tiny")  # the file name's stage is the one it describes
+    assert f"#   sumie train {recipe.relative_to(TINY_RECIPES.parent.parent).as_posix()}\n" in header
 
 
 def test_recipes_are_found() -> None:
-    assert len(RECIPES) >= 11
+    numbers = [int(p.name[6:8]) for p in STAGES]
+    assert numbers == list(range(1, 11)) and len(RECIPES) >= 11
+
+
+def test_training_script_chains_the_stages() -> None:
+    """scripts/train-sumie-tiny.sh runs every stage in order, and each reads only what an earlier stage wrote."""
+    text = TRAIN_SCRIPT.read_text(encoding="utf-8")
+    calls = re.findall(r"^run_stage (\S+) (\S+) (\S+)$", text, re.M)
+    assert [name for name, _, _ in calls] == [p.name for p in STAGES]
+    runs = TINY_RECIPES / "runs"
+    written: set[Path] = set()
+    for name, folder, file in calls:
+        cfg = load_config(TINY_RECIPES / name)
+        for source in (cfg.model.init_from, cfg.model.vae_from):
+            assert source is None or source.resolve() in written, f"{name} reads {source}, no earlier stage writes it"
+        assert _export_path(cfg) == (runs / folder / file).resolve()  # the file the script checks for "stage done"
+        written.add(_export_path(cfg))
+    written |= {(runs / p).resolve() for p in re.findall(r'"\$R/runs/([^"]+\.safetensors)"', text)}  # bake, convert
+    for recipe in RECIPES:
+        if recipe not in STAGES:  # an experiment starts from a file the script makes
+            cfg = load_config(recipe)
+            assert all(s is None or s.resolve() in written for s in (cfg.model.init_from, cfg.model.vae_from))
