@@ -51,6 +51,7 @@ from torch import Tensor
 
 from sumie.checkpoints.embedded import resolve_model
 from sumie.checkpoints.loader import StableDiffusionModels, load_models
+from sumie.checkpoints.manager import ModelManager
 from sumie.errors import ConfigError
 from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
@@ -246,7 +247,7 @@ class Engine:
 
     def __init__(self, models: StableDiffusionModels, *, tokenizer: CLIPTokenizer | None = None,
                  embeddings: EmbeddingLibrary | None = None, embeddings_dir: str | Path | None = None,
-                 taesd: TAESD | None = None) -> None:
+                 taesd: TAESD | None = None, manager: ModelManager | None = None) -> None:
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         if embeddings is None and self.embeddings_dir is not None:
@@ -254,7 +255,8 @@ class Engine:
         self.base = _ModelSet(models, self.tokenizer, embeddings)
         self.taesd = taesd
         self.show_progress: bool | None = None
-        self._refiners: dict[str, _ModelSet] = {}
+        unet = next(models.unet.parameters())  # without a shared manager the engine keeps its last refiner only
+        self.manager = manager or ModelManager(device=unet.device, dtype=unet.dtype, max_models=1)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -278,16 +280,15 @@ class Engine:
         return next(self.models.unet.parameters()).device
 
     def refiner(self, model: str | Path) -> _ModelSet:
-        """The refiner checkpoint (loaded on first use with the base model's dtype and device, then kept)."""
-        key = str(model)
-        if key not in self._refiners:
-            dtype = next(self.models.unet.parameters()).dtype
-            refined = load_models(key, dtype=dtype, device=self.device)
+        """The refiner checkpoint with its prompt encoder: an entry of the model manager (loaded on first use,
+        evicted like any other model)."""
+        def build(refined: StableDiffusionModels) -> _ModelSet:
             emb = None
             if self.embeddings_dir is not None:
                 emb = EmbeddingLibrary.from_folder(self.embeddings_dir, refined.config, self.tokenizer)
-            self._refiners[key] = _ModelSet(refined, self.tokenizer, emb)
-        return self._refiners[key]
+            return _ModelSet(refined, self.tokenizer, emb)
+
+        return self.manager.derived("checkpoint", model, ("engine refiner", str(self.embeddings_dir)), build)
 
     @property
     def default_cfg_scale(self) -> float:
