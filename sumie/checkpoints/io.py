@@ -184,13 +184,19 @@ def file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return read_safetensors_header(p)[1] if p.suffix.lower() in SAFETENSORS_EXT else {}
 
 
-def model_hash(path: str | os.PathLike[str]) -> str:
-    """A1111's model hash: the first 10 hex digits of the file's SHA-256."""
+def file_sha256(path: str | os.PathLike[str], start: int = 0) -> str:
+    """SHA-256 (64 hex digits) of a file's bytes from ``start`` to the end, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:10]
+    return h.hexdigest()
+
+
+def model_hash(path: str | os.PathLike[str]) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256 (uncached; see :mod:`.hashes`)."""
+    return file_sha256(path)[:10]
 
 
 def legacy_model_hash(path: str | os.PathLike[str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -153,11 +153,14 @@ def load_models(
     device: torch.device | str = "cpu",
     prediction: str | None = None,
     vae: str | os.PathLike[str] | None = None,
+    file_hash: str | Callable[[Path], str | None] | None = None,
 ) -> StableDiffusionModels:
     """Load a single-file checkpoint or a diffusers folder; ``vae`` replaces the built-in VAE with a file.
 
     ``dtype``: one run dtype for every network, or a :class:`~sumie.checkpoints.precision.Precision` with the text
-    encoders' and the VAE's own (an SDXL VAE stays in float32 when the rest runs in float16).
+    encoders' and the VAE's own (an SDXL VAE stays in float32 when the rest runs in float16). ``file_hash``: the
+    file's A1111 model hash, or a function giving it (e.g. a cached
+    :meth:`~sumie.checkpoints.hashes.FileHashes.model_hash`); None hashes the whole file here.
     """
     precision = Precision.of(dtype)
     pred = _check_prediction(prediction)
@@ -170,7 +173,8 @@ def load_models(
         meta = file_metadata(p)
         det = split_checkpoint(sd, str(p), pred, read_prediction_from_yaml(p), metadata=meta)
         del sd
-        models = _assemble(det, str(p), device, precision, source=str(p), hash=model_hash(p),
+        digest = file_hash(p) if callable(file_hash) else file_hash if file_hash is not None else model_hash(p)
+        models = _assemble(det, str(p), device, precision, source=str(p), hash=digest,
                            native_size=_metadata_size(meta), cfg_scale=_metadata_cfg(meta))
     if vae is not None:
         models.vae = load_vae(vae, dtype=precision.vae_dtype(models.config.family), device=device,

@@ -254,7 +254,7 @@ def _build_params(args: argparse.Namespace, mode: str) -> tuple[GenerationParams
             p.hires = dataclasses.replace(p.hires or HiresParams(), **given)  # type: ignore[arg-type]
     if args.refiner is not None:
         p.refiner = RefinerParams(model=args.refiner)
-    elif p.refiner is not None:
+    elif p.refiner is not None and not args.models_dir:  # with --models-dir, _resolve_models looks it up by name
         raise ConfigError(f"the image was refined with '{p.refiner.model}'; pass --refiner PATH to that checkpoint")
     if args.refiner_switch_at is not None:
         if p.refiner is None:
@@ -393,6 +393,35 @@ def _check_model_hash(fields: dict[str, object] | None, engine: object) -> None:
               "differ")
 
 
+def _resolve_models(args: argparse.Namespace, p: GenerationParams, fields: dict[str, object] | None) -> (
+        tuple[object, object, object, object]):
+    """(model, vae, embeddings folder, manager or None): with --models-dir, names are looked up there (paths work as
+    before), the --from-png image's model is found by its "Model hash" and its refiner by name."""
+    if not args.models_dir:
+        return args.model, args.vae, args.embeddings, None
+    from sumie.checkpoints.hashes import FileHashes, default_cache_path
+    from sumie.checkpoints.manager import ModelFolders, ModelManager
+    from sumie.errors import ConfigError
+
+    folders = ModelFolders(args.models_dir)
+    manager = ModelManager(folders, hashes=FileHashes(default_cache_path()))
+    model = args.model
+    if model is None and fields and fields.get("Model hash"):
+        model = manager.find_by_hash("checkpoint", str(fields["Model hash"]))  # None: the default model, and a warning
+    if p.refiner is not None:
+        try:
+            p.refiner.model = str(manager.resolve("checkpoint", p.refiner.model))
+        except ConfigError as e:
+            if args.refiner is not None:
+                raise
+            raise ConfigError(f"the image was refined with '{p.refiner.model}': {e}; pass --refiner") from None
+    embeddings = args.embeddings
+    if embeddings is None:
+        embeddings = next(iter(folders.dirs("embedding")), None)
+    return (manager.resolve("checkpoint", model), manager.resolve("vae", args.vae) if args.vae else None,
+            embeddings, manager)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """txt2img, img2img, inpainting or outpainting (``args.mode``): images with their infotexts as PNGs."""
     return _generate(args)
@@ -409,10 +438,16 @@ def _generate(args: argparse.Namespace) -> int:
         _warn("--preview without --taesd FILE decodes previews with the full VAE (slower)")
     _init_images(args, mode, p)
     outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite, args.format, args.quality)
-    engine = sumie.load(args.model, dtype=dtype, device=device, vae=args.vae, prediction=args.prediction,
-                        embeddings_dir=args.embeddings, taesd=args.taesd)
+    model, vae, embeddings, manager = _resolve_models(args, p, fields)
+    from sumie.checkpoints.hashes import FileHashes, default_cache_path
+
+    hashes = manager.hashes if manager is not None else FileHashes(default_cache_path())  # type: ignore[attr-defined]
+    engine = sumie.load(model, dtype=dtype, device=device, vae=vae, prediction=args.prediction,  # type: ignore
+                        embeddings_dir=embeddings, taesd=args.taesd, file_hash=hashes.model_hash,
+                        manager=manager)
     engine.show_progress = False if args.quiet else None  # tqdm on stderr when it is a terminal
     _check_model_hash(fields, engine)
+
     def show(event: object) -> None:
         if getattr(event, "preview", None):
             outputs.preview(event.preview)  # type: ignore[attr-defined]
@@ -523,12 +558,18 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
                        help=_none_default("second-pass denoising strength", 0.7))
         h.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help=_none_default("upscaler", "latent"))
     r = p.add_argument_group("SDXL refiner")
-    r.add_argument("--refiner", metavar="PATH", help="refiner checkpoint that takes over at --refiner-switch-at")
+    r.add_argument("--refiner", metavar="PATH", help="refiner checkpoint that takes over at --refiner-switch-at "
+                   "(a path, or a name in --models-dir)")
     r.add_argument("--refiner-switch-at", type=float, metavar="X", help=_none_default("fraction of the steps", 0.8))
     m = p.add_argument_group("model")
     m.add_argument("--model", metavar="PATH",
-                   help="checkpoint file or diffusers folder (default: the embedded 64-px model sumie-tiny)")
-    m.add_argument("--vae", metavar="PATH", help="standalone VAE replacing the checkpoint's")
+                   help="checkpoint file or diffusers folder, or a name in --models-dir (default: the embedded 64-px "
+                        "model sumie-tiny; with --from-png and --models-dir: the image's model, found by its hash)")
+    m.add_argument("--vae", metavar="PATH",
+                   help="standalone VAE replacing the checkpoint's (or a name in --models-dir)")
+    m.add_argument("--models-dir", metavar="DIR",
+                   help="AUTOMATIC1111 or ComfyUI folder (or its models/ folder) where --model, --vae and --refiner "
+                        "are looked up by name; --embeddings defaults to its embeddings folder")
     m.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     m.add_argument("--dtype", choices=list(_DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
     m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")

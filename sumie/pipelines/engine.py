@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from torch import Tensor
 from sumie.adapters.patcher import ModelPatcher
 from sumie.checkpoints.embedded import resolve_model
 from sumie.checkpoints.loader import StableDiffusionModels, load_models
+from sumie.checkpoints.manager import ModelManager
 from sumie.checkpoints.precision import Precision
 from sumie.errors import ConfigError
 from sumie.models.taesd import TAESD
@@ -120,7 +121,7 @@ class Engine:
 
     def __init__(self, models: StableDiffusionModels, *, tokenizer: CLIPTokenizer | None = None,
                  embeddings: EmbeddingLibrary | None = None, embeddings_dir: str | Path | None = None,
-                 taesd: TAESD | None = None) -> None:
+                 taesd: TAESD | None = None, manager: ModelManager | None = None) -> None:
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         if embeddings is None and self.embeddings_dir is not None:
@@ -129,8 +130,12 @@ class Engine:
         self.taesd = taesd
         self.show_progress: bool | None = None
         self.extra_networks: dict[str, ExtraNetworkHandler] = {}
-        self._refiners: dict[str, ModelSet] = {}
         self._patcher: ModelPatcher | None = None
+        # refiners come from the model manager, with the base model's dtypes; without a shared manager the engine
+        # keeps its last refiner only
+        te = next(models.text_encoders[0].parameters()).dtype if models.text_encoders else None
+        precision = Precision(next(models.unet.parameters()).dtype, te, models.vae.dtype)
+        self.manager = manager or ModelManager(device=self.device, dtype=precision, max_models=1)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -161,18 +166,15 @@ class Engine:
         return next(self.models.unet.parameters()).device
 
     def refiner(self, model: str | Path) -> ModelSet:
-        """The refiner checkpoint (loaded on first use with the base model's dtypes and device, then kept)."""
-        key = str(model)
-        if key not in self._refiners:
-            m = self.models
-            precision = Precision(next(m.unet.parameters()).dtype, next(m.text_encoders[0].parameters()).dtype,
-                                  m.vae.dtype)
-            refined = load_models(key, dtype=precision, device=self.device)
+        """The refiner checkpoint with its prompt encoder: an entry of the model manager (loaded on first use,
+        evicted like any other model)."""
+        def build(refined: StableDiffusionModels) -> ModelSet:
             emb = None
             if self.embeddings_dir is not None:
                 emb = EmbeddingLibrary.from_folder(self.embeddings_dir, refined.config, self.tokenizer)
-            self._refiners[key] = ModelSet(refined, self.tokenizer, emb)
-        return self._refiners[key]
+            return ModelSet(refined, self.tokenizer, emb)
+
+        return self.manager.derived("checkpoint", model, ("engine refiner", str(self.embeddings_dir)), build)
 
     @property
     def default_cfg_scale(self) -> float:
@@ -346,20 +348,23 @@ class Engine:
 def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = torch.float32,
          device: torch.device | str = "cpu", vae: str | Path | None = None, prediction: str | None = None,
          embeddings_dir: str | Path | None = None, taesd: str | Path | None = None,
-         vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None) -> Engine:
+         vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
+         file_hash: str | Callable[[Path], str] | None = None, manager: ModelManager | None = None) -> Engine:
     """Load a checkpoint (single file or diffusers folder) into an :class:`Engine`.
 
     ``model``: a path, or None / ``"sumie-tiny"`` for the embedded default model (64 px, trained by Sumie);
     ``dtype``: the run dtype (``vae_dtype`` / ``text_encoder_dtype`` override it per network; an SDXL VAE stays in
     float32 under float16 unless told otherwise); ``vae``: a standalone VAE file replacing the built-in one;
     ``prediction``: force "eps" or "v"; ``embeddings_dir``: textual-inversion embeddings; ``taesd``: a TAESD
-    (decoder) file for previews.
+    (decoder) file for previews; ``file_hash``: the model hash or a (cached) function giving it, instead of hashing
+    the whole file; ``manager``: a shared model manager (refiners are loaded through it).
     """
     precision = Precision.of(dtype)
     if vae_dtype is not None or text_encoder_dtype is not None:
         precision = dataclasses.replace(precision, vae=vae_dtype or precision.vae,
                                         text_encoder=text_encoder_dtype or precision.text_encoder)
-    models = load_models(resolve_model(model), dtype=precision, device=device, prediction=prediction, vae=vae)
+    models = load_models(resolve_model(model), dtype=precision, device=device, prediction=prediction, vae=vae,
+                         file_hash=file_hash)
     tiny = None
     if taesd is not None:
         from sumie.checkpoints.io import load_state_dict
@@ -369,4 +374,4 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
         if tiny.decoder is None:
             raise ConfigError(f"{taesd}: this TAESD file has no decoder; previews need the decoder part")
         tiny.eval().requires_grad_(False)
-    return Engine(models, embeddings_dir=embeddings_dir, taesd=tiny)
+    return Engine(models, embeddings_dir=embeddings_dir, taesd=tiny, manager=manager)
