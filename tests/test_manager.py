@@ -469,7 +469,7 @@ def test_from_png_refiner_is_looked_up_by_name(layouts: dict[str, Path], ckpts: 
              f"Model hash: {beta_hash}, Model: beta, Refiner: gamma [0123456789], Refiner switch at: 0.5, RNG: CPU")
     args = build_parser().parse_args(["generate", "--from-png", str(png), "--models-dir", str(layouts["comfy"])])
     p, fields = _build_params(args, "txt2img")
-    model, vae, embeddings = _resolve_models(args, p, fields)
+    model, vae, embeddings, _ = _resolve_models(args, p, fields)
     checkpoints = layouts["comfy"] / "models" / "checkpoints"
     assert (model, vae, embeddings) == (checkpoints / "beta.safetensors", None, None)  # by hash; no embeddings dir
     assert p.refiner is not None and p.refiner.model == str(checkpoints / "gamma.safetensors")

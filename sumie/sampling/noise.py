@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
 
 import torch
@@ -53,7 +55,10 @@ class BrownianNoise:
 
         self.device, self.dtype = torch.device(device), dtype
         t0, t1 = torch.tensor(float(sigma_min)), torch.tensor(float(sigma_max))
-        self.t0, self.t1 = float(t0), float(t1)  # the float32 ends the trees keep
+        # the ends the trees keep: float32, then rounded to the tree's tolerance (torchsde rounds to 1 / tol digits)
+        tol = float(inspect.signature(torchsde.BrownianTree).parameters["tol"].default)
+        digits = -int(math.log10(tol)) if tol > 0 else None
+        self.t0, self.t1 = (float(t) if digits is None else round(float(t), digits) for t in (t0, t1))
         w0 = torch.zeros(tuple(shape), dtype=torch.float32)
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
 
