@@ -41,6 +41,7 @@ from sumie.sampling.conventions import A1111, Convention, start_latent
 from sumie.sampling.denoisers import EpsDenoiser
 from sumie.sampling.discretization import DiscreteSigmas
 from sumie.sampling.guidance import Denoiser, MaskedModel, RescaleSpace, guided_call
+from sumie.sampling.img2img import noise_latent
 from sumie.sampling.registry import SamplerSpec
 from sumie.sampling.samplers.common import Callback, Model, NoiseSampler
 
@@ -245,7 +246,7 @@ def denoise(
     if init_latent is None:
         x = start_latent(noise, sigmas, convention)
     else:
-        x = init_latent + noise * sigmas[0]
+        x = noise_latent(init_latent, noise, sigmas[0])
     out = spec(model, x, sigmas, callback=callback, noise_sampler=noise_sampler, **(options or {}))
     if final_blend and isinstance(model, MaskedModel):
         out = model.final(out)

@@ -30,7 +30,7 @@ from sumie.pipelines.scheduled_conds import PromptConds, SDXLSizes, total_steps
 from sumie.pipelines.variation import VariationRNG
 from sumie.sampling import registry
 from sumie.sampling.guidance import masked_model
-from sumie.sampling.img2img import img2img_plan
+from sumie.sampling.img2img import img2img_schedule
 
 __all__ = ["InitImages", "Run"]
 
@@ -85,12 +85,8 @@ class Run:
 
     def img2img_schedule(self, steps: int, strength: float, rule: str,
                          fix_steps: bool = False) -> tuple[Tensor, Tensor]:
-        """(visited sigmas, whole schedule) of an img2img pass; the visited part is empty when nothing runs."""
-        n, start = img2img_plan(steps, strength, rule, fix_steps)  # type: ignore[arg-type]
-        if n == 0:
-            return torch.zeros(0), torch.zeros(0)
-        full = self.full_sigmas(n)
-        return full[start:], full
+        """(visited sigmas, whole schedule) of an img2img pass; both are empty when nothing runs."""
+        return img2img_schedule(self.full_sigmas, steps, strength, rule, fix_steps=fix_steps)  # type: ignore[arg-type]
 
     def planned_steps(self, plan: hires_mod.HiresPlan | None, img2img: bool) -> int:
         """Sampler steps of one batch (for progress and ETA)."""

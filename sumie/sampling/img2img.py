@@ -64,6 +64,23 @@ def img2img_plan(
     raise ConfigError(f"unknown img2img convention {convention!r}; use a1111, comfyui or diffusers")
 
 
+def img2img_schedule(
+    full_sigmas_fn: Callable[[int], Tensor],
+    steps: int,
+    strength: float,
+    convention: Convention = "a1111",
+    *,
+    fix_steps: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(visited sigmas, whole schedule they come from): the whole one sets the range of an SDE sampler's Brownian
+    noise; both are empty when nothing runs."""
+    n, start = img2img_plan(steps, strength, convention, fix_steps)
+    if n == 0:
+        return torch.zeros(0), torch.zeros(0)
+    full = full_sigmas_fn(n)
+    return full[start:], full
+
+
 def img2img_sigmas(
     full_sigmas_fn: Callable[[int], Tensor],
     steps: int,
@@ -73,10 +90,7 @@ def img2img_sigmas(
     fix_steps: bool = False,
 ) -> Tensor:
     """The part of the schedule an img2img run with denoising strength ``strength`` visits (see the module doc)."""
-    n, start = img2img_plan(steps, strength, convention, fix_steps)
-    if n == 0:
-        return torch.zeros(0)
-    return full_sigmas_fn(n)[start:]
+    return img2img_schedule(full_sigmas_fn, steps, strength, convention, fix_steps=fix_steps)[0]
 
 
 def noise_latent(latent: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:

@@ -36,12 +36,6 @@ class ImageRNG:
         return self._draw()
 
 
-def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """``torch.randn(shape, generator=Generator('cpu').manual_seed(seed))`` for each seed, stacked [B, *shape]."""
-    return ImageRNG(seeds, shape, device, dtype).first()
-
-
 class BrownianNoise:
     """Brownian-tree noise for SDE samplers (k-diffusion's BrownianTreeNoiseSampler), one tree per image seed.
 
