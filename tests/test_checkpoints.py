@@ -24,8 +24,6 @@ from sumie.models.clip import CLIPTextModel
 from sumie.models.unet import UNetModel
 from sumie.models.vae import AutoencoderKL
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:

@@ -17,8 +17,6 @@ from sumie.models.vae import AutoencoderKL
 from sumie.pipelines import images as im
 from sumie.pipelines.params import InpaintParams
 
-torch.set_num_threads(1)
-
 
 def rand_rgb(w: int, h: int, seed: int = 0) -> Image.Image:
     """Random RGB test image."""

@@ -37,8 +37,6 @@ from sumie.sampling import schedules
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-torch.set_num_threads(1)
-
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1)
 PROMPT, NEGATIVE = "a photo of a cat, best quality", "blurry"

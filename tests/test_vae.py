@@ -24,8 +24,6 @@ from sumie.models.vae import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")
 
-torch.set_num_threads(1)
-
 # (sumie config, diffusers kwargs, image height, width)
 TINY = [
     pytest.param(
