@@ -268,7 +268,7 @@ def _randomize(module: nn.Module, seed: int) -> None:
 
 def _pair(cfg: TextEncoderConfig, seed: int) -> tuple[nn.Module, CLIPTextModel]:
     """(transformers reference, Sumie model) with the same random weights."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test oracle (dev extra): missing is an error, never a skip
     hf_cfg = transformers.CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
