@@ -225,6 +225,11 @@ def test_emphasis_math() -> None:
     assert torch.equal(apply_emphasis(z, w, "No norm"), scaled)
     assert torch.equal(apply_emphasis(z, w, "None"), z) and torch.equal(apply_emphasis(z, w, "Ignore"), z)
     assert torch.equal(apply_emphasis(z, torch.ones(2, 77), "Original"), z)  # all-1 weights change nothing
+    # hidden states with an exactly zero mean (a final LayerNorm still at its init: weight 1, bias 0): nothing to
+    # restore; A1111's 0 / 0 made the conditioning NaN (the NaN image of a 2-step trained model, test_training)
+    z0 = torch.tensor([1.5, -1.5]).repeat(2, 77, 4)  # [2, 77, 8]: every partial sum is a multiple of 1.5, the mean 0
+    assert z0.mean() == 0
+    assert torch.equal(apply_emphasis(z0, torch.ones(2, 77), "Original"), z0)
     # half precision: the mean of the fp16 states, the product promoted to float32 (A1111's type promotion)
     zh = z.half()
     out = apply_emphasis(zh, w, "Original")
