@@ -23,8 +23,12 @@ from reference_kdiffusion import load
 from test_schedules import SD, maxdiff
 
 from sumie.sampling import schedules as S
-from sumie.sampling.discretization import ZSNR_LAST_ALPHA_CUMPROD, DiscreteSigmas, make_betas
+from sumie.sampling.discretization import DiscreteSigmas, make_betas
 from sumie.sampling.img2img import img2img_plan, img2img_sigmas
+
+# A1111 (modules/sd_models.py rescale_zero_terminal_snr_abar) and ComfyUI (comfy/model_sampling.py
+# rescale_zero_terminal_snr_sigmas) replace diffusers' exact 0 at t = 999 by this alphas_bar.
+A1111_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
 
 
 def _ds_of(sched) -> DiscreteSigmas:
@@ -107,8 +111,8 @@ def test_zero_terminal_snr_matches_diffusers():
     ref = torch.cumprod(1 - diffusers_rescale(make_betas()), dim=0)
     rel = ((zs.alphas_cumprod[:-1] - ref[:-1]).abs() / ref[:-1]).max().item()
     assert rel < 1e-10
-    assert ref[-1].item() < 1e-20 and zs.alphas_cumprod[-1].item() == ZSNR_LAST_ALPHA_CUMPROD
-    assert zs.sigma_max.item() == pytest.approx(math.sqrt((1 - ZSNR_LAST_ALPHA_CUMPROD) / ZSNR_LAST_ALPHA_CUMPROD))
+    assert ref[-1].item() < 1e-20 and zs.alphas_cumprod[-1].item() == A1111_LAST_ALPHA_CUMPROD
+    assert zs.sigma_max.item() == pytest.approx(math.sqrt((1 - A1111_LAST_ALPHA_CUMPROD) / A1111_LAST_ALPHA_CUMPROD))
     assert 4500 < zs.sigma_max.item() < 4530
     assert S.normal(zs, 10)[0].item() == pytest.approx(zs.sigma_max.item(), rel=1e-6)
 
