@@ -111,9 +111,10 @@ def assert_same_image(alone: Tensor, row: Tensor, alone_image: Image.Image, row_
 
     Not the same kernels: batch 1 and batch B run the UNet's matmuls and convolutions in other shapes, so float32
     sums are taken in another order and the sampler carries the last-bit differences along. Measured (AVX2 AMD, every
-    sampler, 3 steps): latents differ by at most 1e-5 of their max magnitude, rows of other seeds by ~1.7x it, so
-    1e-4 of the max. The images are decoded one at a time (the same VAE call); their float values then differ by
-    ~0.001 of a uint8 level, which truncation can still turn into one level at a boundary: at most 1 level.
+    sampler, 3 steps): latents differ by at most 1e-5 of their max magnitude, rows of other seeds by ~1.7 times that
+    max, so the tolerance is 1e-4 of the max. The images are decoded one at a time (the same VAE call); their float
+    values then differ by ~0.001 of a uint8 level, which truncation can still turn into one level at a boundary: at
+    most 1 level.
     """
     torch.testing.assert_close(row, alone, rtol=0, atol=1e-4 * alone.abs().max().item())
     assert np.abs(arr(alone_image) - arr(row_image)).max() <= 1

@@ -231,16 +231,19 @@ def test_meta_construction_and_assign_load() -> None:
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval()
     assert all(p.device.type == "cpu" for p in model.parameters())
-    assert all(model.state_dict()[k].data_ptr() == v.data_ptr() for k, v in sd.items())  # assigned, not copied
-    assert all(torch.equal(v, src.state_dict()[k]) for k, v in sd.items())
+    loaded = model.state_dict()
+    assert all(loaded[k].data_ptr() == v.data_ptr() for k, v in sd.items())  # assigned, not copied
+    assert loaded.keys() == src.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items())  # exactly the source's values
     x = images(1, 16, 16)
     with torch.no_grad():
         z = src.encode(x).mean
         pairs = ((model.encode(x).mean, z), (model.decode(z), src.decode(z)))
-    # Same values in other tensors (clones): a kernel may take another path for other memory (alignment), so the
-    # outputs are compared to 1e-6 of their max, far below what a wrong or missing weight changes.
+    # Same values in other memory (clones): kernels may choose their path by alignment. Measured: identical here,
+    # even with memory-mapped weights; a UNet with memory-mapped weights differs by 1e-6 of its output's max on AVX2
+    # AMD (test_checkpoints), so 1e-5 of the max, far below what a wrong or missing weight changes.
     for got, want in pairs:
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_sample_draws_fp32_noise_from_generator() -> None:
