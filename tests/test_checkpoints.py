@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_sd_mecha import model_config
 from safetensors.torch import save_file
 
 from sumie.checkpoints.detect import guess_prediction, split_checkpoint
@@ -23,8 +24,6 @@ from sumie.errors import CheckpointError
 from sumie.models.clip import CLIPTextModel
 from sumie.models.unet import UNetModel
 from sumie.models.vae import AutoencoderKL
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -247,15 +246,7 @@ def test_standalone_vae_keeps_its_group_norm(tmp_path: Path, tiny_files: dict) -
 
 def _mecha_layout(name: str) -> dict[str, torch.Tensor]:
     """Every key and shape of a real checkpoint, as listed by sd-mecha (EMA and optional keys included)."""
-    import importlib.util
-
-    import yaml
-
-    spec_ = importlib.util.find_spec("sd_mecha")
-    if spec_ is None or spec_.origin is None:
-        pytest.fail("sd-mecha (dev extra, its data files only) is not installed: run scripts/setup.sh --dev")
-    root = Path(spec_.origin).parent / "extensions" / "builtin" / "model_configs"
-    spec = yaml.safe_load((root / name).read_text())
+    spec = model_config(name.removesuffix(".yaml"))
     dtypes = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "float16": torch.float16}
     out = {}
     for comp in spec["components"].values():
@@ -321,9 +312,16 @@ def test_declared_config_in_metadata_decides_what_shapes_cannot(tmp_path: Path) 
     assert models.config == cfg
     assert models.prediction_source == "sumie.config metadata"
     assert inspect_checkpoint(path).config == cfg
+    saved = unet.state_dict()
+    loaded = models.unet.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())  # same values
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
     with torch.no_grad():
-        assert torch.equal(models.unet(x, torch.tensor([5.0]), ctx), unet.eval()(x, torch.tensor([5.0]), ctx))
+        got, want = models.unet(x, torch.tensor([5.0]), ctx), unet.eval()(x, torch.tensor([5.0]), ctx)
+    # Same values in other storage: the loaded weights are memory-mapped from the file, not 64-byte aligned, and
+    # oneDNN picks other kernels for them (measured on AVX2 AMD: 1e-6 of the output's max). Tolerance 1e-5 of the
+    # max; 8 heads instead of the declared 4 is another function (measured: 5e-2 of the max).
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
     # the file still has to fit its declaration
     bad = dict(load_state_dict(path))
     from sumie.checkpoints.io import save_safetensors_atomic

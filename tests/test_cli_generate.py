@@ -7,7 +7,6 @@ an image bit for bit); the rest call :func:`sumie.cli.main.main` in-process.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,14 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 from safetensors.torch import save_file
 
+import sumie.cli.main as cli
 from sumie.checkpoints.save import random_single_file
-from sumie.cli import main as cli
 from sumie.cli.main import main
 from sumie.configs import TINY
 from sumie.models.taesd import TAESD
 from sumie.pipelines.control import ProgressEvent
 from sumie.pipelines.infotext import parse_infotext
 from sumie.pipelines.output import read_png_info
-
-torch.set_num_threads(1)
 
 FAST = ["--width", "64", "--height", "64", "--steps", "2", "--dtype", "fp32", "--device", "cpu", "-q"]
 
@@ -54,10 +51,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def sumie_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m sumie ARGS`` in a fresh process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """``python -m sumie ARGS`` in a fresh process (on the suite's thread count: OMP_NUM_THREADS, see conftest.py)."""
     return subprocess.run([sys.executable, "-m", "sumie", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+                          timeout=300)
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -13,8 +13,6 @@ from sumie.configs import TINY
 from sumie.errors import CheckpointError
 from sumie.models.unet import sdxl_adm_vector
 
-torch.set_num_threads(1)
-
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     tol = 1e-4 * max(1.0, ref.abs().max().item())

@@ -21,8 +21,6 @@ from sumie.pipelines import outpaint as op
 from sumie.pipelines import vae_io
 from sumie.pipelines.params import InpaintParams
 
-torch.set_num_threads(1)
-
 
 def rand_rgb(w: int, h: int, seed: int = 0) -> Image.Image:
     """Random RGB test image."""

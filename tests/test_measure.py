@@ -6,14 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from sumie.checkpoints.save import random_single_file
 from sumie.cli.main import main
 from sumie.configs import TINY
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -24,20 +24,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image, ImageDraw
 
 import sumie
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.params import GenerationParams, InpaintParams
 from sumie.sampling import schedules
-
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(1)
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1)

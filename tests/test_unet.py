@@ -6,12 +6,13 @@ import functools
 import resource
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+import diffusers
 import pytest
 import torch
-import yaml
+from diffusers import UNet2DConditionModel
+from reference_sd_mecha import model_config
 
 from sumie.checkpoints.keymaps.unet import diffusers_to_ldm_unet, infer_unet_config, ldm_to_diffusers_unet
 from sumie.configs import SD1, SD2, SDXL, SDXL_REFINER, UNetConfig
@@ -19,11 +20,7 @@ from sumie.errors import CheckpointError
 from sumie.models.hooks import Residuals
 from sumie.models.unet import UNetModel, sdxl_adm_vector, timestep_embedding
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import UNet2DConditionModel  # noqa: E402
-
 LDM_PREFIX = "model.diffusion_model."
-MECHA_CONFIGS = Path(yaml.__file__).parents[1] / "sd_mecha/extensions/builtin/model_configs"
 
 # Tiny variants: (diffusers config dict, our UNetConfig). diffusers' attention_head_dim is a head COUNT here.
 SD1_TINY = (
@@ -284,11 +281,7 @@ def test_keymap_names_unmappable_keys() -> None:
 
 @functools.cache
 def _mecha_keys(name: str) -> dict[str, tuple[int, ...]]:
-    path = MECHA_CONFIGS / f"{name}.yaml"
-    if not path.exists():
-        pytest.skip(f"sd-mecha model config {path} not installed")
-    with open(path) as f:
-        keys = yaml.safe_load(f)["components"]["diffuser"]
+    keys = model_config(name)["components"]["diffuser"]
     return {k[len(LDM_PREFIX) :]: tuple(v["shape"]) for k, v in keys.items() if k.startswith(LDM_PREFIX)}
 
 

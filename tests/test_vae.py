@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
+import diffusers
 import pytest
 import torch
+from reference_sd_mecha import model_config
 from torch import Tensor
 
 from sumie.checkpoints.keymaps.vae import (
@@ -21,10 +21,6 @@ from sumie.configs import SD1, SDXL, VAEConfig
 from sumie.errors import CheckpointError, ConfigError
 from sumie.models.taesd import TAESD
 from sumie.models.vae import AutoencoderKL
-
-diffusers = pytest.importorskip("diffusers")
-
-torch.set_num_threads(1)
 
 # (sumie config, diffusers kwargs, image height, width)
 TINY = [
@@ -107,8 +103,9 @@ def compare_with_diffusers(ours: AutoencoderKL, ref: torch.nn.Module, h: int, w:
                 post.sample(torch.Generator().manual_seed(7)), post_ref.sample(torch.Generator().manual_seed(7))
             ),
             "decode": assert_close(ours.decode(z), ref.decode(z).sample),
+            # diffusers' DiagonalGaussianDistribution.mode(): the oracle, not our own mean again
+            "mode": assert_close(post.mode(), post_ref.mode()),
         }
-    assert torch.equal(post.mode(), post.mean)
     return diffs
 
 
@@ -188,13 +185,7 @@ def test_keymap_errors_name_the_key() -> None:
 
 
 def _mecha_vae(name: str) -> dict[str, tuple[int, ...]]:
-    yaml = pytest.importorskip("yaml")
-    spec = importlib.util.find_spec("sd_mecha")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("sd-mecha (reference key lists) not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "extensions/builtin/model_configs", f"{name}.yaml")
-    with open(path) as f:
-        doc = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    doc = model_config(name)
     prefix = "first_stage_model."
     return {
         k[len(prefix) :]: tuple(v["shape"])
@@ -240,11 +231,19 @@ def test_meta_construction_and_assign_load() -> None:
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval()
     assert all(p.device.type == "cpu" for p in model.parameters())
+    loaded = model.state_dict()
+    assert all(loaded[k].data_ptr() == v.data_ptr() for k, v in sd.items())  # assigned, not copied
+    assert loaded.keys() == src.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items())  # exactly the source's values
     x = images(1, 16, 16)
     with torch.no_grad():
-        assert torch.equal(model.encode(x).mean, src.encode(x).mean)
         z = src.encode(x).mean
-        assert torch.equal(model.decode(z), src.decode(z))
+        pairs = ((model.encode(x).mean, z), (model.decode(z), src.decode(z)))
+    # Same values in other memory (clones): kernels may choose their path by alignment. Measured: identical here,
+    # even with memory-mapped weights; a UNet with memory-mapped weights differs by 1e-6 of its output's max on AVX2
+    # AMD (test_checkpoints), so 1e-5 of the max, far below what a wrong or missing weight changes.
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_sample_draws_fp32_noise_from_generator() -> None:

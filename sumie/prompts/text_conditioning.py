@@ -210,7 +210,10 @@ def apply_emphasis(z: Tensor, multipliers: Tensor, mode: str = "Original") -> Te
         raise ConfigError(f"unknown emphasis mode {mode!r}; use one of {', '.join(EMPHASIS_MODES)}")
     original_mean = z.mean()
     z = z * weights
-    return z * (original_mean / z.mean())
+    new_mean = z.mean()
+    # A1111 divides by the new mean. Exactly 0 (e.g. a final LayerNorm still at its init, weight 1 and bias 0: every
+    # token vector has mean 0) leaves no mean to restore, and 0 / 0 would make the whole conditioning NaN.
+    return z * torch.where(new_mean == 0, 1.0, original_mean / new_mean)
 
 
 def encoder_layer(encoder: TextEncoderConfig, options: ConditioningOptions) -> tuple[int, bool]:
