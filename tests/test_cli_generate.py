@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from safetensors.torch import save_file
 
 from sumie.checkpoints.save import random_single_file
-from sumie.cli import cli
+from sumie.cli import main as cli
 from sumie.cli.main import main
 from sumie.configs import TINY
 from sumie.models.taesd import TAESD

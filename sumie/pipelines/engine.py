@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -371,40 +370,14 @@ class Engine:
 
     # ---------------------------------------------------------------- validation and setup
     def _validate(self, p: GenerationParams) -> None:
-        if p.steps < 1:
-            raise ConfigError(f"steps must be at least 1, got {p.steps}")
-        if p.batch_size < 1 or p.n_iter < 1:
-            raise ConfigError(f"batch size and batch count must be at least 1, got {p.batch_size} and {p.n_iter}")
-        if not math.isfinite(p.cfg_scale):
-            raise ConfigError(f"CFG scale must be a finite number, got {p.cfg_scale}")
-        if not 0.0 <= p.cfg_rescale <= 1.0:
-            raise ConfigError(f"CFG rescale must be in [0, 1] (0 = off, 0.7 is usual), got {p.cfg_rescale}")
-        if not 0.0 <= p.subseed_strength <= 1.0:
-            raise ConfigError(f"variation strength must be in [0, 1], got {p.subseed_strength}")
-        if not 0.0 <= p.denoising_strength <= 1.0:
-            raise ConfigError(f"denoising strength must be in [0, 1], got {p.denoising_strength}")
-        if p.clip_skip < 1:
-            raise ConfigError(f"clip skip must be 1 (off) or more, got {p.clip_skip}")
-        if p.convention not in ("a1111", "diffusers"):
-            raise ConfigError(f"unknown convention {p.convention!r}; use a1111 or diffusers")
-        if p.styles:
-            raise ConfigError("styles are not supported by the engine; put the style text into the prompt")
-        if p.eta_noise_seed_delta < 0:
-            raise ConfigError(f"eta noise seed delta must be >= 0, got {p.eta_noise_seed_delta}")
+        from sumie.pipelines import validation
+
+        validation.check_request(p)
 
     def _size(self, p: GenerationParams) -> tuple[int, int]:
-        factor = self.models.vae.downscale
-        if p.init_images and (p.width is None or p.height is None):
-            w0, h0 = p.init_images[0].size
-            width = p.width if p.width is not None else max(factor, w0 // factor * factor)
-            height = p.height if p.height is not None else max(factor, h0 // factor * factor)
-        else:
-            native = _native_size(self.models)
-            width = p.width if p.width is not None else native
-            height = p.height if p.height is not None else native
-        _check_multiple("width", int(width), factor)
-        _check_multiple("height", int(height), factor)
-        return int(width), int(height)
+        from sumie.pipelines import validation
+
+        return validation.processing_size(p, self.models.vae.downscale, _native_size(self.models))
 
     def _convention(self, spec: SamplerSpec, schedule: str, name: str) -> Convention:
         """A1111's, or the diffusers scheduler's start scale and timestep rule for this sampler and schedule."""
