@@ -37,19 +37,23 @@ def single_file_state_dict(
 
 
 def random_single_file(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A checkpoint with random weights at the given config's shapes, in the real file layout (for tests)."""
+    """A checkpoint with random weights at the given config's shapes, in the real file layout (for tests).
+
+    ``seed``: 0 .. 2**64 - 1 (torch's generator range).
+    """
     from sumie.models.clip import CLIPTextModel
     from sumie.models.unet import UNetModel
     from sumie.models.vae import AutoencoderKL
 
-    torch.manual_seed(seed)
-    unet, vae = UNetModel(config.unet), AutoencoderKL(config.vae)
-    tes = [CLIPTextModel(t) for t in config.text_encoders]
-    with torch.no_grad():
-        for m in (unet, vae, *tes):
-            for p in m.parameters():
-                if not p.any():  # zero-initialised output layers would hide every later layer in tests
-                    p.normal_(0.0, 0.02)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is restored afterwards
+        torch.manual_seed(seed)
+        unet, vae = UNetModel(config.unet), AutoencoderKL(config.vae)
+        tes = [CLIPTextModel(t) for t in config.text_encoders]
+        with torch.no_grad():
+            for m in (unet, vae, *tes):
+                for p in m.parameters():
+                    if not p.any():  # zero-initialised output layers would hide every later layer in tests
+                        p.normal_(0.0, 0.02)
     return single_file_state_dict(config, unet, vae, tes)
 
 

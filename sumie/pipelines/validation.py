@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from sumie.sampling.registry import SamplerSpec
 
 __all__ = ["ETA_MAX", "MAX_SEED_VALUE", "S_NOISE_MAX", "IgnoredSettingWarning", "Namer", "api_name", "check_request",
-           "check_sampler", "check_size", "check_values", "processing_size", "uses_s_noise"]
+           "check_sampler", "check_seed", "check_size", "check_values", "processing_size", "uses_s_noise"]
 
 Namer = Callable[[str], str]
 MAX_SEED_VALUE = 2**64 - 1  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1; Sumie: -1 or >= 0
@@ -58,7 +58,7 @@ def _in_range(value: float, lo: float, hi: float) -> bool:
     return math.isfinite(value) and lo <= value <= hi
 
 
-def _check_seed(field: str, seed: int, count: int, delta: int, name: Namer) -> None:
+def check_seed(field: str, seed: int, count: int = 1, delta: int = 0, name: Namer = api_name) -> None:
     """-1 or 0 .. 2**64 - 1, and so must be every image's ``seed + k`` (+ the eta noise seed delta)."""
     if seed < -1:
         raise ConfigError(f"{name(field)} must be -1 (random) or a number from 0 to {MAX_SEED_VALUE}, got {seed}")
@@ -71,8 +71,9 @@ def _check_seed(field: str, seed: int, count: int, delta: int, name: Namer) -> N
                           f"below 2**64; use a delta up to {MAX_SEED_VALUE - (top - delta)}")
     extra = f" with {count} images" if count > 1 else ""
     extra += f" and eta noise seed delta {delta}" if delta else ""
+    fix = f"use a seed up to {MAX_SEED_VALUE - (top - seed)}" if extra else "use a smaller one"
     raise ConfigError(f"{name(field)} {seed} is out of range{extra}: seeds go from 0 to {MAX_SEED_VALUE} "
-                      f"(2**64 - 1); use a seed up to {MAX_SEED_VALUE - (top - seed)} or -1 for a random one")
+                      f"(2**64 - 1); {fix}, or -1 for a random seed")
 
 
 def check_values(p: GenerationParams, name: Namer = api_name) -> None:
@@ -105,8 +106,8 @@ def check_values(p: GenerationParams, name: Namer = api_name) -> None:
     if p.refiner is not None and not _in_range(p.refiner.switch_at, 0.0, 1.0):
         raise ConfigError(f"{name('refiner.switch_at')} must be in [0, 1], got {p.refiner.switch_at}")
     count = max(p.batch_size, len(p.init_images)) * p.n_iter
-    _check_seed("seed", int(p.seed), 1 if p.subseed_strength else count, p.eta_noise_seed_delta, name)
-    _check_seed("subseed", int(p.subseed), count, 0, name)
+    check_seed("seed", int(p.seed), 1 if p.subseed_strength else count, p.eta_noise_seed_delta, name)
+    check_seed("subseed", int(p.subseed), count, 0, name)
 
 
 def uses_s_noise(spec: SamplerSpec, eta: float | None) -> bool:
