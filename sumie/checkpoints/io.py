@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from sumie.errors import CheckpointError
+from sumie.errors import CheckpointError, SumieError
 
 SAFETENSORS_EXT = {".safetensors", ".sft"}
 PICKLE_EXT = {".ckpt", ".pt", ".pth", ".bin"}
@@ -209,17 +210,33 @@ def legacy_model_hash(path: str | os.PathLike[str]) -> str:
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write a safetensors file through a temporary file and a rename, so no half-written file remains."""
+    """Write a safetensors file through a temporary file and a rename, so no half-written file remains.
+
+    Missing folders of ``path`` are created (as for images and diffusers' ``save_pretrained``) and removed again
+    when the write fails; any failure is a :class:`SumieError` naming the path, with nothing left behind.
+    """
     from safetensors.torch import save_file
 
     p = Path(path)
+    if p.is_dir():
+        raise SumieError(f"{p} is a folder; give a file name ending in .safetensors")
+    created = [d for d in (p.parent, *p.parent.parents) if not d.exists()]  # deepest first
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # the temporary name is ours (O_EXCL) and its mode is what the umask gives a new file
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp.stat().st_mode & 0o777
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; follow the user's umask like any tool
+        os.chmod(tmp, mode)  # safetensors writes 0600 files; follow the user's umask like any tool
         os.replace(tmp, p)
+    except (OSError, SafetensorError) as e:
+        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(" at path ")[0]
+        raise SumieError(f"cannot write {p}: {what}; check that the folder is writable and the disk has space") from e
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not p.exists():
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()

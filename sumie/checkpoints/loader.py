@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from sumie.checkpoints.detect import (
     UNET_PREFIX,
@@ -87,6 +88,27 @@ def _describe_mismatch(module: nn.Module, sd: Mapping[str, torch.Tensor]) -> str
     return None
 
 
+class _SkipInit(TorchFunctionMode):
+    """Weight initialisation on meta tensors does nothing (used with ``torch.device("meta")``, see
+    :func:`build_module`): the values do not exist, and torch's meta kernel of ``normal_`` (every ``nn.Embedding``)
+    imports ``torch._dynamo`` on first use, ~2 s of a cold start."""
+
+    _FILLS = frozenset({
+        nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.constant_,
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+        torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.geometric_,
+        torch.Tensor.fill_, torch.Tensor.zero_,
+    })
+
+    def __torch_function__(self, func: object, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        """Skip the fill when its tensor is on the meta device; run everything else."""
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if func in self._FILLS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)  # type: ignore[operator]
+
+
 def build_module(
     cls: type[nn.Module],
     cfg: object,
@@ -96,8 +118,9 @@ def build_module(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Construct on the meta device, take the tensors as they are (no second copy), then cast to the run dtype."""
-    with torch.device("meta"):
+    """Construct on the meta device without initialising weights, take the tensors as they are (no second copy,
+    ``assign=True`` replaces every one), then cast to the run dtype."""
+    with torch.device("meta"), _SkipInit():
         module = cls(cfg)
     problem = _describe_mismatch(module, sd)
     if problem:
@@ -376,7 +399,8 @@ def stored_dtype(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     counts: dict[str, int] = {}
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.suffix in SAFETENSORS_EXT | PICKLE_EXT and ".index" not in f.name]
+        files = [f for f in p.rglob("*")
+                 if f.suffix.lower() in SAFETENSORS_EXT | PICKLE_EXT and ".index" not in f.name]
     else:
         files = [p]
     for f in files:
@@ -389,7 +413,31 @@ def stored_dtype(path: str | os.PathLike[str]) -> str:
                 counts[e["dtype"]] = counts.get(e["dtype"], 0) + n
         else:
             for t in tensor_shapes(f)[0].values():
-                counts[str(t.dtype).removeprefix("torch.")] = counts.get(str(t.dtype), 0) + t.numel()
+                name = str(t.dtype).removeprefix("torch.")
+                counts[name] = counts.get(name, 0) + t.numel()
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
     floats = {names.get(k, k): v for k, v in counts.items() if names.get(k, k).startswith(("float", "bfloat"))}
     return max(floats, key=floats.get) if floats else "unknown"  # type: ignore[arg-type]
+
+
+def vae_downscale(model: str | os.PathLike[str], vae: str | os.PathLike[str] | None = None) -> int | None:
+    """Pixels per latent pixel along a side (8 for SD, 4 for sumie-tiny) of a model, or of ``vae`` when given, from
+    file headers and configs alone; None where that would mean reading a pickle in full or the files do not say
+    (the load then finds it, or reports the problem)."""
+    try:
+        if vae is not None:
+            v = Path(vae)
+            if v.suffix.lower() not in SAFETENSORS_EXT or not v.is_file():
+                return None
+            cfg = declared_vae_config(file_metadata(v), str(v)) or infer_vae_config(
+                vae_state_dict_from_file(v, load=False))
+            return 2 ** (len(cfg.ch_mult) - 1)
+        p = Path(model)
+        if p.is_dir():
+            blocks = _read_json(p / "vae" / "config.json").get("block_out_channels")
+            return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+        if p.suffix.lower() not in SAFETENSORS_EXT or not p.is_file():
+            return None
+        return 2 ** (len(inspect_checkpoint(p).config.vae.ch_mult) - 1)
+    except CheckpointError:
+        return None

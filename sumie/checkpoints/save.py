@@ -37,7 +37,10 @@ def single_file_state_dict(
 
 
 def random_single_file(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A checkpoint with random weights at the given config's shapes, in the real file layout (for tests)."""
+    """A checkpoint with random weights at the given config's shapes, in the real file layout (for tests).
+
+    ``seed``: 0 .. 2**64 - 1 (torch's generator range).
+    """
     from sumie.models.clip import CLIPTextModel
     from sumie.models.unet import UNetModel
     from sumie.models.vae import AutoencoderKL

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sumie.cli import measure
 from sumie.errors import SumieError
 
 if TYPE_CHECKING:
@@ -94,7 +93,10 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from sumie.checkpoints.io import save_safetensors_atomic
     from sumie.checkpoints.save import random_single_file
     from sumie.configs import FAMILIES, TINY
+    from sumie.pipelines.validation import MAX_SEED_VALUE
 
+    if not 0 <= args.seed <= MAX_SEED_VALUE:
+        raise SumieError(f"--seed must be a number from 0 to {MAX_SEED_VALUE} (2**64-1), got {args.seed}")
     table = TINY if args.tiny else FAMILIES
     cfg = table[args.family]
     if args.inpainting:
@@ -263,30 +265,46 @@ def _build_params(args: argparse.Namespace, mode: str) -> tuple[GenerationParams
     return p, fields
 
 
-def _validate_early(p: GenerationParams) -> None:
-    """Checks that need no model, so a typo fails before the (slow) model load."""
-    from sumie.errors import ConfigError
-    from sumie.sampling import registry
+_FLAGS = {field: "--" + opt.replace("_", "-") for opt, field in _PARAM_FIELDS.items()} | {
+    "refiner.switch_at": "--refiner-switch-at"}
 
-    registry.resolve(p.sampler, p.scheduler)
-    if p.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {p.steps}")
-    if p.batch_size < 1 or p.n_iter < 1:
-        raise ConfigError(f"--batch-size and --n-iter must be at least 1, got {p.batch_size} and {p.n_iter}")
-    for name, value in (("width", p.width), ("height", p.height)):
-        if value is not None and (value < 8 or value % 8):
-            lo = max(8, value // 8 * 8)
-            raise ConfigError(f"--{name} {value} is not a multiple of 8; use {lo} or {lo + 8}")
-    if not 0.0 <= p.denoising_strength <= 1.0:
-        raise ConfigError(f"--denoising-strength must be in [0, 1], got {p.denoising_strength}")
-    if not 0.0 <= p.subseed_strength <= 1.0:
-        raise ConfigError(f"--subseed-strength must be in [0, 1], got {p.subseed_strength}")
+
+def _flag(field: str) -> str:
+    """The option of a GenerationParams field, so validation messages name what the user typed."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _validate_early(p: GenerationParams) -> set[str]:
+    """Checks that need no model (numbers first: they need no torch either), so a typo fails before the load.
+
+    Returns the warnings as the engine words them (field names), which the run's result will repeat."""
+    from sumie.pipelines.validation import check_request
+
+    check_request(p, _flag, warn=_warn)
+    said: list[str] = []
+    check_request(p, warn=said.append)
+    return set(said)
+
+
+def _check_size(args: argparse.Namespace, p: GenerationParams, factor: int | None = None, *,
+                model: object = None, vae: object = None) -> None:
+    """--width/--height against the VAE's downscale factor: read from the model file's header before the load
+    where it can be (safetensors, diffusers folders), else ``factor`` of the loaded model."""
+    from sumie.pipelines.validation import check_size
+
+    if factor is None:
+        from sumie.checkpoints.embedded import resolve_model
+        from sumie.checkpoints.loader import vae_downscale
+
+        factor = vae_downscale(resolve_model(model), vae)  # type: ignore[arg-type]
+    if factor is not None:
+        check_size(p.width, p.height, factor, _flag)
 
 
 class _Outputs:
     """Where the images go: a folder (A1111 numbering ``00000-<seed>.<format>``) or one .png/.jpg/.webp file."""
 
-    def __init__(self, out: str | None, count: int, overwrite: bool, fmt: str = "png",
+    def __init__(self, out: str | None, count: int, overwrite: bool, fmt: str | None = None,
                  quality: int | None = None) -> None:
         from sumie.errors import ConfigError, SumieError
         from sumie.pipelines.output import DEFAULT_QUALITY, IMAGE_FORMATS
@@ -294,22 +312,28 @@ class _Outputs:
         text = out if out is not None else "outputs"
         self.path = Path(text)
         self.overwrite = overwrite
-        quality = DEFAULT_QUALITY if quality is None else quality
-        self.ext, self.quality = f".{fmt}", quality
-        if not 1 <= quality <= 100:
+        if quality is not None and not 1 <= quality <= 100:
             raise ConfigError(f"--quality must be in [1, 100], got {quality}")
+        self.ext, self.quality = f".{fmt or 'png'}", DEFAULT_QUALITY if quality is None else quality
         suffix = self.path.suffix.lower()
         self.is_file = suffix in IMAGE_FORMATS and not self.path.is_dir() and not text.endswith(("/", os.sep))
         if self.is_file:
+            if fmt is not None and IMAGE_FORMATS[f".{fmt}"] != IMAGE_FORMATS[suffix]:
+                raise ConfigError(f"--format {fmt} does not match -o {self.path} (a {IMAGE_FORMATS[suffix]} file "
+                                  f"name); drop --format, or name the file {self.path.with_suffix(f'.{fmt}').name}")
             if count != 1:
                 raise ConfigError(f"-o {self.path} names one file but the run makes {count} images; give a folder")
             if self.path.exists() and not overwrite:
                 raise SumieError(f"{self.path} already exists; choose another name or pass --overwrite")
+            self.ext = suffix
         elif suffix in _OTHER_IMAGE_SUFFIXES and not self.path.is_dir():
             raise ConfigError(f"-o {self.path}: images are written as PNG, JPEG or WebP; give a folder or a file "
                               "ending in .png, .jpg or .webp")
         elif self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"-o {self.path} is a file; give a folder or an image file name (.png, .jpg, .webp)")
+        if quality is not None and IMAGE_FORMATS[self.ext] == "PNG":
+            _warn(f"--quality {quality} is ignored: PNG is lossless (--quality sets JPEG and WebP quality; use "
+                  "--format jpg or webp, or an -o name ending in .jpg or .webp)")
         self.preview_path = (self.path.with_name(self.path.stem + ".preview.png") if self.is_file
                              else self.path / "preview.png")
         self.wrote_preview = False
@@ -427,24 +451,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _generate(args)
 
 
+TIMINGS_ENV = "SUMIE_BENCH_TIMINGS"  # set: generate prints "sumie: timings: {json}" on stderr (bench --cold)
+
+
 def _generate(args: argparse.Namespace) -> int:
-    import sumie
+    import time
 
     mode = args.mode
-    device, dtype = _device_and_dtype(args)
     p, fields = _build_params(args, mode)
-    _validate_early(p)
+    said = _validate_early(p)
+    device, dtype = _device_and_dtype(args)
     if args.preview and not args.taesd:
         _warn("--preview without --taesd FILE decodes previews with the full VAE (slower)")
     _init_images(args, mode, p)
     outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite, args.format, args.quality)
     model, vae, embeddings, manager = _resolve_models(args, p, fields)
+    _check_size(args, p, model=model, vae=vae)
+    import sumie
     from sumie.checkpoints.hashes import FileHashes, default_cache_path
 
     hashes = manager.hashes if manager is not None else FileHashes(default_cache_path())  # type: ignore[attr-defined]
+    times = {"load_start": time.time()}
     engine = sumie.load(model, dtype=dtype, device=device, vae=vae, prediction=args.prediction,  # type: ignore
                         embeddings_dir=embeddings, taesd=args.taesd, file_hash=hashes.model_hash,
                         manager=manager)
+    times["load_end"] = time.time()
+    _check_size(args, p, engine.models.vae.downscale)
     engine.show_progress = False if args.quiet else None  # tqdm on stderr when it is a terminal
     _check_model_hash(fields, engine)
 
@@ -457,10 +489,15 @@ def _generate(args: argparse.Namespace) -> int:
                                  preview_every=args.preview_every if args.preview else 0)
     finally:
         outputs.remove_preview()
+    times["generate_end"] = time.time()
     for message in result.warnings:
-        _warn(message)
+        if message not in said:  # _validate_early said those already, naming the flags
+            _warn(message)
     for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
         print(f"wrote {outputs.save(image, seed, text)}")
+    times["written"] = time.time()
+    if os.environ.get(TIMINGS_ENV):
+        print(f"sumie: timings: {json.dumps(times)}", file=sys.stderr)
     return 0
 
 
@@ -515,20 +552,22 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
                                                    "DPM++ 2M"))
     g.add_argument("--scheduler", help=_none_default("schedule type (Karras, Exponential, ...)", "Automatic"))
     g.add_argument("--seed", type=int, metavar="N",
-                   help=_none_default("seed; image k of the run gets seed + k", "-1, random"))
+                   help=_none_default("seed, 0 to 2**64-1; image k of the run gets seed + k", "-1, random"))
     g.add_argument("--subseed", type=int, metavar="N", help=_none_default("variation seed", "-1, random"))
     g.add_argument("--subseed-strength", type=float, metavar="X", help=_none_default("variation strength in [0, 1]", 0))
     g.add_argument("--width", type=int, metavar="N", help=_none_default(
-        "width, a multiple of 8", "the init image's" if img else "the model's native size"))
+        "width, a multiple of the VAE's factor (8 for SD, 4 for sumie-tiny)",
+        "the init image's" if img else "the model's native size"))
     g.add_argument("--height", type=int, metavar="N", help=_none_default(
-        "height, a multiple of 8", "the init image's" if img else "the model's native size"))
+        "height, a multiple of the VAE's factor", "the init image's" if img else "the model's native size"))
     g.add_argument("--batch-size", type=int, metavar="N", help=_none_default("images per batch", 1))
     g.add_argument("--n-iter", type=int, metavar="N", help=_none_default("number of batches", 1))
     g.add_argument("--clip-skip", type=int, metavar="N", help=_none_default("CLIP skip (1 = last layer)", 1))
     g.add_argument("--cfg-rescale", type=float, metavar="X", help=_none_default("CFG rescale phi", 0))
     g.add_argument("--eta", type=float, metavar="X",
-                   help="eta of ancestral/SDE samplers and DDIM (default: the sampler's)")
-    g.add_argument("--s-noise", type=float, metavar="X", help="sigma noise multiplier (default: the sampler's)")
+                   help="eta of ancestral/SDE samplers and DDIM, in [0, 100] (default: the sampler's)")
+    g.add_argument("--s-noise", type=float, metavar="X",
+                   help="sigma noise multiplier of ancestral/SDE samplers and Restart, in [0, 100] (default: 1)")
     g.add_argument("--ensd", type=int, metavar="N", help=_none_default("A1111 eta noise seed delta", 0))
     g.add_argument("--convention", choices=["a1111", "diffusers"],
                    help=_none_default("reproduce A1111's or diffusers' numbers", "a1111"))
@@ -579,10 +618,12 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     o.add_argument("-o", "--output", metavar="OUT",
                    help="folder (numbered 00000-<seed>.png) or, for one image, a .png, .jpg or .webp file "
                         "(default: outputs)")
-    o.add_argument("--format", choices=["png", "jpg", "webp"], default="png",
-                   help="file type of numbered images in a folder (default: png; -o FILE goes by its suffix)")
+    o.add_argument("--format", choices=["png", "jpg", "webp"],
+                   help="file type of numbered images in a folder (default: png); with -o FILE it must match the "
+                        "file's suffix, which decides on its own")
     o.add_argument("--quality", type=int, metavar="Q",
-                   help="JPEG/WebP quality 1-100 (default: 80, A1111's); parameters go in the EXIF UserComment")
+                   help="JPEG/WebP quality 1-100 (default: 80, A1111's; ignored with a warning for PNG); parameters "
+                        "go in the EXIF UserComment")
     o.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     o.add_argument("--from-png", metavar="IMAGE",
                    help="re-create an image from its stored parameters; options given here override them")
@@ -674,6 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded sumie-tiny)")
         p.add_argument("--vae", metavar="PATH", help="standalone VAE replacing the checkpoint's")
+
+    from sumie.cli import measure
 
     measure.add_parsers(sub, model_arg)
     return parser

@@ -6,19 +6,22 @@ import argparse
 import json
 from typing import Any
 
-import torch
-
 
 def add_parsers(sub: Any, model_arg: Any) -> None:
     """Register ``bench`` and ``eval`` on the CLI's sub-parser collection."""
-    p = sub.add_parser("bench", help="time one image: seconds per image, UNet share, load time")
+    p = sub.add_parser("bench", help="time one image: seconds per image, UNet share, load time (--cold: the "
+                       "first image of a fresh `sumie generate` process)")
     model_arg(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--cfg-scale", type=float, help="CFG scale (default: the model's, 7 if it names none)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--cold", action="store_true",
+                   help="time fresh `sumie generate` processes from start to PNG written (startup, load, "
+                        "generation), instead of warm images in this process")
+    p.add_argument("--runs", type=int, help="timed runs, median reported (default: 3 warm runs after one "
+                   "warm-up; 5 with --cold)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -53,12 +56,13 @@ def _check_positive(**values: int) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Median seconds per image and where they go."""
-    from sumie.cli.bench import run_bench
+    from sumie.cli.bench import run_bench, run_cold
 
-    _check_positive(steps=args.steps, runs=args.runs)
-    report = run_bench(args.model, vae=args.vae, steps=args.steps, width=args.width, height=args.height,
-                       sampler=args.sampler, cfg_scale=args.cfg_scale, runs=args.runs, threads=args.threads,
-                       dtype=torch.float32)
+    runs = args.runs if args.runs is not None else (5 if args.cold else 3)
+    _check_positive(steps=args.steps, runs=runs)
+    bench = run_cold if args.cold else run_bench
+    report = bench(args.model, vae=args.vae, steps=args.steps, width=args.width, height=args.height,
+                   sampler=args.sampler, cfg_scale=args.cfg_scale, runs=runs, threads=args.threads)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
 from sumie.pipelines import inpaint as inpaint_ops
-from sumie.pipelines import vae_io
+from sumie.pipelines import vae_io, validation
 from sumie.pipelines.control import JobControl
 from sumie.pipelines.convention import pipeline_convention
 from sumie.pipelines.denoise import ModelHooks, sampler_options
@@ -61,7 +60,6 @@ from sumie.pipelines.variation import all_seeds, fixed_seed
 from sumie.prompts.embeddings import EmbeddingLibrary
 from sumie.prompts.parser import strip_comments
 from sumie.prompts.tokenizer import CLIPTokenizer
-from sumie.sampling import registry
 from sumie.sampling.conventions import Convention
 from sumie.sampling.discretization import DiscreteSigmas
 from sumie.sampling.registry import SamplerSpec
@@ -102,12 +100,6 @@ def _native_size(models: StableDiffusionModels) -> int:
     if family.startswith("sdxl"):
         return 1024
     return 768 if family == "sd2" and models.config.prediction == "v" else 512
-
-
-def _check_multiple(name: str, value: int, factor: int) -> None:
-    if value < factor or value % factor:
-        lo = max(factor, value // factor * factor)
-        raise ConfigError(f"{name} {value} is not a multiple of {factor}; use {lo} or {lo + factor}")
 
 
 class Engine:
@@ -198,9 +190,9 @@ class Engine:
         p = params
         if p.cfg_scale is None:
             p = dataclasses.replace(p, cfg_scale=self.default_cfg_scale)
-        self._validate(p)
-        spec, schedule = registry.resolve(p.sampler, p.scheduler)
-        sampler_opts = sampler_options(spec, p.eta, p.s_noise)
+        early: list[str] = []  # settings the run ignores: warnings of the result
+        spec, schedule = validation.check_request(p, warn=early.append)
+        sampler_opts = sampler_options(spec, p.eta, p.s_noise if validation.uses_s_noise(spec, p.eta) else None)
         mode_img2img = bool(p.init_images)
         if p.inpaint is not None and not mode_img2img:
             raise ConfigError("inpainting needs an init image; pass init_images=[image] with the mask")
@@ -224,6 +216,8 @@ class Engine:
         job = Job(resolved, spec, schedule, conv,
                   sampling_convention or conv.sampling(spec.name, schedule, self.models.config.family),
                   width, height, batch_size, sigmas_fn, sampler_opts, hooks or ModelHooks(), control or JobControl())
+        for message in early:
+            job.warn(message)
         if p.eta_noise_seed_delta and _uses_white_noise(spec, p.eta):
             job.extra["ENSD"] = p.eta_noise_seed_delta
         run = Run(job, self.base, self.refiner)
@@ -293,41 +287,8 @@ class Engine:
         return active
 
     # ---------------------------------------------------------------- validation and size
-    def _validate(self, p: GenerationParams) -> None:
-        if p.steps < 1:
-            raise ConfigError(f"steps must be at least 1, got {p.steps}")
-        if p.batch_size < 1 or p.n_iter < 1:
-            raise ConfigError(f"batch size and batch count must be at least 1, got {p.batch_size} and {p.n_iter}")
-        if not math.isfinite(p.cfg_scale):  # type: ignore[arg-type]
-            raise ConfigError(f"CFG scale must be a finite number, got {p.cfg_scale}")
-        if not 0.0 <= p.cfg_rescale <= 1.0:
-            raise ConfigError(f"CFG rescale must be in [0, 1] (0 = off, 0.7 is usual), got {p.cfg_rescale}")
-        if not 0.0 <= p.subseed_strength <= 1.0:
-            raise ConfigError(f"variation strength must be in [0, 1], got {p.subseed_strength}")
-        if not 0.0 <= p.denoising_strength <= 1.0:
-            raise ConfigError(f"denoising strength must be in [0, 1], got {p.denoising_strength}")
-        if p.clip_skip < 1:
-            raise ConfigError(f"clip skip must be 1 (off) or more, got {p.clip_skip}")
-        if p.convention not in ("a1111", "diffusers"):
-            raise ConfigError(f"unknown convention {p.convention!r}; use a1111 or diffusers")
-        if p.styles:
-            raise ConfigError("styles are not supported by the engine; put the style text into the prompt")
-        if p.eta_noise_seed_delta < 0:
-            raise ConfigError(f"eta noise seed delta must be >= 0, got {p.eta_noise_seed_delta}")
-
     def _size(self, p: GenerationParams) -> tuple[int, int]:
-        factor = self.models.vae.downscale
-        if p.init_images and (p.width is None or p.height is None):
-            w0, h0 = p.init_images[0].size
-            width = p.width if p.width is not None else max(factor, w0 // factor * factor)
-            height = p.height if p.height is not None else max(factor, h0 // factor * factor)
-        else:
-            native = _native_size(self.models)
-            width = p.width if p.width is not None else native
-            height = p.height if p.height is not None else native
-        _check_multiple("width", int(width), factor)
-        _check_multiple("height", int(height), factor)
-        return int(width), int(height)
+        return validation.processing_size(p, self.models.vae.downscale, _native_size(self.models))
 
     # ---------------------------------------------------------------- VAE
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from sumie import __version__
 from sumie.errors import ConfigError
 from sumie.pipelines.params import DEFAULT_CFG_SCALE, GenerationParams, HiresParams, InpaintParams, RefinerParams
+from sumie.pipelines.validation import uses_s_noise
 from sumie.sampling import registry, schedules
 
 if TYPE_CHECKING:
@@ -225,7 +226,8 @@ def _sampler_fields(params: GenerationParams, spec: registry.SamplerSpec, schedu
     accepted = inspect.signature(spec.function).parameters
     if params.eta is not None and "eta" in accepted and params.eta != accepted["eta"].default:
         out["Eta DDIM" if spec.name == "ddim" else "Eta"] = params.eta
-    if params.s_noise is not None and "s_noise" in accepted and params.s_noise != accepted["s_noise"].default:
+    if (params.s_noise is not None and "s_noise" in accepted and params.s_noise != accepted["s_noise"].default
+            and uses_s_noise(spec, params.eta)):  # not where it has no effect (Euler without churn, eta 0)
         out["Sigma noise"] = params.s_noise
     if params.cfg_rescale:
         out["CFG Rescale"] = params.cfg_rescale
