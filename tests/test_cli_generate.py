@@ -292,3 +292,23 @@ def test_more_bad_options(files: dict[str, Path], tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_each_network_takes_its_own_dtype(files: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sumie
+
+    engines = []
+    load = sumie.load
+    monkeypatch.setattr(sumie, "load", lambda *a, **k: engines.append(load(*a, **k)) or engines[-1])
+    argv = ["generate", "x", "--model", str(files["model"]), "--width", "64", "--height", "64", "--steps", "2",
+            "--device", "cpu", "-q", "--dtype", "bf16", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
+    assert main([*argv, "-o", str(tmp_path / "a.png")]) == 0
+    m = engines[0].models
+    assert next(m.unet.parameters()).dtype == torch.bfloat16 and m.vae.dtype == torch.float32
+    assert next(m.text_encoders[0].parameters()).dtype == torch.float32
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == (64, 64)
+    assert main([*argv[:-6], "--dtype", "bf16", "-o", str(tmp_path / "b.png")]) == 0  # one dtype for all
+    m = engines[1].models
+    assert m.vae.dtype == torch.bfloat16 and next(m.text_encoders[0].parameters()).dtype == torch.bfloat16

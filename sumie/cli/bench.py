@@ -31,6 +31,7 @@ def run_bench(model: str | Path | None, *, vae: str | Path | None = None, steps:
     import torch
 
     import sumie
+    from sumie.pipelines.denoise import ModelHooks
     from sumie.pipelines.params import GenerationParams
 
     dtype = dtype or torch.float32
@@ -42,23 +43,23 @@ def run_bench(model: str | Path | None, *, vae: str | Path | None = None, steps:
     cfg = engine.models.config
     unet_calls = 0
     unet_time = 0.0
-    inner = engine.models.unet.forward
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(apply: Any, x: Any, sigma: Any, **kwargs: Any) -> Any:  # around each model call: the UNet's time
         nonlocal unet_calls, unet_time
-        out, dt = _timed(lambda: inner(*args, **kwargs))
+        out, dt = _timed(lambda: apply(x, sigma, **kwargs))
         unet_calls += 1
         unet_time += dt
         return out
 
-    engine.models.unet.forward = counted  # type: ignore[method-assign]
+    hooks = ModelHooks(wrappers=[counted])
     params = GenerationParams(prompt="a red circle on a blue background", steps=steps, width=width, height=height,
                               sampler=sampler, cfg_scale=cfg_scale, seed=1)
-    _timed(lambda: engine.generate(params))  # warm-up (allocator, kernels)
+    _timed(lambda: engine.generate(params, hooks=hooks))  # warm-up (allocator, kernels)
     totals, unets, calls = [], [], []
     for i in range(runs):
         unet_calls, unet_time = 0, 0.0
-        result, total = _timed(lambda i=i: engine.generate(GenerationParams(**{**params.__dict__, "seed": i + 2})))
+        result, total = _timed(lambda i=i: engine.generate(GenerationParams(**{**params.__dict__, "seed": i + 2}),
+                                                           hooks=hooks))
         totals.append(total)
         unets.append(unet_time)
         calls.append(unet_calls)

@@ -194,9 +194,11 @@ def _warn(message: str) -> None:
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple[str, object]:
-    """The torch device (default: cuda, then mps, then cpu) and dtype (default: fp16 on a GPU, else fp32)."""
+    """The torch device (default: cuda, then mps, then cpu) and the Precision: --dtype (default: fp16 on a GPU, else
+    fp32), --text-encoder-dtype and --vae-dtype (default: --dtype; an SDXL VAE stays fp32 under fp16)."""
     import torch
 
+    from sumie.checkpoints.precision import Precision
     from sumie.errors import ConfigError
 
     name = args.device or ("cuda" if torch.cuda.is_available() else
@@ -212,7 +214,13 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[str, object]:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: Apple's MPS is not available to torch; use --device cpu")
     dtype = args.dtype or ("fp32" if device.type == "cpu" else "fp16")
-    return str(device), getattr(torch, _DTYPES[dtype])
+
+    def named(flag: str | None) -> torch.dtype | None:
+        return None if flag is None else getattr(torch, _DTYPES[flag])
+
+    precision = Precision(getattr(torch, _DTYPES[dtype]), named(getattr(args, "text_encoder_dtype", None)),
+                          named(getattr(args, "vae_dtype", None)))
+    return str(device), precision
 
 
 def _from_png(path: str) -> tuple[GenerationParams, dict[str, object], str]:
@@ -611,6 +619,10 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
                         "are looked up by name; --embeddings defaults to its embeddings folder")
     m.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     m.add_argument("--dtype", choices=list(_DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
+    m.add_argument("--vae-dtype", choices=list(_DTYPES),
+                   help="the VAE's dtype (default: --dtype; fp32 for SDXL under fp16; an fp16 VAE that overflows is "
+                        "switched to fp32 with a warning)")
+    m.add_argument("--text-encoder-dtype", choices=list(_DTYPES), help="the text encoders' dtype (default: --dtype)")
     m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")
     m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
