@@ -27,7 +27,6 @@ result. Extensions plug in through ``hooks`` (:class:`~sumie.pipelines.denoise.M
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,6 @@ from sumie.prompts.parser import strip_comments
 from sumie.prompts.tokenizer import CLIPTokenizer
 from sumie.sampling.conventions import Convention
 from sumie.sampling.discretization import DiscreteSigmas
-from sumie.sampling.registry import SamplerSpec
 
 __all__ = ["Engine", "GenerationResult", "load"]
 
@@ -82,15 +80,6 @@ class GenerationResult:
     params: GenerationParams
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
-
-
-def _uses_white_noise(spec: SamplerSpec, eta: float | None) -> bool:
-    """Whether a sampler draws per-image white noise after the initial noise (where ENSD changes the image)."""
-    if not spec.stochastic or spec.needs_brownian:
-        return False
-    default = inspect.signature(spec.function).parameters.get("eta")
-    value = eta if eta is not None else (default.default if default is not None else 1.0)
-    return value != 0
 
 
 def _native_size(models: StableDiffusionModels) -> int:
@@ -218,7 +207,7 @@ class Engine:
                   width, height, batch_size, sigmas_fn, sampler_opts, hooks or ModelHooks(), control or JobControl())
         for message in early:
             job.warn(message)
-        if p.eta_noise_seed_delta and _uses_white_noise(spec, p.eta):
+        if p.eta_noise_seed_delta and validation.uses_white_noise(spec, p.eta):
             job.extra["ENSD"] = p.eta_noise_seed_delta
         run = Run(job, self.base, self.refiner)
         plan = None

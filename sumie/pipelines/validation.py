@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from sumie.sampling.registry import SamplerSpec
 
 __all__ = ["ETA_MAX", "MAX_SEED_VALUE", "S_NOISE_MAX", "IgnoredSettingWarning", "Namer", "api_name", "check_request",
-           "check_sampler", "check_seed", "check_size", "check_values", "processing_size", "uses_s_noise"]
+           "check_sampler", "check_seed", "check_size", "check_values", "effective_eta", "processing_size",
+           "uses_s_noise", "uses_white_noise"]
 
 Namer = Callable[[str], str]
 MAX_SEED_VALUE = 2**64 - 1  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1; Sumie: -1 or >= 0
@@ -110,6 +111,23 @@ def check_values(p: GenerationParams, name: Namer = api_name) -> None:
     check_seed("subseed", int(p.subseed), count, 0, name)
 
 
+def effective_eta(spec: SamplerSpec, eta: float | None) -> float | None:
+    """The eta a sampler runs with: the request's, else the registry's or the function's default (None: no eta)."""
+    params = inspect.signature(spec.function).parameters
+    if "eta" not in params:
+        return None
+    return eta if eta is not None else spec.kwargs.get("eta", params["eta"].default)
+
+
+def uses_white_noise(spec: SamplerSpec, eta: float | None) -> bool:
+    """Whether a sampler draws per-image white noise after the initial noise (where A1111's ENSD changes the image);
+    the DPM++ SDE family draws Brownian noise instead."""
+    if not spec.stochastic or spec.needs_brownian:
+        return False
+    value = effective_eta(spec, eta)
+    return value is None or value != 0
+
+
 def uses_s_noise(spec: SamplerSpec, eta: float | None) -> bool:
     """Whether a sampler's result depends on ``s_noise``: it scales the noise of ancestral / SDE steps (not when
     eta is 0) and Restart's; Euler, Heun and DPM2 take it only for churn, which Sumie runs at 0."""
@@ -119,7 +137,7 @@ def uses_s_noise(spec: SamplerSpec, eta: float | None) -> bool:
     if "s_churn" in params and not spec.kwargs.get("s_churn", params["s_churn"].default):
         return False
     if "eta" in params:
-        return (eta if eta is not None else spec.kwargs.get("eta", params["eta"].default)) != 0
+        return effective_eta(spec, eta) != 0
     return True
 
 

@@ -14,7 +14,6 @@ import gzip
 from dataclasses import dataclass
 from importlib import resources
 
-import ftfy
 import regex
 import torch
 
@@ -50,12 +49,26 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @dataclass(frozen=True)
 class _Vocab:
-    """Immutable CLIP vocabulary: token -> id, id -> bytes, merge ranks, byte table."""
+    """Immutable CLIP vocabulary: token -> id, merge ranks, byte table (id -> bytes: :func:`_decoder_bytes`)."""
 
     encoder: dict[str, int]
-    decoder_bytes: tuple[bytes, ...]
+    tokens: tuple[str, ...]
     ranks: dict[tuple[str, str], int]
     byte_encoder: tuple[str, ...]
+
+    @functools.cached_property
+    def decoder_bytes(self) -> tuple[bytes, ...]:
+        """id -> the token's bytes (a space after end-of-word tokens); built on the first decode only."""
+        byte_decoder = {c: b for b, c in enumerate(self.byte_encoder)}
+        decoded: list[bytes] = []
+        for tok in self.tokens:
+            if tok in (_SOT, _EOT):
+                decoded.append(tok.encode("ascii"))
+            elif tok.endswith(_END_OF_WORD):
+                decoded.append(bytes(byte_decoder[c] for c in tok[: -len(_END_OF_WORD)]) + b" ")
+            else:
+                decoded.append(bytes(byte_decoder[c] for c in tok))
+        return tuple(decoded)
 
 
 @functools.cache
@@ -70,22 +83,15 @@ def load_vocab() -> _Vocab:
     encoder = {tok: i for i, tok in enumerate(tokens)}
     if len(encoder) != 49408:
         raise ValueError(f"corrupt CLIP vocab: {len(encoder)} unique tokens, expected 49408")
-    byte_decoder = {c: b for b, c in byte_table.items()}
-    decoded: list[bytes] = []
-    for tok in tokens:
-        if tok in (_SOT, _EOT):
-            decoded.append(tok.encode("ascii"))
-        elif tok.endswith(_END_OF_WORD):
-            decoded.append(bytes(byte_decoder[c] for c in tok[: -len(_END_OF_WORD)]) + b" ")
-        else:
-            decoded.append(bytes(byte_decoder[c] for c in tok))
     ranks = {(a, b): i for i, (a, b) in enumerate(merges)}
-    return _Vocab(encoder, tuple(decoded), ranks, tuple(byte_table[b] for b in range(256)))
+    return _Vocab(encoder, tuple(tokens), ranks, tuple(byte_table[b] for b in range(256)))
 
 
 def normalize(text: str) -> str:
     """ftfy.fix_text, whitespace runs -> one space, strip, lowercase (transformers' CLIP ``_tokenize``)."""
     if not _FTFY_NOOP.fullmatch(text):
+        import ftfy  # ~0.2 s to import: only for text it may change
+
         text = ftfy.fix_text(text)
     return _WHITESPACE.sub(" ", text).strip().lower()
 
