@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,16 +199,15 @@ class GuidedModel:
 
 
 def sampler_options(spec: SamplerSpec, eta: float | None = None, s_noise: float | None = None) -> dict[str, Any]:
-    """The eta / s_noise options a sampler accepts, when set (None keeps the sampler's default, A1111's)."""
-    params = inspect.signature(spec.function).parameters
+    """The eta / s_noise options to pass to the sampler (None keeps its default, A1111's); an s_noise the sampler
+    would ignore is left out. Whether the sampler takes them at all is checked by
+    :func:`sumie.pipelines.validation.check_sampler`."""
+    from sumie.pipelines.validation import uses_s_noise
+
     out: dict[str, Any] = {}
     if eta is not None:
-        if "eta" not in params:
-            raise ConfigError(f"sampler {spec.name!r} has no eta; leave eta unset")
         out["eta"] = float(eta)
-    if s_noise is not None:
-        if "s_noise" not in params:
-            raise ConfigError(f"sampler {spec.name!r} has no s_noise; leave s_noise unset")
+    if s_noise is not None and uses_s_noise(spec, eta):
         out["s_noise"] = float(s_noise)
     return out
 

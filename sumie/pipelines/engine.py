@@ -181,7 +181,7 @@ class Engine:
             p = dataclasses.replace(p, cfg_scale=self.default_cfg_scale)
         early: list[str] = []  # settings the run ignores: warnings of the result
         spec, schedule = validation.check_request(p, warn=early.append)
-        sampler_opts = sampler_options(spec, p.eta, p.s_noise if validation.uses_s_noise(spec, p.eta) else None)
+        sampler_opts = sampler_options(spec, p.eta, p.s_noise)
         mode_img2img = bool(p.init_images)
         if p.inpaint is not None and not mode_img2img:
             raise ConfigError("inpainting needs an init image; pass init_images=[image] with the mask")

@@ -53,6 +53,11 @@ def encode(vae: AutoencoderKL, x: Tensor, generators: Sequence[torch.Generator |
     return torch.cat(out)
 
 
+def _decode_one(vae: AutoencoderKL, latent: Tensor) -> Tensor:
+    """One scaled latent [1, C, h, w] -> image [1, 3, H, W] float32, unchecked."""
+    return vae.decode(vae.unscale_latents(latent)).float()
+
+
 def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None) -> Tensor:
     """Scaled latents [B, C, h, w] -> images [B, 3, H, W] float32 (unclamped), one at a time; NaN-checked."""
     if not bool(torch.isfinite(latent).all()):
@@ -60,8 +65,7 @@ def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None) -> Tens
                        "lower the CFG scale or run the UNet in float32 (--dtype fp32)")
     out = []
     for i in range(latent.shape[0]):
-        z = vae.unscale_latents(latent[i : i + 1])
-        x = vae.decode(z).float()
+        x = _decode_one(vae, latent[i : i + 1])
         if not bool(torch.isfinite(x).all()):
             if vae.dtype == torch.float32:
                 raise NaNError("VAE decode produced NaN or infinite values from a finite latent in float32: the VAE "
@@ -71,7 +75,7 @@ def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None) -> Tens
             if warn is not None:
                 warn(f"the VAE overflowed in {was} (NaN in the decoded image); it now runs in float32 and the image "
                      "was decoded again (A1111's automatic --no-half-vae; pass --vae-dtype fp32 to start that way)")
-            x = vae.decode(z).float()
+            x = _decode_one(vae, latent[i : i + 1])
             if not bool(torch.isfinite(x).all()):
                 raise NaNError("VAE decode produced NaN or infinite values even in float32: the VAE weights are "
                                "broken; load another VAE with --vae")
@@ -115,6 +119,5 @@ class Previewer:
             assert self.factors is not None
             x = torch.einsum("blxy,lr->brxy", latent.float(), self.factors.to(latent.device))
         else:
-            x = torch.cat([self.vae.decode(self.vae.unscale_latents(latent[i : i + 1])).float()
-                           for i in range(latent.shape[0])])
+            x = torch.cat([_decode_one(self.vae, latent[i : i + 1]) for i in range(latent.shape[0])])
         return to_image(torch.nan_to_num(x), "truncate")
