@@ -1,0 +1,175 @@
+"""LoRA names and formats: kohya/diffusers names -> Sumie weight keys, each file format's deltas, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sumie.adapters.lora.names import _meta_component, default_targets, kohya_name, targets_for_modules
+from sumie.configs import SD1, SD2, SDXL, ModelConfig
+from sumie.errors import ConfigError
+
+torch.set_num_threads(1)
+
+
+def _meta_targets(config: ModelConfig) -> dict[str, str]:
+    comps = ["unet"] + [t.name for t in config.text_encoders]
+    return targets_for_modules(config, {c: _meta_component(config, c) for c in comps})
+
+
+def _weight_shape(config: ModelConfig, key: str) -> tuple[int, ...]:
+    comp, _, rest = key.partition(".")
+    return tuple(_meta_component(config, comp).get_parameter(rest).shape)
+
+
+# ------------------------------------------------------------------------------------------------------- names
+
+@pytest.mark.parametrize(("config", "counts"), [
+    (SD1, {"unet": (192, 86), "clip_l": (72, 0)}),
+    (SD2, {"unet": (192, 86), "clip_h": (144, 0)}),
+    (SDXL, {"unet": (722, 66), "clip_l": (72, 0), "clip_g": (192, 0)}),
+])
+def test_default_targets_count_what_kohya_trains(config: ModelConfig, counts: dict[str, tuple[int, int]]) -> None:
+    # 192 UNet + 72 CLIP modules for SD1.5, LoCon 278 UNet modules; SDXL 722 + 72 + 192 (the reference's figures)
+    got = {c: (len(default_targets(config, c, "lora")), len(default_targets(config, c, "conv"))) for c in counts}
+    assert got == counts
+    lora = default_targets(config, "unet", "lora")
+    assert not any("norm" in p or p.startswith(("input_blocks.0.", "out.", "time_embed")) for p in lora)
+    conv = default_targets(config, "unet", "conv")
+    assert set(lora).isdisjoint(conv)
+    assert any(p.endswith("skip_connection") for p in conv) and any(p.endswith(".op") for p in conv)
+    assert "input_blocks.0.0" not in conv and "out.2" not in conv
+
+
+def test_unknown_kind_and_component_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="kind"):
+        default_targets(SD1, "unet", "loha")
+    with pytest.raises(ConfigError, match="clip_g"):
+        default_targets(SD1, "clip_g", "lora")
+    with pytest.raises(ConfigError, match="clip_g"):
+        kohya_name(SD1, "clip_g", "text_model.encoder.layers.0.mlp.fc1")
+
+
+# Names as kohya's sd-scripts / A1111 write them (written out by hand, not computed), and where they land.
+SD1_NAMES = {
+    "lora_unet_down_blocks_0_attentions_0_proj_in": "unet.input_blocks.1.1.proj_in.weight",
+    "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_out_0":
+        "unet.input_blocks.2.1.transformer_blocks.0.attn1.to_out.0.weight",
+    "lora_unet_down_blocks_2_attentions_1_transformer_blocks_0_ff_net_0_proj":
+        "unet.input_blocks.8.1.transformer_blocks.0.ff.net.0.proj.weight",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k":
+        "unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+    "lora_unet_up_blocks_3_attentions_2_proj_out": "unet.output_blocks.11.1.proj_out.weight",
+    "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2":
+        "unet.output_blocks.3.1.transformer_blocks.0.ff.net.2.weight",
+    "lora_unet_down_blocks_1_resnets_0_conv1": "unet.input_blocks.4.0.in_layers.2.weight",
+    "lora_unet_down_blocks_1_resnets_0_conv_shortcut": "unet.input_blocks.4.0.skip_connection.weight",
+    "lora_unet_down_blocks_3_resnets_1_time_emb_proj": "unet.input_blocks.11.0.emb_layers.1.weight",
+    "lora_unet_mid_block_resnets_1_conv2": "unet.middle_block.2.out_layers.3.weight",
+    "lora_unet_down_blocks_2_downsamplers_0_conv": "unet.input_blocks.9.0.op.weight",
+    "lora_unet_up_blocks_0_upsamplers_0_conv": "unet.output_blocks.2.1.conv.weight",
+    "lora_unet_up_blocks_2_upsamplers_0_conv": "unet.output_blocks.8.2.conv.weight",
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+        "clip_l.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "lora_te_text_model_encoder_layers_11_mlp_fc2": "clip_l.text_model.encoder.layers.11.mlp.fc2.weight",
+    "lora_te_text_model_encoder_layers_3_self_attn_out_proj":
+        "clip_l.text_model.encoder.layers.3.self_attn.out_proj.weight",
+    # the same modules by diffusers/PEFT paths, and original-layout kohya names (A1111 accepts both layouts)
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+        "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "unet.up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0":
+        "unet.output_blocks.5.1.transformer_blocks.0.attn1.to_out.0.weight",
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj":
+        "clip_l.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "text_encoder.encoder.layers.0.mlp.fc1": "clip_l.text_model.encoder.layers.0.mlp.fc1.weight",
+    "lora_unet_input_blocks_1_1_proj_in": "unet.input_blocks.1.1.proj_in.weight",
+}
+SDXL_NAMES = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+        "unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+    "lora_unet_middle_block_1_transformer_blocks_9_ff_net_0_proj":
+        "unet.middle_block.1.transformer_blocks.9.ff.net.0.proj.weight",
+    "lora_unet_output_blocks_0_1_transformer_blocks_3_attn2_to_out_0":
+        "unet.output_blocks.0.1.transformer_blocks.3.attn2.to_out.0.weight",
+    "lora_unet_input_blocks_7_1_proj_in": "unet.input_blocks.7.1.proj_in.weight",
+    "lora_unet_input_blocks_1_0_in_layers_2": "unet.input_blocks.1.0.in_layers.2.weight",
+    "lora_unet_output_blocks_2_2_conv": "unet.output_blocks.2.2.conv.weight",
+    "lora_te1_text_model_encoder_layers_0_self_attn_k_proj":
+        "clip_l.text_model.encoder.layers.0.self_attn.k_proj.weight",
+    "lora_te2_text_model_encoder_layers_31_self_attn_v_proj":
+        "clip_g.text_model.encoder.layers.31.self_attn.v_proj.weight",
+    "lora_te2_text_model_encoder_layers_5_mlp_fc1": "clip_g.text_model.encoder.layers.5.mlp.fc1.weight",
+    "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k":
+        "unet.input_blocks.4.1.transformer_blocks.1.attn1.to_k.weight",
+    "unet.up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_v":
+        "unet.output_blocks.2.1.transformer_blocks.9.attn2.to_v.weight",
+    "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj":
+        "clip_g.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_k":
+        "unet.input_blocks.4.1.transformer_blocks.1.attn1.to_k.weight",
+}
+
+
+@pytest.mark.parametrize(("config", "names"), [(SD1, SD1_NAMES), (SDXL, SDXL_NAMES)])
+def test_known_names_land_on_their_weights(config: ModelConfig, names: dict[str, str]) -> None:
+    targets = _meta_targets(config)
+    assert {n: targets.get(n) for n in names} == names
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" not in targets or config is SD1
+    assert all(not n.startswith("lora_te1_") for n in targets) or config is SDXL
+
+
+def test_no_underscore_guessing() -> None:
+    # a path with '_' replaced by '.' is not a module name; unknown names are simply absent
+    targets = _meta_targets(SD1)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_x" not in targets
+    assert "unet.down.blocks.0.attentions.0.proj.in" not in targets
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in targets
+
+
+def _diffusers_unet(config: ModelConfig) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    if config is SD1:
+        kw: dict = dict(cross_attention_dim=768)
+    else:
+        kw = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                  cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816)
+    with torch.device("meta"):
+        return UNet2DConditionModel(**kw)
+
+
+@pytest.mark.parametrize("config", [SD1, SDXL])
+def test_every_diffusers_module_has_its_kohya_and_peft_name(config: ModelConfig) -> None:
+    # oracle: diffusers' own UNet module paths; kohya's name is the path with '.' -> '_' (sd-scripts' rule)
+    targets = _meta_targets(config)
+    unet = _diffusers_unet(config)
+    n = 0
+    for path, m in unet.named_modules():
+        if not isinstance(m, nn.Linear | nn.Conv2d):
+            continue
+        key = targets.get("unet." + path)
+        assert key is not None, path
+        assert targets.get("lora_unet_" + path.replace(".", "_")) == key
+        assert _weight_shape(config, key) == tuple(m.weight.shape), path
+        n += 1
+    assert n == (282 if config is SD1 else 794)  # every Linear/Conv of the UNet
+
+
+@pytest.mark.parametrize("config", [SD1, SDXL])
+def test_kohya_name_round_trips_through_lora_targets(config: ModelConfig) -> None:
+    targets = _meta_targets(config)
+    for comp in ["unet"] + [t.name for t in config.text_encoders]:
+        for path in default_targets(config, comp, "lora") + default_targets(config, comp, "conv"):
+            name = kohya_name(config, comp, path)
+            assert name.startswith("lora_unet_" if comp == "unet" else "lora_te")
+            assert targets[name] == f"{comp}.{path}.weight"
+    # the family's own layout: diffusers block names for SD1, the original layout for SDXL
+    assert kohya_name(SD1, "unet", "input_blocks.1.1.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert kohya_name(SDXL, "unet", "input_blocks.4.1.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
+    assert kohya_name(SDXL, "clip_l", "text_model.encoder.layers.0.mlp.fc1") == \
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1"
