@@ -10,7 +10,6 @@ from sumie.adapters.lora.names import _meta_component, default_targets, kohya_na
 from sumie.configs import SD1, SD2, SDXL, ModelConfig
 from sumie.errors import ConfigError
 
-torch.set_num_threads(1)
 
 
 def _meta_targets(config: ModelConfig) -> dict[str, str]:
