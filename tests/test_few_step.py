@@ -15,6 +15,7 @@ rows are cond and uncond, with a :class:`~sumie.pipelines.denoise.ModelHooks` wr
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from test_pipeline_parity import (
 import sumie
 from sumie.checkpoints.loader import load_models
 from sumie.checkpoints.save import single_file_state_dict
+from sumie.cli.main import main as cli_main
 from sumie.configs import TINY, config_from_dict, config_to_dict
 from sumie.errors import ConfigError
 from sumie.models.unet import UNetModel, guidance_scale_embedding
@@ -120,7 +122,8 @@ def row_labels() -> tuple[ModelHooks, list[list[int]]]:
 # ----------------------------------------------------------------------------------- the guidance-embedding UNet
 
 
-def test_guidance_embedding_unet_matches_diffusers_from_folder_and_single_file(lcm: Models, tmp_path: Path) -> None:
+def test_guidance_embedding_unet_matches_diffusers_from_folder_and_single_file(
+        lcm: Models, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from diffusers import LatentConsistencyModelPipeline
 
     models = lcm.engine.models
@@ -151,6 +154,10 @@ def test_guidance_embedding_unet_matches_diffusers_from_folder_and_single_file(l
     assert single.config.unet == models.config.unet
     with torch.no_grad():
         assert torch.equal(single.unet(x, t, ctx, guidance=w), ours)
+    assert cli_main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unet"]["guidance_embed_dim"] == 256
+    assert cli_main(["info", str(path)]) == 0
+    assert "guidance:     embedded (256, LCM-distilled)" in capsys.readouterr().out
 
 
 def test_guidance_input_needs_a_guidance_embedding() -> None:

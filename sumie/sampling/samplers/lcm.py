@@ -58,7 +58,8 @@ def lcm_timesteps(steps: int, original_inference_steps: int = 50, num_train_time
     if original_inference_steps > num_train_timesteps:
         raise ConfigError(f"original_inference_steps {original_inference_steps} > {num_train_timesteps} timesteps")
     if steps < 1 or steps > grid_len or steps > original_inference_steps:
-        raise ConfigError(f"LCM needs 1 <= steps <= {min(grid_len, original_inference_steps)}, got {steps}")
+        raise ConfigError(f"LCM needs 1 <= steps <= {min(grid_len, original_inference_steps)} (its "
+                          f"{original_inference_steps}-step distillation grid), got {steps}; use fewer steps")
     grid = torch.arange(grid_len, 0, -1, dtype=torch.int64) * k - 1  # descending distillation timesteps
     picks = torch.div(torch.arange(steps, dtype=torch.int64) * grid_len, steps, rounding_mode="floor")
     return grid[picks]
