@@ -56,7 +56,7 @@ from sumie.pipelines.engine import Engine
 from sumie.pipelines.params import GenerationParams
 from sumie.sampling import registry, schedules
 from sumie.sampling.discretization import DiscreteSigmas
-from sumie.sampling.samplers.lcm import lcm_timesteps
+from sumie.sampling.samplers.lcm import LCMDenoiser, lcm_timesteps
 
 LCM_SD1 = dict(TINY_SD1, unet=dict(TINY_SD1["unet"], time_cond_proj_dim=256))
 
@@ -108,12 +108,15 @@ class UNetCalls:
         return [n for n, _ in self.calls]
 
 
-def row_labels() -> tuple[ModelHooks, list[list[int]]]:
-    """A wrapper that records each model call's row labels (0 = uncond, k >= 1 = cond k)."""
+def row_labels(denoisers: list[type] | None = None) -> tuple[ModelHooks, list[list[int]]]:
+    """A wrapper that records each model call's row labels (0 = uncond, k >= 1 = cond k) and, into ``denoisers``,
+    the type of the denoiser it wraps."""
     seen: list[list[int]] = []
 
     def wrapper(apply: Any, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         seen.append(kw["call"].rows.tolist())
+        if denoisers is not None:
+            denoisers.append(type(apply))
         return apply(x, sigma, **kw)
 
     return ModelHooks(wrappers=[wrapper]), seen
@@ -312,10 +315,13 @@ def test_two_step_img2img_at_half_strength(sd1: Models, tokenizers: dict[str, An
 def test_cfg_1_makes_one_cond_only_call_per_step(tiny: Engine, sampler: str, schedule: str, steps: int) -> None:
     p = dict(prompt="a red circle", negative_prompt="blue", sampler=sampler, scheduler=schedule, steps=steps,
              cfg_scale=1.0, seed=1, batch_size=1)
-    hooks, labels = row_labels()
+    denoisers: list[type] = []
+    hooks, labels = row_labels(denoisers)
     with UNetCalls(tiny.models.unet) as calls:
         tiny.generate(GenerationParams(**p), hooks=hooks)  # type: ignore[arg-type]
     assert calls.rows == [1] * steps and labels == [[1]] * steps
+    # the LCM sampler's model applies LCM's boundary condition (A1111's LCM sampler and LCMScheduler do)
+    assert len(denoisers) == steps and all((d is LCMDenoiser) == (sampler == "LCM") for d in denoisers)
     with UNetCalls(tiny.models.unet) as calls:
         tiny.generate(GenerationParams(**{**p, "cfg_scale": 2.0}), hooks=hooks)  # type: ignore[arg-type]
     assert calls.rows == [2] * steps and labels[steps:] == [[1, 0]] * steps

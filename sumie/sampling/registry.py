@@ -104,7 +104,8 @@ def _s(name: str, module: str, attr: str, schedule: str, a1111: tuple[str, ...],
 # Default schedules: A1111 1.10's per-sampler 'scheduler' option, "Automatic" otherwise (its Uniform = normal).
 # DDIM/PLMS run on A1111's DDIM timesteps (ddim_uniform). UniPC and LCM have no A1111 sigma schedule: UniPC gets
 # normal (A1111 spaces it uniformly in time too), LCM sgm_uniform (ComfyUI's usual pairing; A1111's LCM spaces its
-# own 50 distillation timesteps). UniPC's order 3 and variants are A1111's and ComfyUI's (bh1; uni_pc_bh2).
+# own 50 distillation timesteps; the "lcm" schedule is diffusers' LCMScheduler's picks from them). UniPC's order 3
+# and variants are A1111's and ComfyUI's (bh1; uni_pc_bh2).
 SAMPLERS: tuple[SamplerSpec, ...] = (
     _s("euler", "ode", "sample_euler", "normal", ("Euler", "k_euler"), ("euler",)),
     _s("euler_ancestral", "ancestral", "sample_euler_ancestral", "normal",

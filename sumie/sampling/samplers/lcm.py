@@ -6,7 +6,9 @@ sampling): s = t * timestep_scaling, c_skip = sigma_data^2 / (s^2 + sigma_data^2
 sigma_data^2), denoised = c_out * x0 + c_skip * x_vp. :class:`LCMDenoiser` applies that around any denoiser, with
 x_vp = x / sqrt(1 + sigma^2) as in diffusers (ComfyUI blends the unscaled x; the two differ by c_skip * x * O(sigma^2),
 below 1e-7 |x| on LCM's own timesteps). :func:`sample_lcm` then jumps to each denoised prediction and re-noises it to
-the next sigma; :func:`lcm_timesteps` is diffusers' selection of inference steps from the distillation schedule.
+the next sigma; :func:`lcm_timesteps` is diffusers' selection of inference steps from the distillation schedule
+(the "lcm" schedule). The engine wraps each stage's denoiser in :class:`LCMDenoiser` for this sampler
+(``SamplerSpec.consistency``), with the network's own timesteps.
 """
 
 from __future__ import annotations
