@@ -31,6 +31,7 @@ from test_pipeline_parity import (
     SEEDS,
     STRICT,
     TINY_SD1,
+    TINY_SDXL,
     Models,
     _vocab,
     build,
@@ -65,8 +66,8 @@ LCM_SD1 = dict(TINY_SD1, unet=dict(TINY_SD1["unet"], time_cond_proj_dim=256))
 def tokenizers() -> dict[str, Any]:
     """transformers' CLIP tokenizer over Sumie's packaged vocabulary (SD1 pads with EOS)."""
     vocab, merges = _vocab()
-    return {"eos": transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77,
-                                              pad_token="<|endoftext|>")}
+    return {pad: transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=token)
+            for pad, token in (("eos", "<|endoftext|>"), ("bang", "!"))}
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +88,19 @@ def tiny() -> Engine:
 
 
 class UNetCalls:
-    """Forward pre-hook on a UNet: (batch rows, guidance input) of every call."""
+    """Forward pre-hook on a UNet (Sumie's or diffusers'): (batch rows, guidance input) of every call, and the
+    first call's input."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.calls: list[tuple[int, torch.Tensor | None]] = []
+        self.first: torch.Tensor | None = None
         self.handle = unet.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, _: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         g = kwargs.get("guidance")
         self.calls.append((int(args[0].shape[0]), None if g is None else g.detach().clone()))
+        if self.first is None:
+            self.first = args[0].detach().clone()
 
     def __enter__(self) -> UNetCalls:
         return self
@@ -284,6 +289,30 @@ def test_one_step_euler_a_trailing_matches_stable_diffusion_pipeline(sd1: Models
             a1111 = u8(sd1.engine.generate(dataclasses.replace(p, convention="a1111")).images)
         assert calls.rows == [2 * len(SEEDS)]
         assert mad(a1111, ours) > 20 * STRICT
+
+
+def test_sdxl_turbo_style_trailing_starts_from_sigma_max(tmp_path: Path, tokenizers: dict[str, Any]) -> None:
+    # SDXL-Turbo's scheduler config: Euler a with trailing spacing, whose start noise is sigma_max (the stock SDXL
+    # configs' leading spacing starts from sqrt(sigma_max^2 + 1)); 1 step at guidance 0
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    xl = build(tmp_path, TINY_SDXL, xl=True, seed=2)
+    scheduler = EulerAncestralDiscreteScheduler(**{**SCHEDULER, "timestep_spacing": "trailing"})
+    pipe = pipeline("StableDiffusionXLPipeline", xl, scheduler, tokenizers)
+    with UNetCalls(xl.parts["unet"]) as theirs:
+        ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
+                   num_images_per_prompt=len(SEEDS), generator=generators(SEEDS), output_type="np").images
+    p = params(sampler="Euler a", scheduler="trailing", steps=1, cfg_scale=0.0)
+    with UNetCalls(xl.engine.models.unet) as calls:
+        ours = u8(xl.engine.generate(p).images)
+    check(ours, ref_u8(ref), "SDXL 1-step Euler a (trailing), guidance 0")
+    assert calls.rows == theirs.rows == [len(SEEDS)]
+    # the UNet sees noise * sigma_max / sqrt(sigma_max^2 + 1) as diffusers' does; the same sigma under the stock
+    # leading start (sgm_uniform here) gives it the noise itself, 0.23% larger
+    torch.testing.assert_close(calls.first, theirs.first, rtol=1e-5, atol=1e-5)
+    with UNetCalls(xl.engine.models.unet) as leading:
+        xl.engine.generate(dataclasses.replace(p, scheduler="sgm_uniform"))
+    assert (leading.first - theirs.first).abs().max() > 1e-3  # type: ignore[operator]
 
 
 def test_two_step_img2img_at_half_strength(sd1: Models, tokenizers: dict[str, Any]) -> None:
