@@ -26,6 +26,9 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD2/SDXL: proj_in/proj_out are Linear, SD1: 1x1 Conv
     adm_in_channels: int | None = None  # SDXL: pooled text + size/crop embeddings -> label_emb
     norm_groups: int = 32
+    # LCM-distilled UNets (Luo et al. 2023): width of the guidance-scale embedding added to the timestep embedding
+    # through ``time_embedding.cond_proj`` (diffusers' ``time_cond_proj_dim``, 256 for LCM); None = no such input
+    guidance_embed_dim: int | None = None
 
 
 @dataclass(frozen=True)

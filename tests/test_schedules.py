@@ -335,7 +335,7 @@ def test_names_resolve(ds32):
     assert isinstance(S.SCHEDULES, types.MappingProxyType)
     # Adapters carry their canonical name, and canonical names resolve to themselves in either flavor.
     canonical = {fn.__name__ for fn in S.SCHEDULES.values()}
-    assert len(canonical) == 14 and "beta_comfyui" in canonical and "normal" in canonical
+    assert len(canonical) == 16 and "beta_comfyui" in canonical and "normal" in canonical
     for c in canonical:
         assert S.get_schedule(c).__name__ == c and S.get_schedule(c, "comfyui").__name__ == c
     assert S.get_schedule("AlignYourStepsScheduler").__name__ == "align_your_steps_comfyui"

@@ -286,6 +286,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, object], family: str) -> object
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         adm_in_channels=cfg.get("projection_class_embeddings_input_dim"),  # type: ignore[arg-type]
         norm_groups=int(cfg.get("norm_num_groups", 32)),  # type: ignore[arg-type]
+        guidance_embed_dim=cfg.get("time_cond_proj_dim"),  # type: ignore[arg-type]
     )
 
 

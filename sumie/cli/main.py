@@ -55,7 +55,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "parameters": {name: _count(sd) for name, sd in comps.items()},
         "vae_scaling_factor": cfg.vae.scaling_factor,
         "unet": {"in_channels": cfg.unet.in_channels, "model_channels": cfg.unet.model_channels,
-                 "channel_mult": list(cfg.unet.channel_mult), "context_dim": cfg.unet.context_dim},
+                 "channel_mult": list(cfg.unet.channel_mult), "context_dim": cfg.unet.context_dim,
+                 "guidance_embed_dim": cfg.unet.guidance_embed_dim},
         "ignored_keys": len(det.ignored),
     }
     if args.json:
@@ -67,6 +68,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"prediction:   {cfg.prediction} ({det.prediction_source})" + ("  zero terminal SNR" if
                                                                               det.zero_terminal_snr else ""))
     print(f"stored dtype: {info['stored_dtype']}")
+    if cfg.unet.guidance_embed_dim is not None:
+        print(f"guidance:     embedded ({cfg.unet.guidance_embed_dim}, LCM-distilled): the CFG scale is a UNet input, "
+              "one cond-only call per step, no negative prompt")
     if info["hash"]:
         legacy = f"  (legacy hash {info['legacy_hash']})" if info["legacy_hash"] else ""
         print(f"model hash:   {info['hash']}{legacy}")

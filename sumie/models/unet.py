@@ -31,6 +31,20 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
+    """LCM's guidance-scale embedding [N] -> [N, dim] in fp32: sinusoids of 1000 w, sin half first (VDM's
+    ``get_timestep_embedding`` as diffusers' ``get_guidance_scale_embedding``; w = CFG scale - 1)."""
+    half = dim // 2
+    # float32 in diffusers' order: at w * 1000 ~ 1e4 radians a last-bit change of a frequency moves sin by ~1e-3
+    step = torch.tensor(10000.0, device=w.device).log() / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step)
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
 def sdxl_adm_vector(pooled: Tensor, time_ids: Tensor, embed_dim: int = 256) -> Tensor:
     """SDXL ADM input y [B, P + 6*embed_dim]: pooled text [B, P] then each size/crop id embedded [B, 6].
 
@@ -95,6 +109,18 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+class GuidanceProjection(nn.Module):
+    """LCM's ``cond_proj``: the guidance-scale embedding [B, dim] -> [B, model_channels], no bias (Luo et al. 2023)."""
+
+    def __init__(self, dim: int, channels: int) -> None:
+        super().__init__()
+        self.cond_proj = nn.Linear(dim, channels, bias=False)
+
+    def forward(self, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """Guidance w [B] -> [B, channels] in ``dtype``, added to the sinusoidal timestep embedding."""
+        return self.cond_proj(guidance_scale_embedding(w, self.cond_proj.in_features).to(dtype))
+
+
 class UNetBlock(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks (LDM ``TimestepEmbedSequential``)."""
 
@@ -135,6 +161,10 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
             )
+        # LCM single files keep diffusers' name for it: model.diffusion_model.time_embedding.cond_proj.weight
+        self.time_embedding: GuidanceProjection | None = None
+        if cfg.guidance_embed_dim is not None:
+            self.time_embedding = GuidanceProjection(cfg.guidance_embed_dim, ch)
 
         def attn(width: int, depth: int) -> SpatialTransformer:
             if cfg.num_head_channels != -1:
@@ -197,17 +227,26 @@ class UNetModel(nn.Module):
         y: Tensor | None = None,
         control: Residuals | None = None,
         options: UNetOptions | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """x [B, in_ch, H, W], t [B] (or scalar), context [B, L, ctx], y [B, adm] -> [B, out_ch, H, W].
 
         The output has x's dtype; the network runs in the parameters' dtype. ``control``: residuals added at the
         encoder, middle and skip connections (:class:`~sumie.models.hooks.Residuals`: ControlNet, T2I-Adapter);
-        ``options``: attention hooks and per-call facts (:class:`~sumie.models.hooks.UNetOptions`).
+        ``options``: attention hooks and per-call facts (:class:`~sumie.models.hooks.UNetOptions`);
+        ``guidance``: w [B] (or scalar) for UNets with a guidance embedding (LCM; w = CFG scale - 1), added to the
+        timestep embedding through ``time_embedding.cond_proj`` (None adds nothing, as diffusers' UNet).
         """
         dtype = self.dtype
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
+        if guidance is not None:
+            if self.time_embedding is None:
+                raise ValueError("this UNet has no guidance embedding (not LCM-distilled): pass guidance=None")
+            t_emb = t_emb + self.time_embedding(guidance.expand(x.shape[0]) if guidance.ndim == 0 else guidance,
+                                                dtype)
+        emb = self.time_embed(t_emb)
         if self.label_emb is not None:
             if y is None:
                 raise ValueError("this UNet has an ADM label embedding (SDXL): pass y [B, adm_in_channels]")

@@ -16,7 +16,10 @@ functions that compute a reference's formula (:func:`sumie.pipelines.images.to_t
   the mask (overlay); diffusers re-noises the kept region of the input after each step (not before the first call
   when it starts from pure noise at strength 1), blends nothing for 9-channel UNets and returns the decoded image as
   is. Latent mask: A1111 bicubic + round, diffusers binarized + nearest;
-* CFG rescale: A1111's extension rescales x0, diffusers the model's own output (eps or v).
+* CFG rescale: A1111's extension rescales x0, diffusers the model's own output (eps or v);
+* CFG scales at or below 1: diffusers runs the cond alone (``do_classifier_free_guidance`` is ``scale > 1``; SD-Turbo's
+  ``guidance_scale=0.0``), A1111 and ComfyUI compute ``uncond + scale * (cond - uncond)`` for every scale but 1;
+* the LCM sampler: diffusers' LCMScheduler gives the UNet integer timesteps (rounded here).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class PipelineConvention:
     blend_nine_channel: bool  # mask-blend the predictions of 9-channel inpainting UNets too
     overlay: bool  # paste the original pixels back outside the mask after decoding
     noise_start_at_full_strength: bool  # inpainting at strength 1 starts from pure noise (with the mask blend on)
+    cfg_above_one_only: bool  # a CFG scale <= 1 runs the cond alone (diffusers) instead of uncond + s (cond - uncond)
 
     @property
     def img2img_steps(self) -> ConventionName:
@@ -71,19 +75,23 @@ class PipelineConvention:
         """Start-noise scale and network-timestep rule for a sampler and schedule (the diffusers scheduler's)."""
         if self.name != "diffusers":
             return A1111
+        if sampler == "lcm":  # LCMScheduler: VP start, integer timesteps
+            return Convention("diffusers", "vp", "round")
         sched = _DIFFUSERS_SCHEDULER.get(sampler)
-        if sched is None:  # DDIM, PLMS, DDPM, UniPC, LCM, DPM++ 2S a: VP start, table timesteps
+        if sched is None:  # DDIM, PLMS, DDPM, UniPC, DPM++ 2S a: VP start, table timesteps
             return Convention("diffusers", "vp", "log")
-        spacing = "leading" if family.startswith("sdxl") else "linspace"
+        # the scheduler config's timestep_spacing: "trailing" where the schedule names it (SD-Turbo's), else the
+        # stock configs' (SDXL leading, SD1/SD2 linspace)
+        spacing = "trailing" if schedule == "trailing" else "leading" if family.startswith("sdxl") else "linspace"
         return diffusers_convention(sched, spacing, _SIGMA_KIND.get(schedule, "spacing"))  # type: ignore[arg-type]
 
 
 A1111_PIPELINE = PipelineConvention("a1111", sample_posterior=False, rounding="truncate",
                                     latent_mask="bicubic_round", blend_input=False, blend_nine_channel=True,
-                                    overlay=True, noise_start_at_full_strength=False)
+                                    overlay=True, noise_start_at_full_strength=False, cfg_above_one_only=False)
 DIFFUSERS_PIPELINE = PipelineConvention("diffusers", sample_posterior=True, rounding="round",
                                         latent_mask="binary_nearest", blend_input=True, blend_nine_channel=False,
-                                        overlay=False, noise_start_at_full_strength=True)
+                                        overlay=False, noise_start_at_full_strength=True, cfg_above_one_only=True)
 
 
 def pipeline_convention(name: str) -> PipelineConvention:

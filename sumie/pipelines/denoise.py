@@ -9,7 +9,10 @@
   (cond_i - uncond)``; the sub-prompts' contexts padded to one length by repeating their last vector (A1111's
   ``stack_conds``); cond and uncond of different lengths share the call through repetition to a common length,
   which attention cannot tell from A1111's two separate calls (``pad_empty``: A1111's "pad prompt/negative prompt",
-  empty-prompt chunks instead); at CFG scale 1 a plain prompt skips the uncond pass;
+  empty-prompt chunks instead); at CFG scale 1 a plain prompt skips the uncond pass (negative prompt or not);
+* a UNet with a guidance embedding (LCM-distilled, Luo et al. 2023) takes the scale as an input instead: one
+  cond-only call with ``guidance`` w = scale - 1 (diffusers' ``LatentConsistencyModelPipeline``); the negative
+  prompt is not used and CFG rescale does not apply;
 * 9-channel inpainting UNets get ``concat`` = mask + masked-image latent appended to their input
   (:class:`UNetNetwork`); the same tensor goes with cond and uncond, as in A1111;
 * a second stage (the SDXL refiner) takes over, for good, at the first call whose sigma is past the switch point;
@@ -80,20 +83,23 @@ class UNetNetwork:
         self.hooks = hooks
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-                 concat: Tensor | None = None, call: CallInfo | None = None) -> Tensor:
-        """x [B, 4, h, w], t [B], context [B, L, D], y [B, adm], concat [B, 5, h, w] -> eps or v [B, 4, h, w]."""
+                 concat: Tensor | None = None, call: CallInfo | None = None,
+                 guidance: Tensor | None = None) -> Tensor:
+        """x [B, 4, h, w], t [B], context [B, L, D], y [B, adm], concat [B, 5, h, w], guidance w [B] (LCM UNets)
+        -> eps or v [B, 4, h, w]."""
         if concat is not None:
             x = torch.cat([x, concat.to(device=x.device, dtype=x.dtype)], dim=1)
+        extra = {} if guidance is None else {"guidance": guidance}
         hooks = self.hooks
         if hooks is None or (hooks.unet.empty and not hooks.residuals):
-            return self.unet(x, t, context, y=y)
+            return self.unet(x, t, context, y=y, **extra)
         control: Residuals | None = None
         for fn in hooks.residuals:
             r = fn(x, t, context, y, call)
             if r is not None:
                 control = r if control is None else control.add(r)
         options = dataclasses.replace(hooks.unet, call=call)
-        return self.unet(x, t, context, y=y, control=control, options=options)
+        return self.unet(x, t, context, y=y, control=control, options=options, **extra)
 
 
 @dataclass
@@ -104,10 +110,14 @@ class Stage:
     cond: PromptConds
     uncond: PromptConds
     image_cond: Tensor | None = None  # [B, 5, h, w] for 9-channel inpainting UNets
+    embedded_guidance: bool = False  # the UNet takes the CFG scale as an input (LCM's guidance embedding)
 
     def __post_init__(self) -> None:
         if not self.uncond.simple:
             raise ConfigError("the negative prompt cannot use AND")
+        if self.embedded_guidance and not self.cond.simple:
+            raise ConfigError("AND needs an uncond pass to guide against, and this UNet (LCM-distilled, with a "
+                              "guidance embedding) runs none; drop AND or use a UNet without a guidance embedding")
 
 
 def refiner_switch(schedule: DiscreteSigmas, switch_at: float) -> Callable[[Tensor], bool]:
@@ -127,7 +137,8 @@ class GuidedModel:
 
     ``calls`` counts the model calls so far; ``pass_call`` gives the network each call's :class:`CallInfo` (the
     :class:`UNetNetwork` takes it); ``pad_empty`` [1, 77, D] is the empty prompt's chunk for A1111's "pad
-    prompt/negative prompt".
+    prompt/negative prompt"; ``cfg_above_one_only``: diffusers' rule that guidance needs a scale above 1 (at 0, say,
+    the cond runs alone; A1111 and ComfyUI then return ``uncond + 0 * (cond - uncond)``).
     """
 
     stages: Sequence[Stage]
@@ -138,6 +149,7 @@ class GuidedModel:
     wrappers: Sequence[ModelWrapper] = ()
     pass_call: bool = False
     pad_empty: Tensor | None = None
+    cfg_above_one_only: bool = False  # diffusers: a scale <= 1 runs the cond alone (no uncond pass, no CFG)
     calls: int = 0
     stage_index: int = 0
     switched_at: int | None = field(default=None)
@@ -172,7 +184,8 @@ class GuidedModel:
             stacked = stack_contexts([c["context"][0] for c, _ in parts])
             for i, (c, _) in enumerate(parts):
                 c["context"] = stacked[i : i + 1]
-        if self.pad_empty is not None and parts[0][0]["context"].shape[1] != uncond["context"].shape[1]:
+        if (self.pad_empty is not None and not stage.embedded_guidance
+                and parts[0][0]["context"].shape[1] != uncond["context"].shape[1]):
             padded, uncond["context"] = pad_conds(torch.cat([c["context"] for c, _ in parts]), uncond["context"],
                                                   self.pad_empty)
             for i, (c, _) in enumerate(parts):
@@ -186,6 +199,13 @@ class GuidedModel:
 
     def _guided(self, stage: Stage, x: Tensor, sigma: Tensor, call: int) -> Tensor:
         parts, uncond = self._conds(stage, call)
+        uncond_or_none: dict[str, Tensor] | None = uncond
+        scale = self.scale
+        if stage.embedded_guidance:  # diffusers: w = scale - 1 embedded, one cond-only call, no CFG
+            parts[0][0]["guidance"] = x.new_full((1,), scale - 1.0, dtype=torch.float32)
+            uncond_or_none, scale = None, 1.0
+        elif self.cfg_above_one_only and scale <= 1.0 and stage.cond.simple:
+            scale = 1.0
         extra = None
         if self.pass_call:
             def extra(rows: Tensor) -> dict[str, Any]:
@@ -194,7 +214,8 @@ class GuidedModel:
         denoiser: Denoiser = stage.denoiser
         for wrapper in reversed(self.wrappers):
             denoiser = functools.partial(wrapper, denoiser)
-        return guided_call(denoiser, x, sigma, parts, uncond, self.scale, self.rescale, self.rescale_space,
+        rescale = self.rescale if uncond_or_none is not None else 0.0
+        return guided_call(denoiser, x, sigma, parts, uncond_or_none, scale, rescale, self.rescale_space,
                            repeat_context=True, extra=extra)
 
 

@@ -15,6 +15,10 @@ Flow of a request, as AUTOMATIC1111 1.10 ``process_images`` runs it (differences
    takes over mid-pass;
 6. each latent is decoded on its own and turned to uint8 (:mod:`sumie.pipelines.vae_io`).
 
+An LCM-distilled UNet (a guidance embedding, ``UNetConfig.guidance_embed_dim``) takes the CFG scale S as an input,
+w = S - 1 as diffusers' ``LatentConsistencyModelPipeline``, and runs one cond-only call per step: no uncond pass, so
+the negative prompt and CFG rescale are ignored (with a warning).
+
 ``params.convention`` picks whose numbers to reproduce where A1111 and diffusers differ
 (:mod:`sumie.pipelines.convention`). The hires-fix pass always uses A1111's rules (diffusers has no hires fix). With
 an SDXL refiner the images are decoded by the refiner's VAE, as A1111 (the model loaded at the end decodes).
@@ -207,6 +211,13 @@ class Engine:
                   width, height, batch_size, sigmas_fn, sampler_opts, hooks or ModelHooks(), control or JobControl())
         for message in early:
             job.warn(message)
+        if self.base.embedded_guidance:  # LCM-distilled UNet: the CFG scale is an input, no uncond pass
+            if p.negative_prompt.strip():
+                job.warn("the negative prompt was ignored: this UNet (LCM-distilled, with a guidance embedding) "
+                         "takes the CFG scale as an input and runs no uncond pass, as in diffusers")
+            if p.cfg_rescale:
+                job.warn("CFG rescale was ignored: this UNet (LCM-distilled, with a guidance embedding) runs no "
+                         "CFG to rescale")
         if p.eta_noise_seed_delta and validation.uses_white_noise(spec, p.eta):
             job.extra["ENSD"] = p.eta_noise_seed_delta
         run = Run(job, self.base, self.refiner)

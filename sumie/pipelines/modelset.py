@@ -15,6 +15,7 @@ from sumie.prompts.tokenizer import CLIPTokenizer
 from sumie.sampling.conventions import Convention, convention_denoiser
 from sumie.sampling.denoisers import EpsDenoiser
 from sumie.sampling.discretization import DiscreteSigmas
+from sumie.sampling.samplers.lcm import LCMDenoiser
 
 __all__ = ["ModelSet"]
 
@@ -47,7 +48,15 @@ class ModelSet:
         """The empty prompt's context [1, 77, D] (A1111 ``cond_stage_model_empty_prompt``, for padding)."""
         return self.conditioner(clip_skip).empty().context
 
-    def denoiser(self, convention: Convention, sigmas: Tensor, hooks: ModelHooks | None = None) -> EpsDenoiser:
-        """The x0 denoiser of this model's UNet (with the request's hooks) under a timestep convention."""
+    @property
+    def embedded_guidance(self) -> bool:
+        """Whether the UNet takes the CFG scale as an input (LCM-distilled: a guidance embedding, no uncond pass)."""
+        return self.models.config.unet.guidance_embed_dim is not None
+
+    def denoiser(self, convention: Convention, sigmas: Tensor, hooks: ModelHooks | None = None,
+                 consistency: bool = False) -> EpsDenoiser | LCMDenoiser:
+        """The x0 denoiser of this model's UNet (with the request's hooks) under a timestep convention; with
+        ``consistency`` wrapped in LCM's boundary condition at the same timesteps."""
         network = UNetNetwork(self.models.unet, hooks)  # the UNet may have been swapped (tests spy on it)
-        return convention_denoiser(self.models.config.prediction, network, self.discretization, convention, sigmas)
+        den = convention_denoiser(self.models.config.prediction, network, self.discretization, convention, sigmas)
+        return LCMDenoiser(den, den.schedule) if consistency else den

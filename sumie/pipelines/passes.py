@@ -139,11 +139,13 @@ class Run:
         stages = []
         for ms in sets:
             cond, uncond = self.pass_conds(ms, planned, planned_hr, size)
-            stages.append(Stage(ms.denoiser(job.sampling, sigmas, job.hooks), cond, uncond, image_cond))
+            stages.append(Stage(ms.denoiser(job.sampling, sigmas, job.hooks, spec.consistency), cond, uncond,
+                                image_cond, embedded_guidance=ms.embedded_guidance))
         pad = self.base.empty_chunk(p.clip_skip) if p.pad_conds else None
         guided = GuidedModel(stages, p.cfg_scale, p.cfg_rescale,  # type: ignore[arg-type]
                              job.convention.rescale_space(self.base.models.config.prediction), switch,
-                             wrappers=job.hooks.wrappers, pass_call=True, pad_empty=pad)
+                             wrappers=job.hooks.wrappers, pass_call=True, pad_empty=pad,
+                             cfg_above_one_only=job.convention.cfg_above_one_only)
         model = guided
         if mask is not None:
             model = masked_model(guided, mask, init_latent, noise if blend_input else None,  # type: ignore[arg-type]

@@ -42,6 +42,8 @@ class SamplerSpec:
     DPM++ 2M SDE Heun). ``discard_a1111`` / ``discard_comfyui``: that UI computes steps + 1 sigmas and drops the one
     before the final 0; ``discard_penultimate_sigma`` is the one of the spec's ``flavor``. ``tail_a1111`` /
     ``tail_comfyui``: how the sigmas end (see :data:`Tail`); ``tail`` is the one of the spec's flavor.
+    ``consistency``: a consistency-model sampler (LCM) whose denoiser applies LCM's boundary condition, as A1111's
+    LCM sampler and diffusers' LCMScheduler do.
     """
 
     name: str
@@ -58,6 +60,7 @@ class SamplerSpec:
     tail_a1111: Tail = "zero"
     tail_comfyui: Tail = "zero"
     flavor: Flavor = "a1111"
+    consistency: bool = False  # the model's x0 goes through LCM's boundary condition (samplers.lcm.LCMDenoiser)
 
     @property
     def function(self) -> Callable[..., Tensor]:
@@ -93,15 +96,16 @@ class SamplerSpec:
 
 def _s(name: str, module: str, attr: str, schedule: str, a1111: tuple[str, ...], comfyui: tuple[str, ...], *,
        stochastic: bool = False, brownian: bool = False, discard: tuple[bool, bool] = (False, False),
-       tail: tuple[Tail, Tail] = ("zero", "zero"), **options: Any) -> SamplerSpec:
+       tail: tuple[Tail, Tail] = ("zero", "zero"), consistency: bool = False, **options: Any) -> SamplerSpec:
     return SamplerSpec(name, module, attr, stochastic or brownian, brownian, schedule, a1111, comfyui,
-                       tuple(options.items()), *discard, *tail)
+                       tuple(options.items()), *discard, *tail, consistency=consistency)
 
 
 # Default schedules: A1111 1.10's per-sampler 'scheduler' option, "Automatic" otherwise (its Uniform = normal).
 # DDIM/PLMS run on A1111's DDIM timesteps (ddim_uniform). UniPC and LCM have no A1111 sigma schedule: UniPC gets
 # normal (A1111 spaces it uniformly in time too), LCM sgm_uniform (ComfyUI's usual pairing; A1111's LCM spaces its
-# own 50 distillation timesteps). UniPC's order 3 and variants are A1111's and ComfyUI's (bh1; uni_pc_bh2).
+# own 50 distillation timesteps; the "lcm" schedule is diffusers' LCMScheduler's picks from them). UniPC's order 3
+# and variants are A1111's and ComfyUI's (bh1; uni_pc_bh2).
 SAMPLERS: tuple[SamplerSpec, ...] = (
     _s("euler", "ode", "sample_euler", "normal", ("Euler", "k_euler"), ("euler",)),
     _s("euler_ancestral", "ancestral", "sample_euler_ancestral", "normal",
@@ -131,7 +135,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
        tail=("sigma_min", "0.001"), order=3, variant="bh1"),
     _s("uni_pc_bh2", "unipc", "sample_unipc", "normal", (), ("uni_pc_bh2",), discard=(False, True),
        tail=("sigma_min", "0.001"), order=3, variant="bh2"),
-    _s("lcm", "lcm", "sample_lcm", "sgm_uniform", ("LCM", "k_lcm"), ("lcm",), stochastic=True),
+    _s("lcm", "lcm", "sample_lcm", "sgm_uniform", ("LCM", "k_lcm"), ("lcm",), stochastic=True, consistency=True),
 )
 
 # Canonical schedules of sumie.sampling.schedules with their A1111 1.10 labels and ComfyUI names (ComfyUI's Align
@@ -151,6 +155,8 @@ SCHEDULE_ALIASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "align_your_steps_a1111": (("Align Your Steps",), ()),
     "align_your_steps_comfyui": ((), ()),
     "linear_quadratic": ((), ("linear_quadratic",)),
+    "trailing": ((), ()),  # diffusers' timestep_spacing="trailing" (SD-Turbo)
+    "lcm": ((), ()),  # diffusers' LCMScheduler timesteps
 }
 _AUTOMATIC = ("", "automatic")
 

@@ -262,6 +262,21 @@ def simple(ds: DiscreteSigmas, n: int, *, dtype: torch.dtype = torch.float32) ->
     return _append_zero(table[idx], dtype)
 
 
+def trailing(ds: DiscreteSigmas, n: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Table sigmas at t = round(T - i T / n) - 1: diffusers' ``timestep_spacing="trailing"`` (Lin et al. 2023,
+    Table 2), SD-Turbo's and SDXL-Turbo's scheduler config. Equals ``simple`` when n divides T."""
+    t = diffusers_timesteps(n, "trailing", num_train_timesteps=len(ds.sigmas)).long()
+    return _append_zero(_table(ds)[t], dtype)
+
+
+def lcm(ds: DiscreteSigmas, n: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """diffusers' LCMScheduler timesteps (Luo et al. 2023): n evenly spaced picks from the 50-step distillation grid
+    t = 20 k - 1, table sigmas there; 1 <= n <= 50."""
+    from sumie.sampling.samplers.lcm import lcm_sigmas
+
+    return _append_zero(lcm_sigmas(ds, n)[:-1].cpu(), dtype)
+
+
 def ddim_uniform(ds: DiscreteSigmas, n: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Table sigmas at t = 1, 1 + s, 1 + 2s, ... (s = T // n), reversed. ComfyUI ``ddim_uniform``, A1111 "DDIM".
 
@@ -581,6 +596,8 @@ _CANONICAL: Mapping[str, ScheduleAdapter] = MappingProxyType(
         "sgm_uniform": _table_adapter(sgm_uniform),
         "simple": _table_adapter(simple),
         "ddim_uniform": _table_adapter(ddim_uniform),
+        "trailing": _table_adapter(trailing),
+        "lcm": _table_adapter(lcm),
         "karras": _range_adapter(karras),
         "exponential": _range_adapter(exponential),
         "polyexponential": _range_adapter(polyexponential),

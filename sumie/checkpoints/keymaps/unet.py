@@ -1,6 +1,8 @@
 """UNet key maps: diffusers ``UNet2DConditionModel`` <-> LDM/sgm ``model.diffusion_model.*`` (prefix gone).
 
-Also ``infer_unet_config``: read a UNetConfig off an LDM-layout state dict's keys and shapes.
+Also ``infer_unet_config``: read a UNetConfig off an LDM-layout state dict's keys and shapes. LCM-distilled UNets
+add ``time_embedding.cond_proj.weight`` (the guidance-scale embedding); LCM single files keep that diffusers name
+under ``model.diffusion_model.`` (diffusers' conversion script passes unknown keys through), so it maps to itself.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def _module_map(cfg: UNetConfig) -> list[Entry]:
         ("time_embedding.linear_2", "time_embed.2", None),
         ("add_embedding.linear_1", "label_emb.0.0", None),
         ("add_embedding.linear_2", "label_emb.0.2", None),
+        # LCM's guidance embedding: single files keep the diffusers name under model.diffusion_model.
+        ("time_embedding.cond_proj", "time_embedding.cond_proj", None),
         ("mid_block.resnets.0", "middle_block.0", _RESNET),
         ("mid_block.attentions.0", "middle_block.1", _SAME),
         ("mid_block.resnets.1", "middle_block.2", _RESNET),
@@ -123,6 +127,7 @@ def infer_unet_config(sd: Mapping[str, Tensor]) -> UNetConfig:
         raise CheckpointError("UNet has no cross-attention (attn2.to_k, proj_in): not an SD text-to-image UNet")
     context_dim = int(sd[attn2[0]].shape[1])
     label = sd.get("label_emb.0.0.weight")
+    cond_proj = sd.get("time_embedding.cond_proj.weight")  # [model_channels, guidance_embed_dim] (LCM)
     heads = {"num_heads": 8, "num_head_channels": -1} if context_dim == 768 else {"num_head_channels": 64}
     return UNetConfig(
         in_channels=in_channels,
@@ -135,5 +140,6 @@ def infer_unet_config(sd: Mapping[str, Tensor]) -> UNetConfig:
         context_dim=context_dim,
         use_linear_in_transformer=sd[proj_in[0]].ndim == 2,
         adm_in_channels=None if label is None else int(label.shape[1]),
+        guidance_embed_dim=None if cond_proj is None else int(cond_proj.shape[1]),
         **heads,  # type: ignore[arg-type]
     )

@@ -6,7 +6,9 @@ sampling): s = t * timestep_scaling, c_skip = sigma_data^2 / (s^2 + sigma_data^2
 sigma_data^2), denoised = c_out * x0 + c_skip * x_vp. :class:`LCMDenoiser` applies that around any denoiser, with
 x_vp = x / sqrt(1 + sigma^2) as in diffusers (ComfyUI blends the unscaled x; the two differ by c_skip * x * O(sigma^2),
 below 1e-7 |x| on LCM's own timesteps). :func:`sample_lcm` then jumps to each denoised prediction and re-noises it to
-the next sigma; :func:`lcm_timesteps` is diffusers' selection of inference steps from the distillation schedule.
+the next sigma; :func:`lcm_timesteps` is diffusers' selection of inference steps from the distillation schedule
+(the "lcm" schedule). The engine wraps each stage's denoiser in :class:`LCMDenoiser` for this sampler
+(``SamplerSpec.consistency``), with the network's own timesteps.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def lcm_timesteps(steps: int, original_inference_steps: int = 50, num_train_time
     if original_inference_steps > num_train_timesteps:
         raise ConfigError(f"original_inference_steps {original_inference_steps} > {num_train_timesteps} timesteps")
     if steps < 1 or steps > grid_len or steps > original_inference_steps:
-        raise ConfigError(f"LCM needs 1 <= steps <= {min(grid_len, original_inference_steps)}, got {steps}")
+        raise ConfigError(f"LCM needs 1 <= steps <= {min(grid_len, original_inference_steps)} (its "
+                          f"{original_inference_steps}-step distillation grid), got {steps}; use fewer steps")
     grid = torch.arange(grid_len, 0, -1, dtype=torch.int64) * k - 1  # descending distillation timesteps
     picks = torch.div(torch.arange(steps, dtype=torch.int64) * grid_len, steps, rounding_mode="floor")
     return grid[picks]
