@@ -93,6 +93,16 @@ def parse_lora_arg(text: str) -> LoraSpec:
     return LoraSpec(name, weights[0], weights[1] if len(weights) > 1 else None)
 
 
+def as_spec(value: object) -> LoraSpec:
+    """A ``GenerationParams.loras`` item: a LoraSpec, or a name / path (weight 1)."""
+    if isinstance(value, LoraSpec):
+        return value
+    if isinstance(value, str | os.PathLike):
+        return LoraSpec(value)
+    raise ConfigError(f"GenerationParams.loras takes LoraSpec(name, te=1.0, unet=None) items or names, got "
+                      f"{type(value).__name__}")
+
+
 def lora_tag(name: str, te: float, unet: float) -> str:
     """The prompt tag of a LoRA: ``<lora:name:0.8>`` or ``<lora:name:0.8:0.5>``."""
     return f"<lora:{name}:{te}>" if unet == te else f"<lora:{name}:{te}:{unet}>"
@@ -232,7 +242,7 @@ class LoraHandler:
             specs.append(spec)
             for n in notes:
                 job.warn(n)
-        extra = list(job.params.loras)
+        extra = [as_spec(s) for s in job.params.loras]
         specs.extend(extra)
         lora_set = self.apply(engine, specs, strict=self.strict or job.params.strict_lora)
         for n in lora_set.notes if lora_set is not None else []:

@@ -65,11 +65,6 @@ class LoraEntry:
     path: Path
     folder: Path | None = None  # the LoRA folder it was found in (None: given as a path)
 
-    @property
-    def relative(self) -> str:
-        """Its path relative to its folder (the path itself when given directly)."""
-        return self.path.relative_to(self.folder).as_posix() if self.folder is not None else str(self.path)
-
 
 @dataclass(frozen=True)
 class Resolved:
@@ -196,8 +191,8 @@ class LoraLibrary:
             raise ConfigError(self._missing(text, entries))
         note = None
         if len(fits) > 1:
-            others = ", ".join(e.relative for e in fits if e is not found)
-            note = (f"LoRA name {text!r} fits {len(fits)} files; using {found.relative} (the last in folder order, "
+            others = ", ".join(str(e.path) for e in fits if e is not found)
+            note = (f"LoRA name {text!r} fits {len(fits)} files; using {found.path} (the last in folder order, "
                     f"as A1111 does), not {others}; rename one or give the path")
         return Resolved(found, note)
 
