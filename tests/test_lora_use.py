@@ -28,7 +28,7 @@ from sumie.adapters.lora.library import LoraLibrary
 from sumie.adapters.lora.names import kohya_name
 from sumie.checkpoints.io import file_metadata
 from sumie.checkpoints.loader import StableDiffusionModels
-from sumie.checkpoints.manager import ModelManager
+from sumie.checkpoints.manager import ModelFolders, ModelManager
 from sumie.errors import ConfigError
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.infotext import parse_infotext
@@ -376,3 +376,20 @@ def test_cli_merge_equals_the_runtime_patch(engine: Engine, lora_dir: Path, tmp_
     assert [m["name"] for m in meta] == ["detail", "ink"]
     r = sumie_cli("lora", "merge", model_arg, "detail", "-o", out, cwd=tmp_path)
     assert "already exists" in one_line_error(r)
+
+
+def test_comfyui_models_folder_and_api_names(tmp_path: Path, engine: Engine) -> None:
+    # ComfyUI keeps LoRAs in models/loras; the manager's folders are searched before lora_dirs
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    write_kohya(tmp_path / "models" / "loras" / "sub" / "comfy.safetensors", engine.models, seed=9, every=4)
+    manager = ModelManager(ModelFolders(tmp_path))
+    e = Engine(engine.models, manager=manager)
+    e.show_progress = False
+    h = handler(e)
+    try:
+        r = e.generate(P(loras=["comfy"]))  # a bare name is LoraSpec(name) at weight 1
+        assert h.is_patched and "<lora:comfy:1.0>" in r.infotexts[0]
+    finally:
+        h.unpatch()
+    with pytest.raises(ConfigError, match="LoraSpec"):
+        e.generate(P(loras=[("comfy", 0.5)]))  # type: ignore[list-item]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,31 +106,60 @@ def add_parsers(sub: Any) -> None:
     m.set_defaults(func=cmd_lora_merge)
 
 
+_BLOCK = re.compile(r"^(?P<block>(?:lora_unet|unet)_(?:(?:down|up)_blocks_\d+|(?:input|output)_blocks_\d+|mid_block|"
+                    r"middle_block(?:_\d+)?)|lora_te\d?|text_encoder(?:_\d)?)_(?P<rest>.+)$")
+_INDICES = re.compile(r"(?:^\d+|(?:^|_)(?:attentions_\d+|resnets_\d+|transformer_blocks_\d+|"
+                      r"text_model_encoder_layers_\d+|text_model|encoder_layers_\d+|layers_\d+))(?=_|$)")
+
+
+def _block_and_target(name: str) -> tuple[str, str]:
+    """``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`` -> (``lora_unet_down_blocks_1``,
+    ``attn1_to_q``): the block a module sits in and what kind of layer it is."""
+    m = _BLOCK.match(name.replace(".", "_"))
+    if m is None:
+        return "other", name
+    return m.group("block"), _INDICES.sub("", m.group("rest")).strip("_") or m.group("rest")
+
+
+def _fmt(values: set[Any]) -> str:
+    shown = sorted(v for v in values if v is not None)
+    return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in shown) or "-"
+
+
 def _text_info(info: dict[str, Any]) -> list[str]:
-    """``sumie lora info`` as lines: scalars first, then nested tables, then the ss_* metadata."""
-    lines: list[str] = []
-    nested: dict[str, Any] = {}
-    for key, value in info.items():
-        if key == "metadata":
-            continue
-        if isinstance(value, dict | list) and value:
-            nested[key] = value
-        else:
-            lines.append(f"{key + ':':<14}{'-' if value in (None, '', [], {}) else value}")
-    for key, value in nested.items():
-        lines.append(f"{key}:")
-        if isinstance(value, dict):
-            for k, v in value.items():
-                lines.append(f"  {k}: {json.dumps(v) if isinstance(v, dict | list) else v}")
-        else:
-            for v in value:
-                lines.append(f"  {json.dumps(v) if isinstance(v, dict | list) else v}")
+    """``sumie lora info`` as lines: the file, rank/alpha per block, the layer kinds targeted, ss_* metadata."""
+    family = info.get("family")
+    lines = [f"file:     {info.get('path')}", f"format:   {info.get('format')}",
+             f"family:   {info.get('family_name') or 'unknown'}" + (f" ({family})" if family else "")]
+    modules: dict[str, dict[str, Any]] = info.get("modules") or {}
+    counts = info.get("module_counts") or {}
+    lines.append(f"modules:  {len(modules)}" + (f" ({', '.join(f'{v} {k}' for k, v in counts.items())})"
+                                                if counts else ""))
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    targets: dict[str, set[str]] = {}
+    for name, m in modules.items():
+        block, target = _block_and_target(name)
+        blocks.setdefault(block, []).append(m)
+        targets.setdefault(str(m.get("component", "?")), set()).add(target)
+    if blocks:
+        lines.append("blocks:   (modules, kind, rank, alpha)")
+        width = max(len(b) for b in blocks)
+        for block, ms in blocks.items():
+            kinds = _fmt({m.get("kind") for m in ms})
+            dora = " dora" if any(m.get("dora") for m in ms) else ""
+            lines.append(f"  {block:<{width}}  {len(ms):>4}  {kinds}{dora}  rank {_fmt({m.get('rank') for m in ms})}"
+                         f"  alpha {_fmt({m.get('alpha') for m in ms})}")
+    for comp, names in targets.items():
+        lines.append(f"targets ({comp}): {', '.join(sorted(names))}")
+    if info.get("unknown_keys"):
+        unknown = list(info["unknown_keys"])
+        lines.append(f"unknown keys: {len(unknown)} ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
     meta = info.get("metadata") or {}
     if meta:
         lines.append("metadata:")
         for k, v in meta.items():
             text = str(v).replace("\n", " ")
-            lines.append(f"  {k}: {text if len(text) <= 200 else text[:197] + '...'}")
+            lines.append(f"  {k}: {text if len(text) <= 160 else text[:157] + '...'}")
     return lines
 
 
