@@ -13,7 +13,6 @@ from sumie.configs import SD1, SD2, SDXL, ModelConfig
 from sumie.errors import ConfigError
 
 
-
 def _meta_targets(config: ModelConfig) -> dict[str, str]:
     comps = ["unet"] + [t.name for t in config.text_encoders]
     return targets_for_modules(config, {c: _meta_component(config, c) for c in comps})

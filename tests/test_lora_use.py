@@ -339,17 +339,33 @@ def test_cli_family_mismatch_is_one_line(tmp_path: Path) -> None:
     assert "sdxl" in line.lower() and not (tmp_path / "x.png").exists()
 
 
-def test_cli_lora_info(lora_dir: Path, tmp_path: Path) -> None:
-    path = lora_dir / "models" / "Lora" / "detail.safetensors"
+def test_cli_lora_info(tmp_path: Path) -> None:
+    # two modules at SD1.5's real shapes (the family is read from the 768-wide cross-attention context)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (o, i, r) in {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 768, 8),
+                            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768, 4)}.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(r, i, generator=g).half()
+        tensors[f"{name}.lora_up.weight"] = torch.randn(o, r, generator=g).half()
+        tensors[f"{name}.alpha"] = torch.tensor(r / 2).half()
+    path = tmp_path / "info_me.safetensors"
+    save_file(tensors, str(path), metadata={"ss_output_name": "detail_v2", "ss_network_dim": "8", "other": "x"})
     r = sumie_cli("lora", "info", path, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["format"] == "kohya" and info["family"] == "sd1"
-    assert info["metadata"]["ss_output_name"] == "detail_v2"
+    assert (info["format"], info["family"], len(info["modules"])) == ("kohya", "sd1", 2)
+    assert info["metadata"] == {"ss_output_name": "detail_v2", "ss_network_dim": "8"}
     r = sumie_cli("lora", "info", path, cwd=tmp_path)
-    assert r.returncode == 0 and "kohya" in r.stdout and "ss_output_name: detail_v2" in r.stdout
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert "format:   kohya" in out and any(ln.startswith("family:   ") and "(sd1)" in ln for ln in out)
+    assert any("lora_unet_down_blocks_0" in ln and "rank 8" in ln and "alpha 4" in ln for ln in out), r.stdout
+    assert any("lora_te " in ln and "rank 4" in ln and "alpha 2" in ln for ln in out), r.stdout
+    assert "targets (unet): attn2_to_k" in out and "  ss_output_name: detail_v2" in out
     r = sumie_cli("lora", "info", tmp_path / "missing.safetensors", cwd=tmp_path)
     assert "no such file" in one_line_error(r)
+    (tmp_path / "not_lora.safetensors").write_bytes(b"garbage")
+    one_line_error(sumie_cli("lora", "info", tmp_path / "not_lora.safetensors", cwd=tmp_path))
 
 
 def test_cli_merge_equals_the_runtime_patch(engine: Engine, lora_dir: Path, tmp_path: Path) -> None:
