@@ -71,8 +71,7 @@ def all_files(folder: Path) -> list[str]:
 
 def test_generate_writes_pngs_with_parameters(files: dict[str, Path], tmp_path: Path) -> None:
     r = sumie_cli("generate", "a cat <hypernet:detail:0.7>, best quality", "--negative-prompt", "blurry", "--seed",
-                  "42",
-                  "--batch-size", "2", "--sampler", "Euler a", "--model", files["model"], *FAST, "-o", "out",
+                  "42", "--batch-size", "2", "--sampler", "Euler a", "--model", files["model"], *FAST, "-o", "out",
                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert all_files(tmp_path / "out") == ["00000-42.png", "00001-43.png"]  # A1111 numbering, seed + k
