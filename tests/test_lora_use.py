@@ -409,3 +409,24 @@ def test_comfyui_models_folder_and_api_names(tmp_path: Path, engine: Engine) -> 
         h.unpatch()
     with pytest.raises(ConfigError, match="LoraSpec"):
         e.generate(P(loras=[("comfy", 0.5)]))  # type: ignore[list-item]
+
+
+def test_an_edited_file_is_read_again(engine: Engine, tmp_path: Path) -> None:
+    f = write_kohya(tmp_path / "edit_me.safetensors", engine.models, seed=21, text=False)
+    h = handler(engine)
+    h.unpatch()
+    w0 = engine.models.unet.get_submodule(KEY).weight.detach().clone()
+    h.apply(engine, [LoraSpec(f)])
+    first = engine.models.unet.get_submodule(KEY).weight.detach().clone()
+    reads = h.library.reads
+    h.apply(engine, [LoraSpec(f)])
+    assert h.library.reads == reads  # unchanged file: the cached parse
+    write_kohya(f, engine.models, seed=22, text=False)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    h.apply(engine, [LoraSpec(f)])
+    second = engine.models.unet.get_submodule(KEY).weight.detach()
+    assert h.library.reads == reads + 1 and not torch.equal(first, second)
+    want = w0 + expected_delta(kohya_tensors(engine.models, seed=22, text=False),
+                               kohya_name(engine.models.config, "unet", KEY))
+    torch.testing.assert_close(second, want, rtol=0, atol=1e-6)
+    h.unpatch()
