@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sumie.adapters.lora.library import LoraLibrary
+from sumie.adapters.lora.library import LoraLibrary, file_stamp
 from sumie.adapters.patcher import ModelPatcher
 from sumie.errors import ConfigError
 from sumie.pipelines.params import LoraSpec
 from sumie.prompts.parser import ExtraNetwork
 
 if TYPE_CHECKING:
+    from sumie.adapters.lora.file import LoraPatches
     from sumie.checkpoints.loader import StableDiffusionModels
     from sumie.pipelines.engine import Engine
     from sumie.pipelines.job import Job
@@ -113,9 +114,10 @@ def lora_tag(name: str, te: float, unet: float) -> str:
 
 @dataclass(frozen=True)
 class AppliedLora:
-    """One LoRA of a patch set: the name as mentioned, its file, weights, and how many of its modules applied."""
+    """One LoRA of a patch set: its name (as mentioned; a path's file stem), file, weights, modules applied."""
 
     name: str
+    mentioned: str
     path: Path
     te: float
     unet: float
@@ -158,7 +160,8 @@ def build_lora_patcher(base: ModelPatcher, models: StableDiffusionModels, specs:
     patcher = base.clone()
     notes: list[str] = []
     loras: list[AppliedLora] = []
-    resolved: dict[str, Path] = {}
+    resolved: dict[str, tuple[Path, str]] = {}
+    built: dict[Path, LoraPatches] = {}
     warned: set[str] = set()
     resolved_empty: set[str] = set()
     for name, spec in _plan([(os.fspath(s.name), s) for s in specs]):
@@ -166,20 +169,20 @@ def build_lora_patcher(base: ModelPatcher, models: StableDiffusionModels, specs:
             found = library.resolve(name)
             if found.note:
                 notes.append(found.note)
-            resolved[name] = found.entry.path
-        path = resolved[name]
-        lora = library.read(path)
-        p = lora.patches(models)
+            resolved[name] = found.entry.path, found.entry.name if found.by_path else name
+        path, shown = resolved[name]
+        if path not in built:
+            built[path] = library.read(path).patches(models)
+        p = built[path]
         te, unet = float(spec.te), float(spec.unet_weight)
-        shown = name if Path(name).name == name else Path(name).stem
         if p.skipped and name not in warned:
             warned.add(name)
             first = ", ".join(p.skipped[:SHOWN_SKIPPED]) + (", ..." if len(p.skipped) > SHOWN_SKIPPED else "")
             what = (f"LoRA {shown!r}: {len(p.skipped)} of its module(s) match nothing in this "
                     f"{models.config.family} model and were skipped ({first})")
             if strict:
-                raise ConfigError(f"{what}; the file does not fit this model (without --strict-lora they are "
-                                  "skipped with a warning)")
+                raise ConfigError(f"{what}; the file does not fit this model (strict LoRA checking is on: "
+                                  "without --strict-lora / strict_lora they are skipped with a warning)")
             notes.append(what)
         if not p.text and not p.unet and name not in resolved_empty:
             resolved_empty.add(name)
@@ -190,8 +193,8 @@ def build_lora_patcher(base: ModelPatcher, models: StableDiffusionModels, specs:
             patcher.add_patches(p.text, strength=te)
         if unet != 0.0 and p.unet:
             patcher.add_patches(p.unet, strength=unet)
-        loras.append(AppliedLora(shown, path, te, unet, len(p.text), len(p.unet), tuple(p.skipped),
-                                 getattr(p, "family", None)))
+        loras.append(AppliedLora(shown, name, path, te, unet, len(p.text), len(p.unet), tuple(p.skipped),
+                                 p.family))
     return LoraSet(patcher, loras, notes)
 
 
@@ -203,11 +206,6 @@ def lora_hashes_text(loras: Sequence[AppliedLora], library: LoraLibrary) -> str 
         if a.applied:
             out[a.name.replace(":", "").replace(",", "")] = library.shorthash(a.path)
     return ", ".join(f"{k}: {v}" for k, v in out.items()) or None
-
-
-def _stamp(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 class LoraHandler:
@@ -252,12 +250,10 @@ class LoraHandler:
         text = lora_hashes_text(lora_set.loras, self.library)
         if text:
             job.extra["Lora hashes"] = text
-        by_name = {a.name: a for a in lora_set.loras}
+        by_mention = {a.mentioned: a for a in lora_set.loras}
         for spec in extra:  # A1111 writes LoRAs that were not tags into the prompt (its "sd_lora" option)
-            name = os.fspath(spec.name)
-            shown = by_name.get(name if Path(name).name == name else Path(name).stem)
-            if shown is not None:
-                job.infotext_tags.append(lora_tag(shown.name, shown.te, shown.unet))
+            a = by_mention[os.fspath(spec.name)]
+            job.infotext_tags.append(lora_tag(a.name, a.te, a.unet))
 
     def deactivate(self, engine: Engine, job: Job) -> None:
         """Nothing: the patch stays in for the next request (which replaces or removes it)."""
@@ -269,9 +265,9 @@ class LoraHandler:
             self.unpatch()
             return None
         paths = [self.library.resolve(os.fspath(s.name)).entry.path for s in specs]
-        key = (id(engine.models), id(engine.patcher), tuple(
-            (*_stamp(p), float(s.te), float(s.unet_weight), os.fspath(s.name)) for p, s in zip(paths, specs,
-                                                                                              strict=True)), strict)
+        files = tuple((str(p.resolve()), *file_stamp(p), float(s.te), float(s.unet_weight), os.fspath(s.name))
+                      for p, s in zip(paths, specs, strict=True))
+        key = (id(engine.models), id(engine.patcher), files, strict)
         if key != self._key or self._set is None:
             built = build_lora_patcher(engine.patcher, engine.models, specs, self.library, strict=strict)
             self._key, self._set = key, built

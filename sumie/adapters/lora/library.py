@@ -35,7 +35,7 @@ from sumie.errors import CheckpointError, ConfigError
 if TYPE_CHECKING:
     from sumie.adapters.lora.file import LoraFile
 
-__all__ = ["LORA_SUFFIXES", "LoraEntry", "LoraLibrary", "natural_key"]
+__all__ = ["LORA_SUFFIXES", "LoraEntry", "LoraLibrary", "Resolved", "file_stamp", "natural_key"]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # A1111's allowed_extensions for networks
 _ALWAYS_FORBIDDEN = ("none",)
@@ -47,7 +47,7 @@ def natural_key(text: str) -> list[object]:
     return [int(part) if part.isdigit() else part.lower() for part in _DIGITS.split(text)]
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def file_stamp(path: Path) -> tuple[int, int]:
     """(size, mtime_ns) of a file: what decides that a cached reading is still valid."""
     try:
         st = path.stat()
@@ -72,6 +72,7 @@ class Resolved:
 
     entry: LoraEntry
     note: str | None = None
+    by_path: bool = False  # given as a path to the file, not a name
 
 
 class LoraLibrary:
@@ -105,7 +106,7 @@ class LoraLibrary:
         if path.suffix.lower() != ".safetensors":
             return None
         try:
-            stamp = _stamp(path)
+            stamp = file_stamp(path)
         except CheckpointError:
             return None
         key = str(path)
@@ -178,7 +179,7 @@ class LoraLibrary:
             raise ConfigError("a LoRA needs a name: <lora:NAME:WEIGHT>")
         p = Path(text).expanduser()
         if p.is_file():
-            return Resolved(self._entry_for_path(p))
+            return Resolved(self._entry_for_path(p), by_path=True)
         looks_like_path = p.suffix.lower() in LORA_SUFFIXES or "/" in text or os.sep in text
         entries = self.entries()
         found, fits = self._lookup(text, entries)
@@ -227,7 +228,7 @@ class LoraLibrary:
         from sumie.adapters.lora.file import read_lora
 
         p = Path(path)
-        stamp = _stamp(p)
+        stamp = file_stamp(p)
         key = str(p.resolve())
         with self._lock:
             hit = self._files.get(key)
