@@ -70,21 +70,22 @@ def all_files(folder: Path) -> list[str]:
 
 
 def test_generate_writes_pngs_with_parameters(files: dict[str, Path], tmp_path: Path) -> None:
-    r = sumie_cli("generate", "a cat <lora:detail:0.7>, best quality", "--negative-prompt", "blurry", "--seed", "42",
-                  "--batch-size", "2", "--sampler", "Euler a", "--model", files["model"], *FAST, "-o", "out",
+    r = sumie_cli("generate", "a cat <hypernet:detail:0.7>, best quality", "--negative-prompt", "blurry", "--seed",
+                  "42", "--batch-size", "2", "--sampler", "Euler a", "--model", files["model"], *FAST, "-o", "out",
                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert all_files(tmp_path / "out") == ["00000-42.png", "00001-43.png"]  # A1111 numbering, seed + k
     assert r.stdout.split() == ["wrote", str(Path("out/00000-42.png")), "wrote", str(Path("out/00001-43.png"))]
-    # LoRA tags: one clear warning, the tag stays in the metadata (A1111 writes the prompt as typed)
-    lines = [line for line in r.stderr.splitlines() if "<lora:detail:0.7>" in line]
-    assert len(lines) == 1 and lines[0].startswith("sumie: warning: extra networks of kind 'lora' are not supported")
+    # tags of an unsupported kind: one clear warning, the tag stays in the metadata (A1111 writes the prompt as typed)
+    lines = [line for line in r.stderr.splitlines() if "<hypernet:detail:0.7>" in line]
+    assert len(lines) == 1 and lines[0].startswith("sumie: warning: extra networks of kind 'hypernet' are not "
+                                                   "supported")
     assert "Traceback" not in r.stderr
     with Image.open(tmp_path / "out" / "00001-43.png") as im:
         assert im.format == "PNG" and im.size == (64, 64)
         text = im.info["parameters"]
     fields = parse_infotext(text)
-    assert fields["Prompt"] == "a cat <lora:detail:0.7>, best quality"
+    assert fields["Prompt"] == "a cat <hypernet:detail:0.7>, best quality"
     assert fields["Negative prompt"] == "blurry"
     assert (fields["Steps"], fields["Sampler"], fields["Seed"], fields["Size-1"]) == ("2", "Euler a", "43", "64")
     assert fields["Model"] == "tiny_sd1"

@@ -503,9 +503,9 @@ def test_ensd_comments_and_extra_networks(sd1: Engine) -> None:
     assert "ENSD: 31337" in ensd.infotexts[0] and not np.array_equal(arr(plain.images[0]), arr(ensd.images[0]))
     det = sd1.generate(P(steps=3, sampler="Euler", eta_noise_seed_delta=31337))
     assert "ENSD" not in det.infotexts[0]  # deterministic: no noise after the first draw
-    tagged = sd1.generate(P(steps=2, prompt="a cat <lora:detail:0.5> # a comment\nsitting"))
-    assert len(tagged.warnings) == 1 and "<lora:detail:0.5>" in tagged.warnings[0]
-    assert tagged.infotexts[0].startswith("a cat <lora:detail:0.5> \nsitting\n")
+    tagged = sd1.generate(P(steps=2, prompt="a cat <hypernet:detail:0.5> # a comment\nsitting"))
+    assert len(tagged.warnings) == 1 and "<hypernet:detail:0.5>" in tagged.warnings[0]
+    assert tagged.infotexts[0].startswith("a cat <hypernet:detail:0.5> \nsitting\n")
     same = sd1.generate(P(steps=2, prompt="a cat  \nsitting"))
     assert np.array_equal(arr(tagged.images[0]), arr(same.images[0]))
 

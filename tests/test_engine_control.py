@@ -260,6 +260,9 @@ class ScaleQuery:
         self.deactivated = 0
 
     def activate(self, engine: Engine, job: object, tags: list[ExtraNetwork]) -> None:
+        if not tags:  # the engine calls every handler on every request
+            self.patcher = None
+            return
         w = float(tags[0].args[0])
         self.patcher = engine.patcher.clone()
         self.patcher.add_patches({self.KEY: lambda weight: weight * (1 + w)})
@@ -267,8 +270,8 @@ class ScaleQuery:
         job.extra["Scaleq"] = tags[0].name  # type: ignore[attr-defined]
 
     def deactivate(self, engine: Engine, job: object) -> None:
-        assert self.patcher is not None
-        self.patcher.unpatch()
+        if self.patcher is not None:
+            self.patcher.unpatch()
         self.deactivated += 1
 
 
@@ -312,7 +315,8 @@ def test_a_failing_request_still_deactivates_its_handlers(sd1: Engine) -> None:
 
 
 def test_unknown_extra_networks_are_one_warning_in_the_result(sd1: Engine) -> None:
-    r = sd1.generate(dataclasses.replace(P(), prompt="a <lora:a:1> cat <lora:b:0.5>", negative_prompt="<hypernet:h:1>"))
+    r = sd1.generate(dataclasses.replace(P(), prompt="a <lyco2:a:1> cat <lyco2:b:0.5>",
+                                         negative_prompt="<hypernet:h:1>"))
     assert len(r.warnings) == 2
-    assert "'lora'" in r.warnings[0] and "<lora:a:1>, <lora:b:0.5>" in r.warnings[0]
+    assert "'lyco2'" in r.warnings[0] and "<lyco2:a:1>, <lyco2:b:0.5>" in r.warnings[0]
     assert "<hypernet:h:1>" in r.warnings[1]

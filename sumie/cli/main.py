@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sumie.cli import lora as lora_cli
 from sumie.errors import SumieError
 
 if TYPE_CHECKING:
@@ -483,11 +484,13 @@ def _generate(args: argparse.Namespace) -> int:
     from sumie.checkpoints.hashes import FileHashes, default_cache_path
 
     hashes = manager.hashes if manager is not None else FileHashes(default_cache_path())  # type: ignore[attr-defined]
+    loras = lora_cli.prepare(args, p, manager, hashes)  # type: ignore[arg-type]
     times = {"load_start": time.time()}
     engine = sumie.load(model, dtype=dtype, device=device, vae=vae, prediction=args.prediction,  # type: ignore
                         embeddings_dir=embeddings, taesd=args.taesd, file_hash=hashes.model_hash,
                         manager=manager)
     times["load_end"] = time.time()
+    lora_cli.attach(engine, loras, args)
     _check_size(args, p, engine.models.vae.downscale)
     engine.show_progress = False if args.quiet else None  # tqdm on stderr when it is a terminal
     _check_model_hash(fields, engine)
@@ -630,6 +633,7 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")
     m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
+    lora_cli.add_generation_args(p)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="OUT",
                    help="folder (numbered 00000-<seed>.png) or, for one image, a .png, .jpg or .webp file "
@@ -735,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sumie.cli import measure
 
     measure.add_parsers(sub, model_arg)
+    lora_cli.add_parsers(sub)
     return parser
 
 

@@ -39,6 +39,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sumie.adapters.lora.handler import LoraHandler
+from sumie.adapters.lora.handler import register as register_lora
+from sumie.adapters.lora.library import LoraLibrary
 from sumie.adapters.patcher import ModelPatcher
 from sumie.checkpoints.embedded import resolve_model
 from sumie.checkpoints.loader import StableDiffusionModels, load_models
@@ -53,7 +56,7 @@ from sumie.pipelines import vae_io, validation
 from sumie.pipelines.control import JobControl
 from sumie.pipelines.convention import pipeline_convention
 from sumie.pipelines.denoise import ModelHooks, sampler_options
-from sumie.pipelines.extra_networks import ExtraNetworkHandler, collect_tags, tag_text
+from sumie.pipelines.extra_networks import ExtraNetwork, ExtraNetworkHandler, collect_tags, tag_text
 from sumie.pipelines.infotext import format_infotext
 from sumie.pipelines.job import Job, Progress, ProgressFn, SigmasFn
 from sumie.pipelines.modelset import ModelSet
@@ -101,12 +104,14 @@ class Engine:
     ``show_progress``: tqdm bar on stderr (None = only on a terminal). Attributes: ``models``
     (:class:`~sumie.checkpoints.loader.StableDiffusionModels`), ``tokenizer``, ``embeddings``, ``discretization``,
     ``taesd`` (previews; None = A1111's cheap approximation or the VAE), ``embeddings_dir``, ``extra_networks``
-    (kind -> handler of ``<kind:...>`` prompt tags).
+    (kind -> handler of ``<kind:...>`` prompt tags; ``lora`` and ``lyco``: a
+    :class:`~sumie.adapters.lora.handler.LoraHandler` over ``lora_dirs`` and the manager's LoRA folders).
     """
 
     def __init__(self, models: StableDiffusionModels, *, tokenizer: CLIPTokenizer | None = None,
                  embeddings: EmbeddingLibrary | None = None, embeddings_dir: str | Path | None = None,
-                 taesd: TAESD | None = None, manager: ModelManager | None = None) -> None:
+                 taesd: TAESD | None = None, manager: ModelManager | None = None,
+                 lora_dirs: Sequence[str | Path] = ()) -> None:
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         if embeddings is None and self.embeddings_dir is not None:
@@ -121,6 +126,10 @@ class Engine:
         te = next(models.text_encoders[0].parameters()).dtype if models.text_encoders else None
         precision = Precision(next(models.unet.parameters()).dtype, te, models.vae.dtype)
         self.manager = manager or ModelManager(device=self.device, dtype=precision, max_models=1)
+        # the models folder's LoRA folders first, then lora_dirs: a name in both is the lora_dirs file (A1111: the
+        # last one found wins)
+        folders = self.manager.folders.dirs("lora") if self.manager.folders is not None else []
+        register_lora(self, LoraHandler(LoraLibrary([*folders, *lora_dirs], hashes=self.manager.hashes)))
 
     # ---------------------------------------------------------------- properties
     @property
@@ -191,6 +200,9 @@ class Engine:
             raise ConfigError("inpainting needs an init image; pass init_images=[image] with the mask")
         if p.hires is not None and mode_img2img:
             raise ConfigError("hires fix is a txt2img option; for img2img set width/height to the larger size")
+        if p.loras and "lora" not in self.extra_networks:
+            raise ConfigError("params.loras is set but this engine has no 'lora' extra-network handler; register one "
+                              "(engine.extra_networks['lora'] = LoraHandler(...))")
         if p.refiner is not None and not 0.0 <= p.refiner.switch_at <= 1.0:
             raise ConfigError(f"refiner switch point must be in [0, 1], got {p.refiner.switch_at}")
         width, height = self._size(p)
@@ -258,7 +270,7 @@ class Engine:
                 handler.deactivate(self, job)
             job.progress.close()
         # A1111 writes the prompts with comments stripped (its comments script edits p.all_prompts)
-        shown = dataclasses.replace(resolved, prompt=strip_comments(p.prompt),
+        shown = dataclasses.replace(resolved, prompt=strip_comments(p.prompt) + "".join(job.infotext_tags),
                                     negative_prompt=strip_comments(p.negative_prompt))
         infotexts = [format_infotext(shown, seed=seeds[k], subseed=subseeds[k], index=k, model_name=self.base.name,
                                      model_hash=self.models.hash, extra=dict(job.extra)) for k in range(len(images))]
@@ -268,16 +280,22 @@ class Engine:
                                 job.warnings, job.control.interrupted)
 
     def _activate_extra_networks(self, job: Job) -> list[ExtraNetworkHandler]:
-        """Hand each kind of prompt tag to its handler (before any prompt is encoded); warn about the others."""
+        """Call every registered handler once, with the request's tags of its kinds (none: it may undo what it left
+        in place, as A1111 calls every network), before any prompt is encoded; warn about tags without a handler."""
         active: list[ExtraNetworkHandler] = []
+        by_handler: dict[int, tuple[ExtraNetworkHandler, list[ExtraNetwork]]] = {}
+        for handler in self.extra_networks.values():
+            by_handler.setdefault(id(handler), (handler, []))
+        for kind, tags in collect_tags(job.params.prompt, job.params.negative_prompt).items():
+            handler = self.extra_networks.get(kind)
+            if handler is None:
+                job.warn(f"extra networks of kind '{kind}' are not supported and were ignored: "
+                         f"{', '.join(tag_text(t) for t in tags)} (the tags are removed from the prompt the "
+                         "model sees, as A1111 does, and kept in the image's metadata)")
+                continue
+            by_handler[id(handler)][1].extend(tags)
         try:
-            for kind, tags in collect_tags(job.params.prompt, job.params.negative_prompt).items():
-                handler = self.extra_networks.get(kind)
-                if handler is None:
-                    job.warn(f"extra networks of kind '{kind}' are not supported and were ignored: "
-                             f"{', '.join(tag_text(t) for t in tags)} (the tags are removed from the prompt the "
-                             "model sees, as A1111 does, and kept in the image's metadata)")
-                    continue
+            for handler, tags in by_handler.values():
                 handler.activate(self, job, tags)
                 active.append(handler)
         except BaseException:
@@ -310,7 +328,8 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
          device: torch.device | str = "cpu", vae: str | Path | None = None, prediction: str | None = None,
          embeddings_dir: str | Path | None = None, taesd: str | Path | None = None,
          vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
-         file_hash: str | Callable[[Path], str] | None = None, manager: ModelManager | None = None) -> Engine:
+         file_hash: str | Callable[[Path], str] | None = None, manager: ModelManager | None = None,
+         lora_dirs: Sequence[str | Path] = ()) -> Engine:
     """Load a checkpoint (single file or diffusers folder) into an :class:`Engine`.
 
     ``model``: a path, or None / ``"sumie-tiny"`` for the embedded default model (64 px, trained by Sumie);
@@ -318,7 +337,8 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
     float32 under float16 unless told otherwise); ``vae``: a standalone VAE file replacing the built-in one;
     ``prediction``: force "eps" or "v"; ``embeddings_dir``: textual-inversion embeddings; ``taesd``: a TAESD
     (decoder) file for previews; ``file_hash``: the model hash or a (cached) function giving it, instead of hashing
-    the whole file; ``manager``: a shared model manager (refiners are loaded through it).
+    the whole file; ``manager``: a shared model manager (refiners are loaded through it); ``lora_dirs``: folders
+    where ``<lora:NAME>`` tags and ``GenerationParams.loras`` names are looked up (besides the manager's).
     """
     precision = Precision.of(dtype)
     if vae_dtype is not None or text_encoder_dtype is not None:
@@ -335,4 +355,4 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
         if tiny.decoder is None:
             raise ConfigError(f"{taesd}: this TAESD file has no decoder; previews need the decoder part")
         tiny.eval().requires_grad_(False)
-    return Engine(models, embeddings_dir=embeddings_dir, taesd=tiny, manager=manager)
+    return Engine(models, embeddings_dir=embeddings_dir, taesd=tiny, manager=manager, lora_dirs=lora_dirs)

@@ -1,11 +1,13 @@
 """Extra networks: A1111's ``<kind:name:args>`` prompt tags, taken out of the prompts before anything is encoded.
 
 A handler per kind (``lora``, ``hypernet``, ...) is registered on an engine (``engine.extra_networks["lora"] =
-handler``). For each request the engine collects the tags of the prompt and the negative prompt (A1111 reads both),
-calls ``activate`` of each kind's handler with its tags before the text encoders run, so a handler can patch the
-text encoders and the UNet (through the model patcher) or add hooks to the job, and calls ``deactivate`` when the
-request ends, whatever happened. Tags of a kind without a handler are removed from the text the model sees, as
-A1111 does, and reported in the result's warnings.
+handler``). For each request the engine collects the tags of the prompt and the negative prompt (A1111 reads both)
+and calls ``activate`` of every registered handler once (a handler registered for several kinds gets all their
+tags) before the text encoders run, with no tags when the request has none of its kinds (A1111 does the same), so a
+handler can patch the text encoders and the UNet (through the model patcher) or add hooks to the job, and can undo
+what it left in place for an earlier request; ``deactivate`` is called when the request ends, whatever happened.
+Tags of a kind without a handler are removed from the text the model sees, as A1111 does, and reported in the
+result's warnings.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ExtraNetworkHandler(Protocol):
     """Applies one kind of extra network for one request (A1111's ``ExtraNetwork.activate`` / ``deactivate``)."""
 
     def activate(self, engine: Engine, job: Job, tags: Sequence[ExtraNetwork]) -> None:
-        """Apply the request's tags of this kind (before the prompts are encoded)."""
+        """Apply the request's tags of this kind (before the prompts are encoded); ``tags`` may be empty."""
 
     def deactivate(self, engine: Engine, job: Job) -> None:
         """Undo what :meth:`activate` did (after the request, also when it failed)."""

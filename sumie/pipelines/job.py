@@ -120,6 +120,9 @@ class Job:
     progress: Progress | None = None
     conds: dict[tuple[Any, ...], tuple[PromptConds, PromptConds]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)  # infotext fields the run adds
+    # tags a handler applied that the prompt does not hold (LoRAs of params.loras): appended to the prompt in the
+    # infotext, as A1111 appends its "sd_lora" tag
+    infotext_tags: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     decode_vae: Any = None
     batch: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +46,24 @@ class RefinerParams:
     switch_at: float = 0.8
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA for a request without a prompt tag: a name in the LoRA folders or a path, and its two weights.
+
+    ``LoraSpec("add_detail", 0.8)`` is ``<lora:add_detail:0.8>``; ``te`` weighs the text encoder(s), ``unet`` the
+    UNet (None: the same as ``te``, as in ``<lora:name:W>``).
+    """
+
+    name: str | os.PathLike[str]
+    te: float = 1.0
+    unet: float | None = None
+
+    @property
+    def unet_weight(self) -> float:
+        """The UNet weight (``te`` when not given)."""
+        return self.te if self.unet is None else self.unet
+
+
 DEFAULT_CFG_SCALE = 7.0  # A1111's default: for a model whose file recommends no scale, and for infotexts
 
 
@@ -84,3 +103,7 @@ class GenerationParams:
     sdxl_target_size: tuple[int, int] | None = None
     convention: Convention = "a1111"  # "diffusers": its img2img steps, start noise scale, uint8 rounding
     styles: list[str] = field(default_factory=list)
+    # LoRA besides the prompt's <lora:...> tags (both are applied the same way); strict: a LoRA module that matches
+    # nothing in the model is an error instead of a warning
+    loras: list[LoraSpec] = field(default_factory=list)
+    strict_lora: bool = False
