@@ -177,6 +177,45 @@ def test_two_patches_on_one_key_add(unet_sd: dict, dtype: torch.dtype) -> None:
     assert torch.equal(unet.get_parameter(KEY), want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("strength", "strength_model"), [(1.0, 1.0), (0.7, 0.9), (-1.3, 1.0)])
+def test_adder_patch_is_the_stated_formula_in_place(unet_sd: dict, dtype: torch.dtype, strength: float,
+                                                    strength_model: float) -> None:
+    unet = _unet(unet_sd, dtype)
+    w = unet.get_parameter(KEY)
+    up = torch.randn(w.shape[0], 3, generator=_gen(6))
+    down = torch.randn(3, w.shape[1], generator=_gen(7))
+    calls: list[tuple[Tensor, float]] = []
+
+    def add(x: Tensor, s: float) -> None:
+        calls.append((x, s))
+        x.view(x.shape[0], -1).addmm_(up, down, alpha=s)
+
+    patcher = ModelPatcher(unet)
+    patcher.add_patches({KEY: WeightPatch(add=add)}, strength=strength, strength_model=strength_model)
+    patcher.patch()
+    (x, s), = calls
+    assert x.dtype == torch.float32 and x.shape == w.shape and s == strength
+    want = w.float() * strength_model
+    want.view(w.shape[0], -1).addmm_(up, down, alpha=strength)
+    assert torch.equal(unet.get_parameter(KEY), want.to(dtype))
+    # the same sum as a delta patch, up to fp32 rounding
+    close = (w.float() * strength_model + strength * (up @ down).reshape(w.shape)).to(dtype)
+    torch.testing.assert_close(unet.get_parameter(KEY).float(), close.float(), rtol=1e-2 if dtype != torch.float32
+                               else 1e-5, atol=1e-2 if dtype != torch.float32 else 1e-5)
+    patcher.unpatch()
+    assert unet.get_parameter(KEY) is w
+
+
+def test_weight_patch_takes_exactly_one_kind() -> None:
+    with pytest.raises(ConfigError, match="exactly one of delta"):
+        WeightPatch(delta=torch.zeros(1), add=lambda w, s: None)
+    with pytest.raises(ConfigError, match="exactly one of delta"):
+        WeightPatch()
+    with pytest.raises(ConfigError, match="add must be callable"):
+        WeightPatch(add=3)  # type: ignore[arg-type]
+
+
 def _dora_like(w: Tensor) -> Tensor:
     """A non-delta patch: every output row rescaled to norm 2 (the shape of DoRA's magnitude step)."""
     return 2.0 * w / w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.ndim - 1)))

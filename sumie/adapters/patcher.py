@@ -4,7 +4,8 @@ The idea is ComfyUI's ``ModelPatcher`` (its semantics, none of its code): change
 puts them into the model and ``unpatch()`` takes them out again, bit for bit. LoRA, checkpoint merges and later
 adapters all go through it.
 
-- A weight patch is a delta tensor or a function of the fp32 weight (:func:`patched_weight` has the math). A
+- A weight patch is a delta tensor, an in-place adder of a delta computed on demand (LoRA factors: no full-size
+  delta is stored or built beside the weight) or a function of the fp32 weight (:func:`patched_weight` has the math). A
   patched weight is one new tensor per touched key, registered in place of the original tensor object; the backup
   is that original object itself, so nothing untouched is copied and a memory-mapped file is never written.
 - An object patch replaces an attribute or submodule at a dotted path, e.g. a module by a wrapper module that
@@ -34,24 +35,31 @@ if TYPE_CHECKING:
     from sumie.checkpoints.loader import StableDiffusionModels
 
 PatchFn = Callable[[Tensor], Tensor]
+AddFn = Callable[[Tensor, float], None]
 _RECORD = "_sumie_patch_record"  # key in a touched module's __dict__: the _Applied that changed it
 _MISSING = object()
 
 
 @dataclass(frozen=True, eq=False)
 class WeightPatch:
-    """A change to one weight: ``delta`` (added; as many elements as the weight, reshaped to it) or ``fn``.
+    """A change to one weight: ``delta`` (added; as many elements as the weight, reshaped to it), ``add`` or ``fn``.
 
-    ``fn(w)`` gets the fp32 weight (a private copy on the weight's device) and returns the new weight, same shape,
-    without changing its argument in place: for LoRA formats that are not a plain delta (e.g. DoRA's norm).
+    ``add(w, s)`` adds ``s`` times its delta to the fp32 weight ``w`` in place (a private copy on the weight's
+    device), e.g. ``w.view(rows, -1).addmm_(up, down, alpha=s * scale)`` for a LoRA: the same sum as a delta
+    without a full-size delta tensor. ``fn(w)`` gets that copy and returns the new weight, same shape, without
+    changing its argument in place: for LoRA formats that are not a sum (e.g. DoRA's norm).
     """
 
     delta: Tensor | None = None
     fn: PatchFn | None = None
+    add: AddFn | None = None
 
     def __post_init__(self) -> None:
-        if (self.delta is None) == (self.fn is None):
-            raise ConfigError("a WeightPatch takes exactly one of delta (a tensor) or fn (a function of the weight)")
+        if sum(x is not None for x in (self.delta, self.fn, self.add)) != 1:
+            raise ConfigError("a WeightPatch takes exactly one of delta (a tensor), add (an in-place adder) or fn (a "
+                              "function of the weight)")
+        if self.add is not None and not callable(self.add):
+            raise ConfigError(f"a WeightPatch add must be callable, got {type(self.add).__name__}")
         if self.delta is not None and not (isinstance(self.delta, Tensor) and self.delta.is_floating_point()):
             raise ConfigError(f"a WeightPatch delta must be a floating-point tensor, got {_describe(self.delta)}")
         if self.fn is not None and not callable(self.fn):
@@ -70,8 +78,9 @@ class PatchEntry:
 def patched_weight(weight: Tensor, entries: Sequence[PatchEntry], key: str = "weight") -> Tensor:
     """The weight after ``entries`` in order, computed in fp32 on the weight's device, returned in its dtype.
 
-    Per entry: ``w = w * strength_model`` (skipped at 1.0), then a delta gives ``w + strength * delta`` and a
-    function ``w + strength * (fn(w) - w)`` (exactly ``fn(w)`` at strength 1.0). ``weight`` is never written.
+    Per entry: ``w = w * strength_model`` (skipped at 1.0), then a delta gives ``w + strength * delta``, an adder
+    ``add(w, strength)`` the same in place, and a function ``w + strength * (fn(w) - w)`` (exactly ``fn(w)`` at
+    strength 1.0). ``weight`` is never written.
     """
     w = weight.detach().to(torch.float32, copy=True)
     for e in entries:
@@ -79,6 +88,9 @@ def patched_weight(weight: Tensor, entries: Sequence[PatchEntry], key: str = "we
             w = w * e.strength_model
         if e.patch.delta is not None:
             w = w + e.strength * e.patch.delta.detach().to(device=w.device, dtype=torch.float32).reshape(w.shape)
+            continue
+        if e.patch.add is not None:
+            e.patch.add(w, e.strength)
             continue
         out = e.patch.fn(w)  # type: ignore[misc]
         if not isinstance(out, Tensor) or out.shape != w.shape:

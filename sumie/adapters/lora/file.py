@@ -325,14 +325,20 @@ def _dora_fn(module: LoraModule, dora: Tensor, key: str, path: str) -> Callable[
     return fn
 
 
-def _delta_fn(module: LoraModule) -> Callable[[Tensor], Tensor]:
-    """W -> W + scale·ΔW, ΔW computed when the patcher applies it, on the weight's device."""
+def _adder(module: LoraModule) -> Callable[[Tensor, float], None]:
+    """(W, s) -> W += s·scale·ΔW in place, ΔW computed when the patcher applies it, on the weight's device; a plain
+    low-rank module as one ``addmm_`` (no full-size ΔW tensor)."""
     scale = module.scale
 
-    def fn(w: Tensor) -> Tensor:
-        return w + scale * module.delta(w.device).reshape(w.shape)  # type: ignore[union-attr]
+    def add(w: Tensor, strength: float) -> None:
+        factors = lowrank.factors(module.parts, w.device) if module.kind == "lora" else None
+        if factors is not None and w.is_contiguous():
+            up, down = factors
+            w.view(w.shape[0], -1).addmm_(up, down, alpha=strength * scale)
+        else:
+            w.add_(module.delta(w.device).reshape(w.shape), alpha=strength * scale)  # type: ignore[union-attr]
 
-    return fn
+    return add
 
 
 def module_patches(module: LoraModule, key: str, shapes: Mapping[str, tuple[int, ...]], path: str = "<memory>") -> (
@@ -351,7 +357,7 @@ def module_patches(module: LoraModule, key: str, shapes: Mapping[str, tuple[int,
         elif module.kind == "full":
             out[key] = WeightPatch(delta=module.parts["diff"])  # the stored difference itself, no scale
         else:
-            out[key] = WeightPatch(fn=_delta_fn(module))
+            out[key] = WeightPatch(add=_adder(module))
     b = module.bias_delta()
     if b is not None:
         bias_key = key.removesuffix(".weight") + ".bias"

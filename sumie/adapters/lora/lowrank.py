@@ -56,6 +56,15 @@ def missing(parts: dict[str, Tensor]) -> list[str]:
     return [names[p] for p in ("down", "up") if p not in parts]
 
 
+def factors(parts: dict[str, Tensor], device: torch.device | None = None) -> tuple[Tensor, Tensor] | None:
+    """(up [out, r], down [r, in·kh·kw]) in fp32 on ``device``, so ΔW = up @ down reshaped to the weight; None for a
+    Tucker module (its ΔW is :func:`delta`)."""
+    if "mid" in parts:
+        return None
+    up, down = (parts[k].to(device=device, dtype=torch.float32) for k in ("up", "down"))
+    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+
+
 def delta(parts: dict[str, Tensor]) -> Tensor:
     """ΔW = up @ down in fp32, unscaled: [out, in] for Linear, [out, in, kh, kw] for a conv (a 3x3 down, or a
     1x1 down with a Tucker core ``mid`` [r, r, kh, kw]); a 1x1 conv's [out, in, 1, 1]."""
