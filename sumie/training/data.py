@@ -290,7 +290,7 @@ def _swap_left_right(caption: str) -> str:
     return " ".join(swap.get(w, w) for w in words)
 
 
-SYNTHETIC_KEYS = ("length", "seed", "resolution", "mix")
+SYNTHETIC_KEYS = ("length", "seed", "resolution", "mix", "color_words")
 
 
 def synthetic_dataset(options: dict[str, Any], resolution: int) -> MapDataset:
