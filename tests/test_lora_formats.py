@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from sumie.adapters.lora.file import module_patches, parse_lora
 from sumie.adapters.lora.names import _meta_component, default_targets, kohya_name, targets_for_modules
+from sumie.adapters.patcher import PatchEntry, patched_weight
 from sumie.configs import SD1, SD2, SDXL, ModelConfig
 from sumie.errors import ConfigError
 
-torch.set_num_threads(1)
 
 
 def _meta_targets(config: ModelConfig) -> dict[str, str]:
@@ -173,3 +174,145 @@ def test_kohya_name_round_trips_through_lora_targets(config: ModelConfig) -> Non
     assert kohya_name(SDXL, "unet", "input_blocks.4.1.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
     assert kohya_name(SDXL, "clip_l", "text_model.encoder.layers.0.mlp.fc1") == \
         "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+
+
+# ------------------------------------------------------------------------------------------------- formats vs LyCORIS
+# The LyCORIS package's own modules are the oracle: a module built on a Linear / 3x3 Conv with the same tensors; its
+# weight change is what its forward adds (``get_weight`` / ``make_weight`` times its scale, applied once, as A1111 and
+# ComfyUI do; lycoris 4.1.3's ``get_diff_weight`` for LoHa/LoKr multiplies the scale in a second time).
+
+def _layer(conv: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Conv2d(16, 24, 3, padding=1) if conv else nn.Linear(32, 48)
+
+
+def _fill(module: nn.Module, seed: int) -> dict[str, Tensor]:
+    """Random values for every adapter parameter of a lycoris module (in place); returns them by state-dict name."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in module.named_parameters():
+        if name.startswith("org_module"):
+            continue
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        out[name] = p.detach().clone()
+    return out
+
+
+def _ours(layer: nn.Module, tensors: dict[str, Tensor], strength: float = 1.0) -> Tensor:
+    """The layer's weight patched by Sumie from a one-module file with these tensors."""
+    lora = parse_lora({f"lora_unet_x.{k}": v for k, v in tensors.items()})
+    assert list(lora.modules) == ["lora_unet_x"]
+    shapes = {"unet.x.weight": tuple(layer.weight.shape)}
+    patches = module_patches(lora.modules["lora_unet_x"], "unet.x.weight", shapes)
+    return patched_weight(layer.weight.detach(), [PatchEntry(patches["unet.x.weight"], strength)])
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+CASES = [(False, False), (True, False), (True, True)]  # (conv 3x3, Tucker core): Tucker cores exist for convs only
+
+
+@pytest.mark.parametrize(("conv", "tucker"), CASES)
+def test_loha_matches_lycoris(conv: bool, tucker: bool) -> None:
+    from lycoris.modules.loha import LohaModule
+
+    layer = _layer(conv)
+    ref = LohaModule("x", layer, 1.0, lora_dim=4, alpha=3.0, use_tucker=tucker)
+    tensors = _fill(ref, 1)
+    assert ("hada_t1" in tensors) == tucker
+    tensors["alpha"] = torch.tensor(3.0, dtype=torch.float16)
+    want = layer.weight.detach() + ref.get_weight(ref.shape).detach()
+    assert _rel(_ours(layer, tensors), want) < 1e-6
+    assert _rel(_ours(layer, {**tensors, "alpha": torch.tensor(4.0)}), want) > 1e-2  # alpha/rank matters
+
+
+# (conv, tucker, decompose w1, w2 whole): LyCORIS picks whole or factored halves from the rank and shapes
+LOKR_CASES = [
+    (False, False, False, False),  # w1 whole, w2 = w2_a @ w2_b: alpha/rank scales
+    (False, False, True, False),  # both factored
+    (False, False, False, True),  # both whole: scale 1 whatever the alpha
+    (True, False, False, False),  # conv 3x3, w2_b flattened [r, in * 9]
+    (True, True, False, False),  # conv 3x3 with a Tucker core t2
+]
+
+
+@pytest.mark.parametrize(("conv", "tucker", "both", "full"), LOKR_CASES)
+def test_lokr_matches_lycoris(conv: bool, tucker: bool, both: bool, full: bool) -> None:
+    from lycoris.modules.lokr import LokrModule
+
+    layer = _layer(conv)
+    ref = LokrModule("x", layer, 1.0, lora_dim=2, alpha=5.0, use_tucker=tucker, decompose_both=both,
+                     full_matrix=full)
+    tensors = _fill(ref, 2)
+    assert ("lokr_w2" in tensors) == full and ("lokr_w1_a" in tensors) == both and ("lokr_t2" in tensors) == tucker
+    tensors["alpha"] = torch.tensor(5.0)
+    want = layer.weight.detach() + ref.get_weight(ref.shape).detach()
+    assert _rel(_ours(layer, tensors), want) < 1e-6
+    other = _rel(_ours(layer, {**tensors, "alpha": torch.tensor(1.0)}), want)
+    assert other < 1e-6 if full else other > 1e-2  # alpha counts only where a factor is a product
+
+
+@pytest.mark.parametrize(("conv", "tucker"), CASES)
+def test_locon_matches_lycoris(conv: bool, tucker: bool) -> None:
+    from lycoris.modules.locon import LoConModule
+
+    layer = _layer(conv)
+    ref = LoConModule("x", layer, 1.0, lora_dim=4, alpha=6.0, use_tucker=tucker)
+    tensors = _fill(ref, 3)
+    assert ("lora_mid.weight" in tensors) == tucker
+    tensors["alpha"] = torch.tensor(6.0, dtype=torch.bfloat16)
+    want = ref.get_merged_weight(multiplier=1.0)[0].detach()
+    assert _rel(_ours(layer, tensors), want) < 1e-6
+    half = ref.get_merged_weight(multiplier=0.5)[0].detach()  # a plain LoRA: strength scales the delta
+    assert _rel(_ours(layer, tensors, strength=0.5), half) < 1e-6
+
+
+@pytest.mark.parametrize("on_out", [True, False])
+@pytest.mark.parametrize("conv", [False, True])
+def test_dora_matches_lycoris_and_strength_interpolates(conv: bool, on_out: bool) -> None:
+    from lycoris.modules.locon import LoConModule
+
+    layer = _layer(conv)
+    ref = LoConModule("x", layer, 1.0, lora_dim=4, alpha=2.0, weight_decompose=True, wd_on_out=on_out)
+    tensors = _fill(ref, 4)  # includes a random magnitude dora_scale
+    magnitude = tensors["dora_scale"]
+    assert magnitude.shape[0] == (layer.weight.shape[0] if on_out else 1)  # LyCORIS (out) or kohya (in) axis
+    tensors["alpha"] = torch.tensor(2.0)
+    w0 = layer.weight.detach()
+    want = ref.get_merged_weight(multiplier=1.0)[0].detach()
+    assert _rel(_ours(layer, tensors), want) < 1e-6
+    # strength s: W + s (W_dora - W), as ComfyUI applies it (LyCORIS's own multiplier keeps the unscaled delta)
+    assert _rel(_ours(layer, tensors, strength=0.3), w0 + 0.3 * (want - w0)) < 1e-6
+    assert _rel(_ours(layer, {**tensors, "dora_scale": magnitude * 2}), want) > 0.5
+
+
+def test_full_diff_and_bias_and_norm_diffs() -> None:
+    layer = _layer(False)
+    g = torch.Generator().manual_seed(5)
+    diff, diff_b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    lora = parse_lora({"lora_unet_x.diff": diff, "lora_unet_x.diff_b": diff_b,
+                       "lora_unet_n.w_norm": torch.ones(48), "lora_unet_n.b_norm": torch.ones(48)})
+    assert lora.format == "full"
+    shapes = {"unet.x.weight": (48, 32), "unet.x.bias": (48,), "unet.n.weight": (48,), "unet.n.bias": (48,)}
+    p = module_patches(lora.modules["lora_unet_x"], "unet.x.weight", shapes)
+    assert set(p) == {"unet.x.weight", "unet.x.bias"}
+    w = patched_weight(layer.weight.detach(), [PatchEntry(p["unet.x.weight"], 0.5)])
+    assert torch.equal(w, layer.weight.detach() + 0.5 * diff)  # the same computation as the patcher's formula
+    b = patched_weight(layer.bias.detach(), [PatchEntry(p["unet.x.bias"], 1.0)])
+    assert torch.equal(b, layer.bias.detach() + diff_b)
+    n = module_patches(lora.modules["lora_unet_n"], "unet.n.weight", shapes)
+    assert set(n) == {"unet.n.weight", "unet.n.bias"}
+
+
+def test_peft_bias_is_scaled_like_the_weight() -> None:
+    g = torch.Generator().manual_seed(6)
+    a, b, bias = torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g), torch.randn(48, generator=g)
+    lora = parse_lora({"unet.x.lora_A.weight": a, "unet.x.lora_B.weight": b, "unet.x.lora_B.bias": bias,
+                       "unet.x.alpha": torch.tensor(2.0)})
+    p = module_patches(lora.modules["unet.x"], "unet.x.weight", {"unet.x.weight": (48, 32), "unet.x.bias": (48,)})
+    assert torch.allclose(p["unet.x.bias"].delta, bias * 0.5)  # type: ignore[arg-type]
+    w0 = torch.zeros(48, 32)
+    assert torch.allclose(patched_weight(w0, [PatchEntry(p["unet.x.weight"])]), 0.5 * b @ a, atol=1e-6)
