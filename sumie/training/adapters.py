@@ -87,6 +87,7 @@ class LoRAAdapter(nn.Module):
         """The branch's output ``up(down(x)) * alpha / rank`` (same shape as the base layer's)."""
         return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
 
+    @torch.no_grad()
     def delta(self) -> Tensor:
         """The weight change it makes: ``alpha / rank * up @ down`` in the base weight's shape (fp32)."""
         down, up = self.lora_down.weight.float(), self.lora_up.weight.float()
