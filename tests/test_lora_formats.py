@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
 
-from sumie.adapters.lora.file import module_patches, parse_lora
-from sumie.adapters.lora.names import _meta_component, default_targets, kohya_name, targets_for_modules
-from sumie.adapters.patcher import PatchEntry, patched_weight
-from sumie.configs import SD1, SD2, SDXL, ModelConfig
+from sumie.adapters.lora.file import lora_info, module_patches, parse_lora, read_lora
+from sumie.adapters.lora.names import (
+    _meta_component,
+    default_targets,
+    kohya_name,
+    lora_targets,
+    targets_for_modules,
+)
+from sumie.adapters.patcher import ModelPatcher, PatchEntry, patched_weight
+from sumie.checkpoints.io import save_safetensors_atomic
+from sumie.checkpoints.loader import StableDiffusionModels, load_models
+from sumie.checkpoints.save import random_single_file, single_file_state_dict
+from sumie.configs import SD1, SD2, SDXL, TINY, ModelConfig
 from sumie.errors import ConfigError
-
 
 
 def _meta_targets(config: ModelConfig) -> dict[str, str]:
@@ -316,3 +327,202 @@ def test_peft_bias_is_scaled_like_the_weight() -> None:
     assert torch.allclose(p["unet.x.bias"].delta, bias * 0.5)  # type: ignore[arg-type]
     w0 = torch.zeros(48, 32)
     assert torch.allclose(patched_weight(w0, [PatchEntry(p["unet.x.weight"])]), 0.5 * b @ a, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- on loaded models
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StableDiffusionModels]:
+    """Tiny random SD1 and SDXL checkpoints (real key layout) loaded by Sumie."""
+    root = tmp_path_factory.mktemp("lora_models")
+    out = {}
+    for family in ("sd1", "sdxl"):
+        path = root / f"{family}.safetensors"
+        save_safetensors_atomic(random_single_file(TINY[family], seed=7), path)
+        out[family] = load_models(path)
+    return out
+
+
+def _kohya(targets: dict[str, tuple[int, ...]], seed: int, rank: int = 2,
+           alphas: dict[str, float] | None = None) -> dict[str, Tensor]:
+    """A kohya state dict for {kohya name: weight shape} (Linear or conv), optional alphas."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, Tensor] = {}
+    for name, shape in targets.items():
+        tail = tuple(shape[2:])
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, shape[1], *tail, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(shape[0], rank, *(1,) * len(tail), generator=g)
+    for name, a in (alphas or {}).items():
+        sd[f"{name}.alpha"] = torch.tensor(a, dtype=torch.float16)
+    return sd
+
+
+SD1_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+SD1_PROJ_IN = "lora_unet_down_blocks_0_attentions_0_proj_in"
+SD1_TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def _sd1_file(alphas: dict[str, float] | None = None, seed: int = 0) -> dict[str, Tensor]:
+    return _kohya({SD1_Q: (32, 32), SD1_PROJ_IN: (32, 32, 1, 1), SD1_TE: (64, 64)}, seed, alphas=alphas)
+
+
+def _apply(models: StableDiffusionModels, *files: dict[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+    """The models' tensors with the files patched in (a copy), the model restored after."""
+    patcher = ModelPatcher.for_models(models)
+    for sd in files:
+        p = parse_lora(sd).patches(models)
+        patcher.add_patches(p.unet, strength=strength)
+        patcher.add_patches(p.text, strength=strength)
+    with patcher.patched():
+        return {k: v.detach().clone() for k, v in patcher.root.state_dict().items()}
+
+
+def test_lora_targets_of_loaded_models_are_patcher_keys(tiny: dict[str, StableDiffusionModels]) -> None:
+    for models in tiny.values():
+        targets = lora_targets(models)
+        keys = ModelPatcher.for_models(models).weight_shapes
+        assert set(targets.values()) <= set(keys)
+        assert not any(k.startswith("vae.") for k in targets.values())
+    assert lora_targets(tiny["sd1"])[SD1_Q] == "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+
+
+def test_kohya_delta_is_alpha_over_rank_times_up_down(tiny: dict[str, StableDiffusionModels]) -> None:
+    models = tiny["sd1"]
+    sd = _sd1_file(alphas={SD1_Q: 1.0, SD1_PROJ_IN: 8.0})  # fp16 alphas; the text module has none
+    before = {k: v.clone() for k, v in ModelPatcher.for_models(models).root.state_dict().items()}
+    after = _apply(models, sd, strength=0.7)
+    for name, key, alpha in ((SD1_Q, "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", 1.0),
+                             (SD1_PROJ_IN, "unet.input_blocks.1.1.proj_in.weight", 8.0),
+                             (SD1_TE, "clip_l.text_model.encoder.layers.0.self_attn.q_proj.weight", 2.0)):
+        up, down = sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"]
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(before[key].shape)
+        want = before[key] + 0.7 * (alpha / 2) * delta  # rank 2; no alpha: alpha = rank
+        assert _rel(after[key], want) < 1e-6, name
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert len(changed) == 3
+
+
+def test_two_loras_on_one_weight_add(tiny: dict[str, StableDiffusionModels]) -> None:
+    models = tiny["sd1"]
+    key = "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    base = ModelPatcher.for_models(models).root.state_dict()[key].clone()
+    a, b = _sd1_file(seed=1), _sd1_file(seed=2)
+    da, db = (_apply(models, f)[key] - base for f in (a, b))
+    both = _apply(models, a, b)[key]
+    assert _rel(both, base + da + db) < 1e-6
+    assert _rel(both, base + da) > 1e-2
+
+
+def test_unmappable_names_are_reported_not_dropped(tiny: dict[str, StableDiffusionModels]) -> None:
+    sd = _sd1_file()
+    sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(2, 32)
+    sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 2)
+    sd["lora_unet_down_blocks_0_attentions_0_proj_in.hypernet_weight"] = torch.zeros(3)
+    p = parse_lora(sd).patches(tiny["sd1"])
+    assert sorted(p.skipped) == ["lora_unet_down_blocks_0_attentions_0_proj_in.hypernet_weight",
+                                 "lora_unet_down_blocks_9_attentions_0_proj_in"]
+    assert len(p.unet) == 2 and len(p.text) == 1
+
+
+def test_family_mismatch_is_an_error_both_ways(tiny: dict[str, StableDiffusionModels]) -> None:
+    sd1 = parse_lora(_sd1_file())
+    assert sd1.family == "sd1"
+    with pytest.raises(ConfigError, match="this LoRA is for SD1, the loaded model is SDXL"):
+        sd1.patches(tiny["sdxl"])
+    xl = parse_lora(_kohya({"lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q": (128, 128),
+                            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (64, 64)}, 0))
+    assert xl.family == "sdxl"
+    with pytest.raises(ConfigError, match="this LoRA is for SDXL, the loaded model is SD1"):
+        xl.patches(tiny["sd1"])
+
+
+def test_shape_mismatch_and_broken_files_are_clear_errors(tiny: dict[str, StableDiffusionModels],
+                                                          tmp_path: Path) -> None:
+    bad = _kohya({SD1_Q: (32, 48)}, 0)  # in-features 48, the model's to_q takes 32
+    with pytest.raises(ConfigError, match="another model"):
+        parse_lora(bad).patches(tiny["sd1"])
+    with pytest.raises(ConfigError, match="lacks up"):
+        parse_lora({f"{SD1_Q}.lora_down.weight": torch.zeros(2, 32)})
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_safetensors_atomic({"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3)}, ckpt)
+    with pytest.raises(ConfigError, match="not a LoRA file"):
+        read_lora(ckpt)
+
+
+def test_sdxl_te2_qkv_land_on_separate_weights_and_on_openclip_rows(tiny: dict[str, StableDiffusionModels]) -> None:
+    models = tiny["sdxl"]
+    names = {f"lora_te2_text_model_encoder_layers_1_self_attn_{p}_proj": (64, 64) for p in "qkv"}
+    after = _apply(models, _kohya(names, 3))
+    state = ModelPatcher.for_models(models).root.state_dict()
+    for p in "qkv":
+        key = f"clip_g.text_model.encoder.layers.1.self_attn.{p}_proj.weight"
+        assert not torch.equal(after[key], state[key])
+    assert torch.equal(after["clip_l.text_model.encoder.layers.1.self_attn.q_proj.weight"],
+                       state["clip_l.text_model.encoder.layers.1.self_attn.q_proj.weight"])
+    # written back to a single file, bigG's q/k/v are the row blocks 0, 1, 2 of OpenCLIP's in_proj_weight
+    patcher = ModelPatcher.for_models(models)
+    p = parse_lora(_kohya(names, 3)).patches(models)
+    patcher.add_patches(p.text)
+    with patcher.patched():
+        sd = single_file_state_dict(models.config, models.unet, models.vae, models.text_encoders)
+    fused = sd["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+    for i, part in enumerate("qkv"):
+        want = after[f"clip_g.text_model.encoder.layers.1.self_attn.{part}_proj.weight"]
+        assert torch.equal(fused[64 * i : 64 * (i + 1)], want)
+
+
+def test_other_name_styles_map_to_the_same_weights(tiny: dict[str, StableDiffusionModels]) -> None:
+    g = torch.Generator().manual_seed(9)
+    down, up = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    tdown, tup = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    files = [
+        {f"{SD1_Q}.lora_down.weight": down, f"{SD1_Q}.lora_up.weight": up,
+         f"{SD1_TE}.lora_down.weight": tdown, f"{SD1_TE}.lora_up.weight": tup},
+        {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": down,
+         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": up,
+         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": tdown,
+         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": tup},
+        {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": down,
+         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": up,
+         "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight": tdown,
+         "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight": tup},
+        {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+         "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up,
+         "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": tdown,
+         "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight": tup},
+    ]
+    results = [_apply(tiny["sd1"], f) for f in files]
+    assert [parse_lora(f).format for f in files] == ["kohya", "diffusers", "diffusers", "mixed"]
+    for r in results[1:]:
+        assert all(torch.equal(r[k], results[0][k]) for k in r)
+
+
+def test_family_from_real_sizes() -> None:
+    def meta(*shape: int) -> Tensor:
+        return torch.empty(shape, device="meta")
+
+    def file(name: str, out: int, inn: int) -> dict[str, Tensor]:
+        return {f"{name}.lora_down.weight": meta(4, inn), f"{name}.lora_up.weight": meta(out, 4)}
+
+    k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert parse_lora(file(k, 1280, 768)).family == "sd1"
+    assert parse_lora(file(k, 1280, 1024)).family == "sd2"
+    assert parse_lora(file("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, 2048)).family == "sdxl"
+    assert parse_lora(file("lora_te_text_model_encoder_layers_0_mlp_fc1", 4096, 1024)).family == "sd2"
+    assert parse_lora(file("lora_te_text_model_encoder_layers_0_mlp_fc1", 3072, 768)).family == "sd1"
+    assert parse_lora(file("lora_te1_text_model_encoder_layers_0_mlp_fc1", 3072, 768)).family == "sdxl"
+    assert parse_lora(file("lora_unet_up_blocks_1_resnets_0_conv1", 1280, 2560)).family is None
+
+
+def test_lora_info(tmp_path: Path) -> None:
+    sd = _sd1_file(alphas={SD1_Q: 1.0})
+    path = tmp_path / "x.safetensors"
+    save_safetensors_atomic(sd, path, metadata={"ss_network_dim": "2", "ss_base_model_version": "sd_v1",
+                                                "other": "x"})
+    info = lora_info(path)
+    assert info["format"] == "kohya" and info["family"] == "sd1" and info["family_name"] == "SD1"
+    assert info["module_counts"] == {"unet": 2, "text": 1}
+    assert info["modules"][SD1_Q]["rank"] == 2 and info["modules"][SD1_Q]["alpha"] == 1.0
+    assert info["modules"][SD1_TE]["alpha"] is None and info["modules"][SD1_TE]["scale"] == 1.0
+    assert info["metadata"] == {"ss_network_dim": "2", "ss_base_model_version": "sd_v1"}
+    json.dumps(info)

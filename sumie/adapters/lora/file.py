@@ -59,9 +59,10 @@ class LoraModule:
         r = self.rank
         return 1.0 if self.alpha is None or r is None else self.alpha / r
 
-    def delta(self) -> Tensor | None:
-        """The unscaled weight change ΔW in fp32 (None for a bias-only module)."""
-        return lowrank.delta(self.parts) if self.kind == "lora" else lycoris.delta(self.kind, self.parts)
+    def delta(self, device: torch.device | None = None) -> Tensor | None:
+        """The unscaled weight change ΔW in fp32, computed on ``device`` (None for a bias-only module)."""
+        parts = self.parts if device is None else {k: v.to(device) for k, v in self.parts.items()}
+        return lowrank.delta(parts) if self.kind == "lora" else lycoris.delta(self.kind, parts)
 
     def bias_delta(self) -> Tensor | None:
         """The unscaled bias change in fp32, or None."""
@@ -274,7 +275,7 @@ def guess_family(modules: Mapping[str, LoraModule]) -> str | None:
     """SD1, SD2, SDXL or the SDXL refiner from the file's names and shapes; None when they do not tell."""
     ctx = text_width = None
     xl_names = deep = level0 = False
-    proj_in_ndim = None
+    proj_in_ndims: set[int] = set()
     for name, m in modules.items():
         xl_names |= name.startswith(_XL_TEXT)
         deep |= bool(_DEEP.search(name))
@@ -284,7 +285,7 @@ def guess_family(modules: Mapping[str, LoraModule]) -> str | None:
         if name.startswith(_SINGLE_TEXT) and _ends(name, "q_proj", "k_proj", "v_proj", "mlp.fc1"):
             text_width = _in_features(m)
         if _ends(name, "proj_in") and m.kind == "lora":
-            proj_in_ndim = m.parts["down"].ndim
+            proj_in_ndims.add(m.parts["down"].ndim)
     if ctx == 1280:
         return "sdxl_refiner"
     if xl_names or deep or ctx == 2048:
@@ -293,8 +294,8 @@ def guess_family(modules: Mapping[str, LoraModule]) -> str | None:
         return _CTX[ctx]
     if text_width in _TEXT_WIDTH:
         return _TEXT_WIDTH[text_width]
-    if level0 and proj_in_ndim is not None:
-        return "sd1" if proj_in_ndim == 4 else "sd2"
+    if level0 and proj_in_ndims:  # SD1's proj_in is a 1x1 conv, SD2's a Linear
+        return "sd1" if 4 in proj_in_ndims else "sd2"
     return None
 
 
@@ -310,8 +311,7 @@ def _dora_fn(module: LoraModule, dora: Tensor, key: str, path: str) -> Callable[
     scale = module.scale
 
     def fn(w: Tensor) -> Tensor:
-        d = module.delta()
-        wc = w + scale * d.to(w.device).reshape(w.shape)  # type: ignore[union-attr]
+        wc = w + scale * module.delta(w.device).reshape(w.shape)  # type: ignore[union-attr]
         m = dora.to(device=w.device, dtype=torch.float32)
         if m.shape[0] == w.shape[0] and m.numel() == w.shape[0]:
             norm = wc.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.ndim - 1))
@@ -330,7 +330,7 @@ def _delta_fn(module: LoraModule) -> Callable[[Tensor], Tensor]:
     scale = module.scale
 
     def fn(w: Tensor) -> Tensor:
-        return w + scale * module.delta().to(w.device).reshape(w.shape)  # type: ignore[union-attr]
+        return w + scale * module.delta(w.device).reshape(w.shape)  # type: ignore[union-attr]
 
     return fn
 

@@ -52,7 +52,8 @@ def rank(parts: dict[str, Tensor]) -> int:
 
 def missing(parts: dict[str, Tensor]) -> list[str]:
     """Parts a complete low-rank module lacks."""
-    return [p for p in ("down", "up") if p not in parts]
+    names = {"down": "down (lora_down / lora_A)", "up": "up (lora_up / lora_B)"}
+    return [names[p] for p in ("down", "up") if p not in parts]
 
 
 def delta(parts: dict[str, Tensor]) -> Tensor:
