@@ -315,7 +315,8 @@ def _validate(cfg: TrainConfig) -> None:
     if not t.foreground_weight > 0:
         raise ConfigError(f"[train] foreground_weight must be > 0 (1 = off), got {t.foreground_weight}")
     if t.foreground_weight != 1 and t.what == "vae":
-        raise ConfigError("[train] foreground_weight does not apply to what = \"vae\"; remove it")
+        raise ConfigError("[train] foreground_weight only applies to what = \"diffusion\", \"lora\" or \"embedding\"; "
+                          "remove it")
     if not 0 <= d.caption_dropout <= 1:
         raise ConfigError(f"[data] caption_dropout must be in [0, 1], got {d.caption_dropout}")
     if d.synthetic is not None and (d.flip or d.buckets or d.crop != "center"):
