@@ -176,14 +176,15 @@ def test_saved_lora_through_sumie_core_gives_the_training_time_outputs(lora_run:
     for base, wrapped, loaded in ((base_out, wrapped_out, file_out), (base_te, wrapped_te, file_te)):
         change = (wrapped - base).norm()
         assert change > 1e-3 * base.norm()  # the LoRA does something, so the comparison can fail
-        assert (loaded - wrapped).norm() <= 1e-2 * change  # measured ~1e-3: the file's factors are fp16
+        assert (loaded - wrapped).norm() <= 2e-3 * change  # measured 0.7-1.1e-4: the file's factors are fp16
 
 
 def test_sumie_trained_lora_loads_in_diffusers_with_the_same_effect(tmp_path: Path) -> None:
     """The same small diffusers model, trained on by Sumie (UNet LoRA + LoCon), then loaded by diffusers' loader.
 
     Text-encoder LoRAs are left out: diffusers 0.42 converts only one of kohya's two CLIP name styles (attention or
-    MLP) in a file (see test_lora_parity). Tolerance: 1e-4 of the change (two different fp32 computations).
+    MLP) in a file (see test_lora_parity). Tolerance: 1e-4 of the change (two different fp32 computations; measured
+    3.8e-6).
     """
     pair = build(tmp_path / "model", xl=False, seed=5)
     cfg = adapter_config(tmp_path / "run", pair.root, lora={"rank": 4, "alpha": 4.0, "conv_rank": 4, "conv_alpha": 4.0,
@@ -251,6 +252,27 @@ def test_embedding_training_changes_only_the_new_vectors(tiny_ckpt: Path, tmp_pa
     with_word = engine.generate(GenerationParams(prompt=prompt, **params)).images[0]
     plain = engine.generate(GenerationParams(prompt="a square on a white background", **params)).images[0]
     assert with_word.tobytes() != plain.tobytes()
+
+
+def test_lora_run_resumes_bit_for_bit(lora_run: tuple, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Ctrl-C after step 2 and --resume give the same file as lora_run's 4 uninterrupted steps."""
+    _, _, uninterrupted = lora_run
+
+    def config():
+        cfg = adapter_config(tmp_path, tiny_ckpt, lora=LORA_ALL, text_encoder_lr=5e-3, unet_lr=2e-2)
+        cfg.output.export_dtype = "float16"
+        return cfg
+
+    def ctrl_c(trainer: Trainer, step: int, loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    first = Trainer(config(), hooks=[ctrl_c], progress=False).run()
+    assert first.interrupted and first.step == 2
+    second = Trainer(config(), resume=tmp_path, progress=False).run()
+    assert first.losses + second.losses == uninterrupted.losses
+    a, b = load_file(uninterrupted.export), load_file(second.export)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(("what", "lora", "train", "message"), [

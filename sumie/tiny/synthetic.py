@@ -10,7 +10,8 @@ the image side, large ones 0.22-0.26; the background differs from every object c
 
 Stars (five points) are an extension for adapter training (LoRA, textual inversion): they only appear when a
 :class:`SceneMix` asks for them (``star > 0``) and in :func:`star_prompts`; the default mix, split and evaluation
-prompts are those sumie-tiny was trained and measured on, draw for draw.
+prompts are those sumie-tiny was trained and measured on, draw for draw. (sumie-tiny's VAE cannot carry a star: it
+decodes one as a pentagon or a blob, so an adapter that leaves the VAE alone cannot teach the shape to that model.)
 
 Train/held-out split: :data:`DEFAULT_HELDOUT` lists (colour, shape) and (colour, grid cell) pairs that no training
 image ever contains (not even unmentioned in the caption); :func:`heldout_prompts` only yields prompts that state at
