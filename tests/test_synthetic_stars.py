@@ -104,3 +104,16 @@ def test_color_words_rename_captions_and_prompts() -> None:
         SceneMix(colors=("teal",))
     with pytest.raises(ConfigError, match="synthetic mix star must be a number in"):
         SceneMix(star=1.5)
+
+
+def test_synthetic_heldout_false_allows_the_heldout_pairs() -> None:
+    from sumie.tiny.synthetic import DEFAULT_HELDOUT
+    from sumie.training.data import synthetic_dataset
+
+    every = synthetic_dataset({"length": 200, "seed": 1, "heldout": False}, 64)
+    split = synthetic_dataset({"length": 200, "seed": 1}, 64)
+    assert synthetic_dataset({"length": 200, "seed": 1, "heldout": True}, 64).describe() == split.describe()
+    novel = sum(DEFAULT_HELDOUT.novel(every.dataset.sample(i).spec) for i in range(200))
+    assert novel >= 30 and not any(DEFAULT_HELDOUT.novel(split.dataset.sample(i).spec) for i in range(200))
+    with pytest.raises(ConfigError, match="synthetic heldout must be true or false"):
+        synthetic_dataset({"heldout": "no"}, 64)
