@@ -622,8 +622,10 @@ def test_decoder_only_needs_a_trained_vae(shapes: Path, tmp_path: Path) -> None:
 
 
 TINY_RECIPES = Path(__file__).parent.parent / "recipes" / "sumie-tiny"
-RECIPES = sorted(TINY_RECIPES.rglob("*.toml"))  # the stages, and experiments/ (tried, not shipped)
-STAGES = [p for p in RECIPES if p.parent == TINY_RECIPES]
+# the stages, adapters (lora-*, embedding-*: trained on the shipped file) and experiments/ (tried, not shipped); not
+# the config.toml copies inside runs/
+RECIPES = sorted(p for p in TINY_RECIPES.rglob("*.toml") if "runs" not in p.relative_to(TINY_RECIPES).parts)
+STAGES = [p for p in RECIPES if p.parent == TINY_RECIPES and p.name.startswith("stage-")]
 TRAIN_SCRIPT = Path(__file__).parent.parent / "scripts" / "train-sumie-tiny.sh"
 
 
@@ -644,9 +646,12 @@ def test_shipped_recipes_are_valid_configs(recipe: Path) -> None:
         assert source is None or source.resolve().parent.parent == runs
     if cfg.train.what == "diffusion":  # every diffusion stage starts from a trained VAE or an earlier export
         assert cfg.model.vae_from is not None or cfg.model.init_from is not None
-    stage = int(re.fullmatch(r"stage-(\d\d)-[a-z0-9-]+", recipe.stem).group(1))  # type: ignore[union-attr]
     header = recipe.read_text(encoding="utf-8")
-    assert header.startswith(f"# Stage {stage} of sumie-tiny")  # the file name's stage is the one it describes
+    if cfg.train.what in ("lora", "embedding"):  # an adapter on the embedded model (init_from left out)
+        assert recipe.parent == TINY_RECIPES and cfg.model.init_from is None
+    else:
+        stage = int(re.fullmatch(r"stage-(\d\d)-[a-z0-9-]+", recipe.stem).group(1))  # type: ignore[union-attr]
+        assert header.startswith(f"# Stage {stage} of sumie-tiny")  # the file name's stage is the one it describes
     assert f"#   sumie train {recipe.relative_to(TINY_RECIPES.parent.parent).as_posix()}\n" in header
 
 

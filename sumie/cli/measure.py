@@ -39,8 +39,16 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     a.add_argument("--steps", type=int, default=20)
     a.add_argument("--sampler", default="DPM++ 2M")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--split", choices=("heldout", "seen"), default="heldout",
-                   help="held-out attribute combinations (the standard set) or ones that occur in training")
+    a.add_argument("--split", choices=("heldout", "seen", "star"), default="heldout",
+                   help="held-out attribute combinations (the standard set), ones that occur in training, or prompts "
+                        "with stars (a shape sumie-tiny never saw; for adapters that teach it)")
+    a.add_argument("--color-word", action="append", default=[], metavar="COLOUR=WORD",
+                   help="seen prompts that name COLOUR by WORD (e.g. red=crimson, a word a textual-inversion "
+                        "embedding teaches), scored as COLOUR; repeatable")
+    a.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder (words usable in prompts)")
+    a.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA file to the UNet and text encoders for every image (strength 1 unless given); "
+                        "repeatable")
     a.add_argument("--resolution", type=int)
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_eval_adherence)
@@ -52,6 +60,37 @@ def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    from sumie.errors import ConfigError
+
+    colour, sep, word = text.partition("=")
+    if not sep or not colour or not word:
+        raise ConfigError(f"--color-word {text!r}: give COLOUR=WORD, e.g. red=crimson")
+    return colour.strip(), word.strip()
+
+
+def _apply_loras(engine: Any, specs: list[str]) -> None:
+    """Patch the engine's networks with LoRA files (``path[:strength]``) for the whole evaluation."""
+    from pathlib import Path
+
+    from sumie.adapters.lora.file import read_lora
+    from sumie.errors import ConfigError
+
+    patcher = engine.patcher.clone()
+    for spec in specs:
+        path, strength = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not Path(spec).exists():
+            try:
+                path, strength = head, float(tail)
+            except ValueError:
+                raise ConfigError(f"--lora {spec!r}: the strength after ':' must be a number") from None
+        patches = read_lora(path).patches(engine.models)
+        patcher.add_patches(patches.text, strength=strength)
+        patcher.add_patches(patches.unet, strength=strength)
+    patcher.patch()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -80,9 +119,18 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     _check_positive(steps=args.steps)
     if args.n_one < 0 or args.n_two < 0 or args.n_one + args.n_two == 0:
         raise ConfigError("--n-one and --n-two must be >= 0 and not both 0")
-    engine = sumie.load(args.model, vae=args.vae)
+    engine = sumie.load(args.model, vae=args.vae, embeddings_dir=args.embeddings)
     engine.show_progress = False
-    prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
+    if args.color_word:
+        from sumie.tiny.synthetic import word_prompts
+
+        words = dict(_pair(w) for w in args.color_word)
+        prompts = (word_prompts(args.n_one, "one", args.seed, words) +
+                   word_prompts(args.n_two, "two", args.seed, words))
+    else:
+        prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
+    if args.lora:
+        _apply_loras(engine, args.lora)
     reports = {}
     for scale in args.cfg_scale or [engine.default_cfg_scale]:
         r = run_adherence(engine, prompts, cfg_scale=scale, steps=args.steps, sampler=args.sampler, seed=args.seed,
@@ -90,6 +138,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
         r.pop("records", None)
         r.pop("scores", None)
         r["settings"]["split"] = args.split
+        r["settings"].update(color_words=args.color_word, lora=args.lora, embeddings=args.embeddings)
         reports[str(scale)] = r
     if args.json:
         print(json.dumps(reports, indent=2, default=str))

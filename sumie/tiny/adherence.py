@@ -7,11 +7,11 @@ The detector (numpy only) reads a generated image the way :mod:`sumie.tiny.synth
 2. foreground: pixels farther than ``FG_THRESHOLD`` (RGB distance) from that estimate; 4-connected components
    (min-label propagation with pointer jumping) smaller than ``MIN_AREA`` of the image are dropped as specks;
 3. per component: colour = nearest palette colour to the median of its inner half (the pixels farthest from the
-   background, so anti-aliased edges do not tint it); shape from the binary mask in its bounding box: an upward
-   triangle has ~1/4 of its mass in the top half of the box (circle, square 1/2), a square fills the box corners
-   outside the inscribed ellipse (circle does not); size from the box side (small <= 0.15, large >= 0.22 of the
-   image); position = the 3x3 grid cell of the box centre. Blobs larger than ``MAX_EXTENT`` or filling less than
-   ``MIN_FILL`` of their box are clutter (noise, merged objects), not objects.
+   background, so anti-aliased edges do not tint it); shape from the soft mask's moments: an upward triangle's mass
+   is skewed down, an (unskewed) five-point star has a strong 5-fold moment (circle, square ~0), a square reaches
+   farther along the diagonals than along the axes (circle does not); size from the box side (small
+   <= 0.15, large >= 0.22 of the image); position = the 3x3 grid cell of the box centre. Blobs larger than
+   ``MAX_EXTENT`` or filling less than ``MIN_FILL`` of their box are clutter (noise, merged objects), not objects.
 
 Scoring (:func:`score`) matches the prompt's objects to components by brute force (the assignment with the most
 attributes right) and checks every stated attribute: colour, shape, size, position per object, the relation, the
@@ -40,6 +40,7 @@ from sumie.tiny.synthetic import (
     heldout_prompts,
     parse_caption,
     seen_prompts,
+    star_prompts,
 )
 
 __all__ = ["Component", "Detection", "FG_THRESHOLD", "MIN_AREA", "SPLITS", "default_prompts", "detect", "evaluate",
@@ -53,6 +54,8 @@ MIN_FILL = 0.3  # blobs filling less of their box are clutter: a triangle fills 
 RELATION_MARGIN = 0.05  # least centre offset (fraction of the image side) for left of / right of / above / below
 _TRIANGLE_SKEW = -0.25  # vertical skewness below which a shape is an (upward) triangle (triangle ~-0.57)
 _SQUARE_ANISOTROPY = 0.25  # 4-fold anisotropy above which a shape is a square (square ~0.6, circle 0)
+_STAR_FIVEFOLD = 0.5  # 5-fold moment above which an unskewed shape is a star (star 0.61-0.78 rendered, circle and
+# square <= 0.04; triangles, rendered <= 0.33 and generated up to 0.53, are told by their skew first)
 _MIN_MIX = 0.35  # least share of its colour a detected object's core is assumed to have
 _ALPHA_FLOOR = 0.15  # coverage ignored as background noise when measuring shapes
 _MAX_CANDIDATES = 3  # components considered for matching beyond the number of objects asked for
@@ -79,6 +82,7 @@ class Component:
     fill: float  # area / box area: circle ~0.785, square ~1, triangle ~0.5
     skew: float  # vertical skewness of the soft mass: triangle ~-0.57, circle and square 0
     anisotropy: float  # diagonal minus axis 4th moment / variance^2: square ~0.6, circle and triangle ~0
+    fivefold: float = 0.0  # |sum a z^5| / sum a |z|^5 about the centroid: star ~0.7, triangle ~0.28, others ~0
 
 
 @dataclass(frozen=True)
@@ -152,16 +156,18 @@ def label_components(mask: np.ndarray) -> np.ndarray:
         labels = new
 
 
-def _shape(alpha: np.ndarray) -> tuple[str, float, float]:
-    """Shape name, vertical skewness and 4-fold anisotropy of a component's soft coverage [h, w] (weights 0..1)."""
+def _shape(alpha: np.ndarray) -> tuple[str, float, float, float]:
+    """Shape name, vertical skewness, 4-fold anisotropy and 5-fold moment of a soft coverage [h, w] (weights 0..1)."""
     # an upward triangle's mass lies low: vertical skewness ~-0.57 (circle, square 0); an axis-aligned square
     # reaches farther along the diagonals than along the axes: (mean diagonal - mean axis 4th moment) / variance^2
     # ~0.6 (circle 0). Blur by any isotropic kernel leaves the 3rd cumulant and that 4th-moment difference as they
-    # are and only adds to the variance, so both cues survive soft edges.
+    # are and only adds to the variance, so both cues survive soft edges. A five-point star has 5-fold symmetry:
+    # the complex moment sum a z^5 (z = x + iy) vanishes for circles and squares (and for equilateral triangles;
+    # the drawn isosceles ones reach ~0.3 of sum a |z|^5), a star reaches ~0.7; an isotropic blur leaves it as is.
     h, w = alpha.shape
     mass = float(alpha.sum())
     if mass <= 0:
-        return "circle", 0.0, 0.0
+        return "circle", 0.0, 0.0, 0.0
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     x = xx - float((alpha * xx).sum()) / mass
     y = yy - float((alpha * yy).sum()) / mass
@@ -173,13 +179,17 @@ def _shape(alpha: np.ndarray) -> tuple[str, float, float]:
     skew = moment(y**3) / max(var_y, 1e-6) ** 1.5
     u, v = (x + y) / np.sqrt(2), (x - y) / np.sqrt(2)
     aniso = (moment(u**4) + moment(v**4) - moment(x**4) - moment(y**4)) / 2 / max((var_x + var_y) / 2, 1e-6) ** 2
-    if skew < _TRIANGLE_SKEW:
+    z = x + 1j * y
+    five = float(abs((alpha * z**5).sum()) / max(float((alpha * np.abs(z) ** 5).sum()), 1e-6))
+    if skew < _TRIANGLE_SKEW:  # first: generated triangles reach a 5-fold moment of 0.53 (stars are unskewed)
         name = "triangle"
+    elif five > _STAR_FIVEFOLD:
+        name = "star"
     elif aniso > _SQUARE_ANISOTROPY:
         name = "square"
     else:
         name = "circle"
-    return name, skew, aniso
+    return name, skew, aniso, five
 
 
 def detect(image: Image.Image | np.ndarray | torch.Tensor) -> Detection:
@@ -211,7 +221,7 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor) -> Detection:
         alpha = np.clip((coverage - _ALPHA_FLOOR) / (1 - _ALPHA_FLOOR), 0.0, 1.0)
         own = labels[y0p:y1p, x0p:x1p]
         alpha[(own >= 0) & (own != label)] = 0.0  # another object's pixels
-        shape, skew, aniso = _shape(alpha)
+        shape, skew, aniso, five = _shape(alpha)
         cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
         extent = max(y1 - y0, x1 - x0) / side
         cell = 3 * min(2, int(3 * cy)) + min(2, int(3 * cx))
@@ -220,7 +230,8 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor) -> Detection:
             clutter += 1
             continue
         objects.append(Component(area, (y0, x0, y1, x1), cx, cy, extent, color, shape,
-                                 "small" if extent < SIZE_THRESHOLD else "large", POSITIONS[cell], fill, skew, aniso))
+                                 "small" if extent < SIZE_THRESHOLD else "large", POSITIONS[cell], fill, skew, aniso,
+                                 five))
     return Detection(bg_name, tuple(float(v) for v in bg_rgb), tuple(objects), clutter)
 
 
@@ -314,12 +325,13 @@ def evaluate(images: Sequence[Image.Image | np.ndarray | torch.Tensor], specs: S
     return report
 
 
-SPLITS = {"heldout": heldout_prompts, "seen": seen_prompts}
+SPLITS = {"heldout": heldout_prompts, "seen": seen_prompts, "star": star_prompts}  # star: prompts with stars
 
 
 def default_prompts(n_one: int = 50, n_two: int = 50, seed: int = 0,
                     split: str = "heldout") -> list[tuple[str, SceneSpec]]:
-    """``n_one`` one-object then ``n_two`` two-object prompts: held-out combinations (the standard set) or "seen"."""
+    """``n_one`` one-object then ``n_two`` two-object prompts: held-out combinations (the standard set), "seen" ones
+    or "star" (prompts with five-point stars, a shape sumie-tiny was not trained on)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown prompt split {split!r}; use {' or '.join(SPLITS)}")
     make = SPLITS[split]

@@ -5,8 +5,13 @@ box-downsampled (anti-aliased edges), and comes with its caption and its structu
 detector (:mod:`sumie.tiny.adherence`) scores generated images against.
 
 Layout rules the detector relies on: every object lies inside its own cell of a 3x3 grid (no two objects share a
-cell, so they never touch); triangles point up; squares are axis-aligned; small objects span 0.11-0.15 of the image
-side, large ones 0.22-0.26; the background differs from every object colour by >= ``MIN_CONTRAST`` in RGB.
+cell, so they never touch); triangles and stars point up; squares are axis-aligned; small objects span 0.11-0.15 of
+the image side, large ones 0.22-0.26; the background differs from every object colour by >= ``MIN_CONTRAST`` in RGB.
+
+Stars (five points) are an extension for adapter training (LoRA, textual inversion): they only appear when a
+:class:`SceneMix` asks for them (``star > 0``) and in :func:`star_prompts`; the default mix, split and evaluation
+prompts are those sumie-tiny was trained and measured on, draw for draw. (sumie-tiny's VAE cannot carry a star: it
+decodes one as a pentagon or a blob, so an adapter that leaves the VAE alone cannot teach the shape to that model.)
 
 Train/held-out split: :data:`DEFAULT_HELDOUT` lists (colour, shape) and (colour, grid cell) pairs that no training
 image ever contains (not even unmentioned in the caption); :func:`heldout_prompts` only yields prompts that state at
@@ -16,10 +21,12 @@ Do not flip the images horizontally for augmentation: captions name left and rig
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +36,16 @@ from torch import Tensor
 from sumie.errors import ConfigError
 
 __all__ = [
-    "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "POSITION_PHRASES", "RELATIONS",
-    "SHAPES", "SIZES", "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec", "TrainSet",
+    "ALL_SHAPES", "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "POSITION_PHRASES",
+    "RELATIONS", "SHAPES", "SIZES", "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec",
+    "TrainSet",
     "heldout_prompts", "make_caption", "parse_caption", "realize", "render", "render_caption", "render_mask",
-    "sample_spec", "seen_prompts",
+    "sample_spec", "seen_prompts", "star_prompts", "word_prompts",
 ]
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # the shapes of the default mix (what sumie-tiny knows)
+ALL_SHAPES = (*SHAPES, "star")  # star: only with SceneMix(star > 0) or star_prompts
+STAR_INNER = 0.5  # inner / outer radius of a drawn star (a regular pentagram is 0.38; fatter reads at 8 px)
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 230), "yellow": (250, 230, 40),
     "purple": (150, 50, 200), "orange": (245, 130, 0), "white": (255, 255, 255), "black": (0, 0, 0),
@@ -82,16 +92,20 @@ _P_SIZE, _P_POSITION, _P_BACKGROUND = 0.5, 0.6, 0.5
 class SceneMix:
     """The mix of scene kinds in training captions: ``one`` object, a ``count`` of 2-3 alike objects or ``two``
     different objects (shares that sum to 1); of the two-object captions, the share that states a ``relation`` and the
-    share that states both objects' ``positions`` (the rest state no placement)."""
+    share that states both objects' ``positions`` (the rest state no placement); ``star`` = the chance an object is a
+    star (else one of the three default shapes; 0 draws exactly as before stars existed); ``colors`` = the object
+    colours drawn (empty: all of :data:`COLORS`)."""
 
     one: float = 0.45
     count: float = 0.15
     two: float = 0.40
     relation: float = 0.35
     positions: float = 0.30
+    star: float = 0.0
+    colors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in MIX_KEYS:
+        for key in MIX_KEYS[:-1]:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
                 raise ConfigError(f"synthetic mix {key} must be a number in [0, 1], got {value!r}")
@@ -99,6 +113,9 @@ class SceneMix:
         if abs(total - 1) > 1e-6:
             raise ConfigError(f"synthetic mix one + count + two must sum to 1, got {total:g} "
                               f"({self.one:g} + {self.count:g} + {self.two:g}); e.g. one = 0.3, count = 0.1, two = 0.6")
+        bad = [c for c in self.colors if c not in COLORS] if isinstance(self.colors, tuple) else [self.colors]
+        if bad:
+            raise ConfigError(f"synthetic mix colors must be a list of {', '.join(COLORS)}; got {bad[0]!r}")
         if self.relation + self.positions > 1 + 1e-6:
             raise ConfigError(f"synthetic mix relation + positions are shares of the two-object captions and must be "
                               f"<= 1, got {self.relation:g} + {self.positions:g}")
@@ -114,10 +131,12 @@ class SceneMix:
         for key in options:
             if key not in MIX_KEYS:
                 raise ConfigError(f"unknown key {key!r} in the synthetic mix; valid keys: {', '.join(MIX_KEYS)}")
+        if isinstance(options.get("colors"), list):
+            options = {**options, "colors": tuple(options["colors"])}
         return cls(**options)
 
 
-MIX_KEYS = ("one", "count", "two", "relation", "positions")
+MIX_KEYS = ("one", "count", "two", "relation", "positions", "star", "colors")
 DEFAULT_MIX = SceneMix()  # what sumie-tiny was trained on; the evaluation prompts always use it
 
 
@@ -247,7 +266,7 @@ def _check_spec(spec: SceneSpec) -> None:
     if not 1 <= len(spec.objects) <= 2:
         raise ConfigError(f"a synthetic scene has 1 or 2 kinds of object, got {len(spec.objects)}")
     for o in spec.objects:
-        for value, allowed, what in ((o.shape, SHAPES, "shape"), (o.color, COLORS, "colour")):
+        for value, allowed, what in ((o.shape, ALL_SHAPES, "shape"), (o.color, COLORS, "colour")):
             if value not in allowed:
                 raise ConfigError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
         if o.size is not None and o.size not in SIZES:
@@ -327,9 +346,25 @@ def _draw(scene: Scene, resolution: int, mode: str, background: int | tuple[int,
             draw.ellipse(box, fill=fill)
         elif inst.shape == "square":
             draw.rectangle(box, fill=fill)
+        elif inst.shape == "star":
+            draw.polygon(_star_points(x, y, half), fill=fill)
         else:
             draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=fill)
     return img.reduce(_SUPERSAMPLE)
+
+
+def _star_points(x: float, y: float, half: float) -> list[tuple[float, float]]:
+    """A five-point star pointing up whose bounding box (side ``2 * half``, centre ``x, y``) is as wide as tall."""
+    # outer radius R: width 2 R sin 72 deg; height R (1 + cos 36 deg) is a bit less, the box is centred vertically
+    r_out = half / math.sin(math.radians(72))
+    top = y - r_out * (1 + math.cos(math.radians(36))) / 2
+    cy = top + r_out
+    pts = []
+    for k in range(10):
+        r = r_out if k % 2 == 0 else r_out * STAR_INNER
+        a = math.radians(-90 + 36 * k)
+        pts.append((x + r * math.cos(a), cy + r * math.sin(a)))
+    return pts
 
 
 def render(scene: Scene, resolution: int = 64) -> Image.Image:
@@ -346,11 +381,11 @@ def _article(next_word: str) -> str:
     return "an" if next_word[0] in "aeiou" else "a"
 
 
-def _noun_phrase(o: ObjectSpec, rng: random.Random) -> str:
+def _noun_phrase(o: ObjectSpec, rng: random.Random, color_words: Mapping[str, str]) -> str:
     words = []
     if o.size is not None:
         words.append(rng.choice(_SIZE_WORDS[o.size]))
-    words += [o.color, o.shape + ("s" if o.count > 1 else "")]
+    words += [color_words.get(o.color, o.color), o.shape + ("s" if o.count > 1 else "")]
     det = _article(words[0]) if o.count == 1 else _COUNT_WORDS[o.count]
     text = " ".join([det, *words])
     if o.position is not None:
@@ -358,10 +393,13 @@ def _noun_phrase(o: ObjectSpec, rng: random.Random) -> str:
     return text
 
 
-def make_caption(spec: SceneSpec, rng: random.Random) -> str:
-    """An English caption stating exactly what ``spec`` states, in a randomly chosen phrasing."""
+def make_caption(spec: SceneSpec, rng: random.Random, color_words: Mapping[str, str] | None = None) -> str:
+    """An English caption stating exactly what ``spec`` states, in a randomly chosen phrasing.
+
+    ``color_words`` names object colours with other words (e.g. ``{"red": "crimson"}``: a word to teach).
+    """
     _check_spec(spec)
-    nps = [_noun_phrase(o, rng) for o in spec.objects]
+    nps = [_noun_phrase(o, rng, color_words or {}) for o in spec.objects]
     if spec.relation is not None:
         body = f"{nps[0]} {rng.choice(_RELATION_PHRASES[spec.relation])} {nps[1]}"
     else:
@@ -383,7 +421,7 @@ _POSITION_OF = {p: name for name, phrases in POSITION_PHRASES.items() for p in p
 _SIZE_OF = {w: name for name, words in _SIZE_WORDS.items() for w in words}
 _RELATION_OF = {p: name for name, phrases in _RELATION_PHRASES.items() for p in phrases}
 _NP_RE = re.compile(
-    rf"^(a|an|one|two|three) (?:({_alt(_SIZE_OF)}) )?({_alt(COLORS)}) ({_alt(SHAPES)})(s?)"
+    rf"^(a|an|one|two|three) (?:({_alt(_SIZE_OF)}) )?({_alt(COLORS)}) ({_alt(ALL_SHAPES)})(s?)"
     rf"(?: ({_alt(_POSITION_OF)}))?$")
 _BG_LEAD_RE = re.compile(rf"^an? ({_alt(BACKGROUNDS)}) background with (.+)$")
 _BG_TAIL_RE = re.compile(rf"^(.+?),? (?:on an?|on|against an?|with an?) ({_alt(BACKGROUNDS)})(?: background)?$")
@@ -427,10 +465,12 @@ def parse_caption(caption: str) -> SceneSpec:
 
 # ---------------------------------------------------------------- sampling
 
-def _random_object(rng: random.Random, count: int, p_position: float) -> ObjectSpec:
+def _random_object(rng: random.Random, count: int, p_position: float, p_star: float = 0.0,
+                   colors: Sequence[str] = ()) -> ObjectSpec:
     size = rng.choice(SIZES) if rng.random() < _P_SIZE else None
     position = rng.choice(POSITIONS) if count == 1 and rng.random() < p_position else None
-    return ObjectSpec(rng.choice(SHAPES), rng.choice(list(COLORS)), size, position, count)
+    shape = "star" if p_star > 0 and rng.random() < p_star else rng.choice(SHAPES)  # no extra draw without stars
+    return ObjectSpec(shape, rng.choice(colors or list(COLORS)), size, position, count)
 
 
 def _random_spec(rng: random.Random, kind: str | None = None, mix: SceneMix = DEFAULT_MIX) -> SceneSpec:
@@ -442,13 +482,14 @@ def _random_spec(rng: random.Random, kind: str | None = None, mix: SceneMix = DE
         u = mix.one + mix.count + u * mix.two
     relation = None
     if u < mix.one:
-        objects: tuple[ObjectSpec, ...] = (_random_object(rng, 1, _P_POSITION),)
+        objects: tuple[ObjectSpec, ...] = (_random_object(rng, 1, _P_POSITION, mix.star, mix.colors),)
     elif u < mix.one + mix.count:
-        objects = (_random_object(rng, rng.choice((2, 3)), 0.0),)
+        objects = (_random_object(rng, rng.choice((2, 3)), 0.0, mix.star, mix.colors),)
     else:
         v = rng.random()
         with_positions = mix.relation <= v < mix.relation + mix.positions
-        objects = (_random_object(rng, 1, float(with_positions)), _random_object(rng, 1, float(with_positions)))
+        objects = (_random_object(rng, 1, float(with_positions), mix.star, mix.colors),
+                   _random_object(rng, 1, float(with_positions), mix.star, mix.colors))
         relation = rng.choice(RELATIONS) if v < mix.relation else None
     colors = [o.color for o in objects]
     background = rng.choice(_backgrounds_for(colors) or ["gray"]) if rng.random() < _P_BACKGROUND else None
@@ -486,9 +527,10 @@ def _scene(rng: random.Random, heldout: HeldOut | None, mix: SceneMix) -> tuple[
     return spec, realize(spec, rng, heldout)
 
 
-def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None, mix: SceneMix) -> Sample:
+def _sample(rng: random.Random, resolution: int, heldout: HeldOut | None, mix: SceneMix,
+            color_words: Mapping[str, str] | None = None) -> Sample:
     spec, scene = _scene(rng, heldout, mix)
-    return Sample(render(scene, resolution), make_caption(spec, rng), spec, scene)
+    return Sample(render(scene, resolution), make_caption(spec, rng, color_words), spec, scene)
 
 
 def _check_resolution(resolution: int) -> None:
@@ -503,15 +545,20 @@ def to_tensor(image: Image.Image) -> Tensor:
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Training split: item ``i`` -> (image [3, H, W] in [-1, 1], caption), deterministic in (seed, mix, i)."""
+    """Training split: item ``i`` -> (image [3, H, W] in [-1, 1], caption), deterministic in (seed, mix, i).
+
+    ``color_words`` renames colours in the captions (``{"red": "crimson"}``), e.g. to teach a new word.
+    """
 
     def __init__(self, resolution: int = 64, length: int = 100_000, seed: int = 0,
-                 heldout: HeldOut | None = DEFAULT_HELDOUT, mix: SceneMix | dict[str, float] = DEFAULT_MIX) -> None:
+                 heldout: HeldOut | None = DEFAULT_HELDOUT, mix: SceneMix | dict[str, Any] = DEFAULT_MIX,
+                 color_words: Mapping[str, str] | None = None) -> None:
         _check_resolution(resolution)
         if length < 1:
             raise ConfigError(f"synthetic dataset length must be >= 1, got {length}")
         self.resolution, self.length, self.seed, self.heldout = resolution, length, seed, heldout
         self.mix = SceneMix.from_options(mix)
+        self.color_words = _check_color_words(color_words)
 
     def __len__(self) -> int:
         return self.length
@@ -523,7 +570,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def sample(self, index: int) -> Sample:
         """Sample ``index`` with its PIL image, caption, spec and scene."""
-        return _sample(self._rng(index), self.resolution, self.heldout, self.mix)
+        return _sample(self._rng(index), self.resolution, self.heldout, self.mix, self.color_words)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         s = self.sample(index)
@@ -554,7 +601,37 @@ def seen_prompts(n: int, kind: str = "one", seed: int = 0,
     return _prompts(n, kind, f"sumie-seen:{kind}:{seed}", heldout, novel=False)
 
 
-def _prompts(n: int, kind: str, rng_seed: str, heldout: HeldOut, novel: bool) -> list[tuple[str, SceneSpec]]:
+def star_prompts(n: int, kind: str = "one", seed: int = 0,
+                 heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
+    """``n`` distinct prompts with stars: every object a star ("one"), or at least one of two objects ("two")."""
+    mix = SceneMix(star=1.0 if kind == "one" else 0.5)
+    return _prompts(n, kind, f"sumie-star:{kind}:{seed}", heldout, novel=False, mix=mix,
+                    keep=lambda spec: any(o.shape == "star" for o in spec.objects))
+
+
+def word_prompts(n: int, kind: str = "one", seed: int = 0, color_words: Mapping[str, str] | None = None,
+                 heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
+    """``n`` distinct seen prompts naming a renamed colour by its new word (``{"red": "crimson"}``), with its spec."""
+    words = _check_color_words(color_words)
+    if not words:
+        raise ConfigError("word prompts need color words, e.g. {\"red\": \"crimson\"}")
+    return _prompts(n, kind, f"sumie-word:{kind}:{seed}", heldout, novel=False, color_words=words,
+                    keep=lambda spec: any(o.color in words for o in spec.objects))
+
+
+def _check_color_words(color_words: Mapping[str, str] | None) -> dict[str, str]:
+    words = dict(color_words or {})
+    for color, word in words.items():
+        if color not in COLORS:
+            raise ConfigError(f"color_words: unknown colour {color!r}; use one of {', '.join(COLORS)}")
+        if not isinstance(word, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", word):
+            raise ConfigError(f"color_words: the word for {color} must be one lower-case word, got {word!r}")
+    return words
+
+
+def _prompts(n: int, kind: str, rng_seed: str, heldout: HeldOut, novel: bool, mix: SceneMix = DEFAULT_MIX,
+             keep: Callable[[SceneSpec], bool] | None = None,
+             color_words: Mapping[str, str] | None = None) -> list[tuple[str, SceneSpec]]:
     if kind not in ("one", "two"):
         raise ConfigError(f'prompt kind must be "one" or "two", got {kind!r}')
     rng = random.Random(rng_seed)
@@ -566,8 +643,10 @@ def _prompts(n: int, kind: str, rng_seed: str, heldout: HeldOut, novel: bool) ->
         novelty = ("color_shape", "color_position")[len(out) % 2]  # half of each, when the split has both
         if not novel or not heldout.color_shape or not heldout.color_position:
             novelty = None
-        spec = sample_spec(rng, heldout, novel=novel, kind=kind, novelty=novelty)
-        caption = make_caption(spec, rng)
+        spec = sample_spec(rng, heldout, novel=novel, kind=kind, novelty=novelty, mix=mix)
+        if keep is not None and not keep(spec):
+            continue
+        caption = make_caption(spec, rng, color_words)
         if caption not in seen:
             seen.add(caption)
             out.append((caption, spec))

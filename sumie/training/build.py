@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sumie.adapters.patcher import ModelPatcher
 from sumie.checkpoints.io import save_safetensors_atomic
 from sumie.checkpoints.loader import VAE_METADATA_KEY, load_vae
 from sumie.configs import ModelConfig, VAEConfig
@@ -17,6 +18,7 @@ from sumie.errors import CheckpointError, ConfigError
 from sumie.models.clip import CLIPTextModel
 from sumie.models.unet import ResBlock, UNetModel
 from sumie.models.vae import AutoencoderKL
+from sumie.training.adapters import LoRANetwork, LoRASpec, TextualInversion
 from sumie.training.config import TrainConfig, build_model_config
 
 __all__ = ["TrainModels", "build_models", "export_vae", "init_clip_", "init_unet_", "load_vae_file"]
@@ -34,10 +36,56 @@ class TrainModels:
     train_vae: bool
     train_text_encoders: bool
     sources: dict[str, str]  # "init_from" / "vae_from" -> path (frozen parts are reloaded from these on resume)
+    adapters: dict[str, nn.Module] = field(default_factory=dict)  # "lora" / "embedding": trained on frozen networks
+    patcher: ModelPatcher | None = None  # holds the LoRA wrappers (object patches) while they are in the model
+    zero_terminal_snr: bool = False  # the loaded checkpoint was trained with zero terminal SNR (its ``ztsnr`` key)
+
+    @property
+    def lora(self) -> LoRANetwork | None:
+        """The LoRA network of a what = "lora" run."""
+        net = self.adapters.get("lora")
+        return net if isinstance(net, LoRANetwork) else None
+
+    @property
+    def embedding(self) -> TextualInversion | None:
+        """The new token vectors of a what = "embedding" run."""
+        ti = self.adapters.get("embedding")
+        return ti if isinstance(ti, TextualInversion) else None
+
+    @property
+    def text_grad(self) -> bool:
+        """Whether gradients flow through the text encoders (trained, LoRA-adapted or under new token vectors)."""
+        lora = self.lora
+        return (self.train_text_encoders or self.embedding is not None
+                or (lora is not None and any(n.startswith("lora_te") for n in lora.adapters)))
+
+    def release(self) -> None:
+        """Take the LoRA wrappers out of the networks again (the originals back, bit for bit)."""
+        if self.patcher is not None:
+            self.patcher.unpatch()
+
+    def param_groups(self, lr: float, unet_lr: float | None, text_encoder_lr: float | None) -> list[dict]:
+        """Optimizer groups: the UNet's (or its LoRA's) at ``unet_lr``, text encoders' at ``text_encoder_lr``."""
+        parts: list[tuple[str, list[nn.Parameter]]] = []
+        for name, module in self.trainable().items():
+            if isinstance(module, LoRANetwork):
+                parts += [("unet", module.part("lora_unet_")), ("text", module.part("lora_te"))]
+            else:
+                parts.append((name, [p for p in module.parameters() if p.requires_grad]))
+        groups = []
+        for name, params in parts:
+            group_lr = lr
+            if name.startswith("text") and text_encoder_lr is not None:
+                group_lr = text_encoder_lr
+            elif name.startswith("unet") and unet_lr is not None:
+                group_lr = unet_lr
+            if params:
+                groups.append({"params": params, "lr": group_lr, "name": name})
+        return groups
 
     def trainable(self) -> dict[str, nn.Module]:
-        """Name -> module for every module the optimizer updates (``unet``, ``vae``, ``text0``, ...)."""
-        out: dict[str, nn.Module] = {}
+        """Name -> module for every module the optimizer updates (``unet``, ``vae``, ``text0``, ``lora``, ...)."""
+        out: dict[str, nn.Module] = dict(self.adapters)
         if self.train_unet and self.unet is not None:
             out["unet"] = self.unet
         if self.train_vae:
@@ -115,7 +163,8 @@ def build_models(cfg: TrainConfig) -> TrainModels:
 
     what = "vae": only the VAE trains (its decoder alone with ``train_vae_encoder = false``). what = "diffusion":
     the UNet trains, the text encoders too when ``train_text_encoder`` (default: from scratch yes, fine-tuning no),
-    the VAE is frozen.
+    the VAE is frozen. what = "lora" / "embedding": every network is frozen; LoRA wrappers are put into the UNet /
+    text encoders through a ModelPatcher (``TrainModels.release()`` takes them out), or new token vectors train.
     """
     # the LDM inits draw from torch's global generator: seed it inside a fork, so the caller's state is untouched
     with torch.random.fork_rng():
@@ -127,6 +176,12 @@ def _build_models(cfg: TrainConfig) -> TrainModels:
     m, t = cfg.model, cfg.train
     device = t.device
     sources: dict[str, str] = {}
+    ztsnr = False
+    adapter = t.what in ("lora", "embedding")
+    if adapter and m.init_from is None:
+        from sumie.checkpoints.embedded import resolve_model
+
+        m = replace(m, init_from=resolve_model(None))  # the embedded model
     if m.init_from is not None:
         from sumie.checkpoints.loader import load_models
 
@@ -134,7 +189,7 @@ def _build_models(cfg: TrainConfig) -> TrainModels:
             raise ConfigError(f"[model] init_from {m.init_from}: no such file or folder")
         loaded = load_models(m.init_from, device=device, prediction=t.prediction)
         config = loaded.config
-        if config.unet.adm_in_channels is not None:
+        if config.unet.adm_in_channels is not None and not adapter:
             raise ConfigError(f"{m.init_from}: {config.family} models (ADM input) cannot be trained yet; use an "
                               "SD1 or SD2 checkpoint")
         if t.prediction is not None:
@@ -144,6 +199,7 @@ def _build_models(cfg: TrainConfig) -> TrainModels:
             loaded.vae.config = config.vae
         unet, vae, tes = loaded.unet, loaded.vae, list(loaded.text_encoders)
         sources["init_from"] = str(m.init_from)
+        ztsnr = loaded.zero_terminal_snr
     else:
         config = build_model_config(cfg)
         vae = AutoencoderKL(config.vae).to(device)
@@ -166,7 +222,11 @@ def _build_models(cfg: TrainConfig) -> TrainModels:
     train_te = t.train_text_encoder if t.train_text_encoder is not None else m.init_from is None
     models = TrainModels(config=config, unet=unet, vae=vae, text_encoders=tes or [],
                          train_unet=t.what == "diffusion", train_vae=t.what == "vae",
-                         train_text_encoders=t.what == "diffusion" and train_te, sources=sources)
+                         train_text_encoders=t.what == "diffusion" and train_te, sources=sources,
+                         zero_terminal_snr=ztsnr)
+    if adapter and config.unet.adm_in_channels is not None:
+        raise ConfigError(f"{m.init_from}: {config.family} models (ADM input) cannot be trained yet; use an SD1 or "
+                          "SD2 checkpoint")
     if t.channels_last:
         for conv_net in (models.unet, models.vae):
             if conv_net is not None:
@@ -178,7 +238,32 @@ def _build_models(cfg: TrainConfig) -> TrainModels:
     if models.train_vae and not t.train_vae_encoder:  # decoder only (as Stability's sd-vae-ft-mse): same latents
         for frozen in (vae.encoder, vae.quant_conv):
             frozen.requires_grad_(False)
+    if t.what == "lora":
+        _add_lora(models, cfg)
+    elif t.what == "embedding":
+        from sumie.prompts.tokenizer import CLIPTokenizer
+
+        models.adapters["embedding"] = TextualInversion(t.embedding_name, config, models.text_encoders,
+                                                        t.num_vectors, t.init_word, CLIPTokenizer())
     return models
+
+
+def _add_lora(models: TrainModels, cfg: TrainConfig) -> None:
+    """Build the LoRA network (kohya's init) and wrap its layers through a ModelPatcher (applied here)."""
+    from sumie.checkpoints.loader import StableDiffusionModels
+
+    lo = cfg.lora
+    assert lo is not None and models.unet is not None
+    spec = LoRASpec(lo.rank, lo.alpha, lo.conv_rank, lo.conv_alpha, tuple(lo.targets))
+    sd = StableDiffusionModels(config=models.config, unet=models.unet, vae=models.vae,
+                               text_encoders=models.text_encoders, source=models.sources.get("init_from", ""),
+                               prediction_source="training")
+    network = LoRANetwork(models.config, sd.modules(), spec)
+    network.train(True)
+    patcher = ModelPatcher.for_models(sd)
+    network.install(patcher)
+    patcher.patch()
+    models.adapters["lora"], models.patcher = network, patcher
 
 
 def _vae_overrides(vae: VAEConfig, overrides: dict[str, object]) -> VAEConfig:

@@ -42,6 +42,7 @@ from sumie.errors import ConfigError
 
 __all__ = [
     "DataConfig",
+    "LoRASection",
     "ModelSection",
     "OutputConfig",
     "TrainConfig",
@@ -51,7 +52,8 @@ __all__ = [
     "load_config",
 ]
 
-What = Literal["diffusion", "vae"]
+What = Literal["diffusion", "vae", "lora", "embedding"]
+LORA_PARTS = ("attention", "ff", "conv", "text_encoder")  # sumie.training.adapters.LORA_PARTS
 
 
 @dataclass
@@ -60,7 +62,8 @@ class ModelSection:
 
     family: str = "sd1"  # sd1 | sd2 (SDXL-type models with an ADM input are not trainable yet)
     preset: Literal["tiny", "full"] = "tiny"  # "tiny" (sumie.configs.TINY) or "full" (the family's real sizes)
-    init_from: Path | None = None  # a checkpoint (single file or diffusers folder) to fine-tune
+    init_from: Path | None = None  # a checkpoint (single file or diffusers folder) to fine-tune; lora/embedding:
+    # the checkpoint the adapter is trained on (default: the embedded sumie-tiny)
     vae_from: Path | None = None  # a VAE file (e.g. the vae.safetensors of a what="vae" run) for diffusion
     unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig overrides
     vae: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
@@ -97,6 +100,7 @@ class TrainSection:
     grad_accum: int = 1
     lr: float = 1e-4
     text_encoder_lr: float | None = None  # None = lr
+    unet_lr: float | None = None  # None = lr
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
@@ -120,6 +124,10 @@ class TrainSection:
     timestep_bias_begin: int = 0  # "range": begin <= t < end
     timestep_bias_end: int = 1000
     train_text_encoder: bool | None = None  # None = yes from scratch, no when fine-tuning (init_from)
+    # embedding (textual inversion): the new word, how many token vectors it takes, the word they start from
+    embedding_name: str = ""
+    num_vectors: int = 1
+    init_word: str = ""  # "" = zeros
     # vae
     train_vae_encoder: bool = True  # false: only the decoder trains; the latent space (and any UNet on it) is kept
     kl_weight: float = 1e-6  # on KL summed over latents / pixels, i.e. LDM's weight on its sums
@@ -130,6 +138,17 @@ class TrainSection:
     ema_decay: float = 0.999  # 0 = off (the export then holds the raw weights)
     ema_start: int = 0  # steps before the EMA starts (it copies the weights until then)
     ema_warmup: bool = True  # diffusers' EMAModel warmup: decay = 1 - (1 + step) ** -2/3, capped
+
+
+@dataclass
+class LoRASection:
+    """``[lora]`` (with what = "lora"): the network's ranks and the parts of the model it adapts (kohya's names)."""
+
+    rank: int = 8  # kohya network_dim: Linear and 1x1-conv layers
+    alpha: float = 8.0  # kohya network_alpha: the update is scaled by alpha / rank
+    conv_rank: int = 0  # LoCon conv_dim for 3x3 convs (0 = none; ResBlock Linear/1x1 layers take rank)
+    conv_alpha: float = 1.0
+    targets: list[str] = field(default_factory=lambda: ["attention", "ff"])  # of attention, ff, conv, text_encoder
 
 
 @dataclass
@@ -147,7 +166,8 @@ class OutputConfig:
     sample_seed: int = 0
     log_every: int = 10  # loss-log lines (JSONL) every N steps; the bar shows every step
     progress: bool | None = None  # tqdm bar; None = only on a terminal
-    export: str = "model.safetensors"  # final single file (what="diffusion") inside dir; vae.safetensors for vae
+    export: str = "model.safetensors"  # final single file (what="diffusion") inside dir; vae.safetensors for vae,
+    # lora.safetensors for lora (its stem is ss_output_name); an embedding is always <embedding_name>.safetensors
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # how the exported weights are stored
     cfg_scale: float | None = None  # the CFG scale the export recommends (``sumie.cfg_scale``; the engine's default)
 
@@ -160,11 +180,13 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputConfig = field(default_factory=OutputConfig)
+    lora: LoRASection | None = None
     source: str = "<dict>"  # where the config came from (for messages)
     text: str = ""  # the TOML text (stored in checkpoints)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataConfig, "train": TrainSection, "output": OutputConfig}
+_SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataConfig, "train": TrainSection, "output": OutputConfig,
+                              "lora": LoRASection}
 _PATH_KEYS = {("model", "init_from"), ("model", "vae_from"), ("data", "folder"), ("output", "dir")}
 
 
@@ -184,8 +206,8 @@ def _unknown(key: str, section: str, valid: list[str]) -> ConfigError:
 
 
 # Fields whose default is None: the type a given value must have.
-_OPTIONAL_TYPES: dict[str, type] = {"text_encoder_lr": float, "train_text_encoder": bool, "progress": bool,
-                                     "cfg_scale": float}
+_OPTIONAL_TYPES: dict[str, type] = {"text_encoder_lr": float, "unet_lr": float, "train_text_encoder": bool,
+                                     "progress": bool, "cfg_scale": float}
 
 
 def _check_type(section: str, key: str, value: object, default: object) -> object:
@@ -238,9 +260,9 @@ def _section(name: str, cls: type, raw: object, base_dir: Path) -> Any:
             if not (isinstance(value, list) and len(value) == 2 and all(isinstance(b, int | float) for b in value)):
                 raise ConfigError(f"[train] betas must be two numbers, e.g. [0.9, 0.999], got {value!r}")
             value = (float(value[0]), float(value[1]))
-        elif key == "sample_prompts":
+        elif key in ("sample_prompts", "targets"):
             if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
-                raise ConfigError(f"[output] sample_prompts must be a list of strings, got {value!r}")
+                raise ConfigError(f"[{name}] {key} must be a list of strings, got {value!r}")
         else:
             value = _check_type(name, key, value, default)
         kwargs[key] = value
@@ -272,8 +294,11 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 0, got {v}")
     if not t.lr > 0:
         raise ConfigError(f"[train] lr must be > 0, got {t.lr}")
-    if t.text_encoder_lr is not None and not t.text_encoder_lr > 0:
-        raise ConfigError(f"[train] text_encoder_lr must be > 0, got {t.text_encoder_lr}")
+    for key in ("text_encoder_lr", "unet_lr"):
+        v = getattr(t, key)
+        if v is not None and not v > 0:
+            raise ConfigError(f"[train] {key} must be > 0, got {v}")
+    _validate_adapter(cfg)
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"[train] betas must be in [0, 1), got {list(t.betas)}")
     if not 0 <= t.ema_decay < 1:
@@ -289,8 +314,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"[output] cfg_scale must be >= 0, got {o.cfg_scale}")
     if not t.foreground_weight > 0:
         raise ConfigError(f"[train] foreground_weight must be > 0 (1 = off), got {t.foreground_weight}")
-    if t.foreground_weight != 1 and t.what != "diffusion":
-        raise ConfigError("[train] foreground_weight only applies to what = \"diffusion\"; remove it")
+    if t.foreground_weight != 1 and t.what == "vae":
+        raise ConfigError("[train] foreground_weight only applies to what = \"diffusion\", \"lora\" or \"embedding\"; "
+                          "remove it")
     if not 0 <= d.caption_dropout <= 1:
         raise ConfigError(f"[data] caption_dropout must be in [0, 1], got {d.caption_dropout}")
     if d.synthetic is not None and (d.flip or d.buckets or d.crop != "center"):
@@ -300,13 +326,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"[data] bucket_max_ratio must be >= 1, got {d.bucket_max_ratio}")
     if d.caption_extension and not d.caption_extension.startswith("."):
         raise ConfigError(f"[data] caption_extension must start with a dot, e.g. \".txt\", got {d.caption_extension!r}")
-    if m.init_from is None and m.family not in ("sd1", "sd2"):
+    if m.init_from is None and m.family not in ("sd1", "sd2") and t.what not in ("lora", "embedding"):
         known = ", ".join(FAMILIES)
         if m.family in FAMILIES:
             raise ConfigError(f"[model] family {m.family!r}: training SDXL-type models (ADM input) is not "
                               "supported yet; use sd1 or sd2")
         raise ConfigError(f"[model] unknown family {m.family!r}; use sd1 or sd2 (known families: {known})")
-    if m.init_from is not None and (m.unet or m.text_encoder):
+    if m.init_from is not None and (m.unet or m.text_encoder) and t.what not in ("lora", "embedding"):
         raise ConfigError("[model] init_from takes the architecture from the checkpoint; remove [model.unet] and "
                           "[model.text_encoder] (or drop init_from to build a new model)")
     if not t.train_vae_encoder:
@@ -323,6 +349,61 @@ def _validate(cfg: TrainConfig) -> None:
     if t.device != "cpu" and not t.device.startswith("cuda"):
         raise ConfigError(f"[train] device must be cpu or cuda[:N], got {t.device!r}")
     build_model_config(cfg)  # override keys and widths are checked here
+
+
+def _validate_adapter(cfg: TrainConfig) -> None:
+    """Checks of what = "lora" / "embedding" and of the options only they take."""
+    t, m, lo = cfg.train, cfg.model, cfg.lora
+    if lo is not None and t.what != "lora":
+        raise ConfigError(f"[lora] only applies to what = \"lora\" (this config trains {t.what!r}); remove it")
+    if t.what != "embedding":
+        for key, default in (("embedding_name", ""), ("num_vectors", 1), ("init_word", "")):
+            if getattr(t, key) != default:
+                raise ConfigError(f"[train] {key} only applies to what = \"embedding\"; remove it")
+    if t.unet_lr is not None and t.what not in ("diffusion", "lora"):
+        raise ConfigError(f"[train] unet_lr does not apply to what = {t.what!r}; use lr")
+    if t.what not in ("lora", "embedding"):
+        return
+    if m.unet or m.text_encoder or m.vae:
+        raise ConfigError(f"[model.unet] / [model.text_encoder] / [model.vae]: what = {t.what!r} trains an adapter on "
+                          "a checkpoint as it is; remove them")
+    if t.train_text_encoder is not None:
+        hint = "; add \"text_encoder\" to [lora] targets to adapt it" if t.what == "lora" else ""
+        raise ConfigError(f"[train] train_text_encoder does not apply to what = {t.what!r}: the base weights stay "
+                          f"frozen{hint}")
+    if t.what == "embedding":
+        if t.text_encoder_lr is not None:
+            raise ConfigError("[train] text_encoder_lr does not apply to what = \"embedding\" (only the new vectors "
+                              "train, at lr); remove it")
+        if not t.embedding_name.strip() or any(c.isspace() or c in "<>:()[]" for c in t.embedding_name):
+            raise ConfigError(f"[train] embedding_name must be one word without spaces or ()[]<>:, e.g. "
+                              f"\"crimson\", got {t.embedding_name!r}")
+        if not 1 <= t.num_vectors <= 75:
+            raise ConfigError(f"[train] num_vectors must be 1 to 75 (one prompt chunk), got {t.num_vectors}")
+        if cfg.output.export != "model.safetensors":
+            raise ConfigError("[output] export: an embedding is saved as <embedding_name>.safetensors (its name in "
+                              "prompts is the file stem); remove export")
+        return
+    lo = cfg.lora = lo or LoRASection()
+    if lo.rank < 1:
+        raise ConfigError(f"[lora] rank must be at least 1, got {lo.rank}")
+    if lo.conv_rank < 0:
+        raise ConfigError(f"[lora] conv_rank must be >= 0 (0 = no 3x3 convs), got {lo.conv_rank}")
+    for key in ("alpha", "conv_alpha"):
+        if not getattr(lo, key) > 0:
+            raise ConfigError(f"[lora] {key} must be > 0, got {getattr(lo, key)}")
+    if not lo.targets:
+        raise ConfigError(f"[lora] targets must name at least one of {', '.join(LORA_PARTS)}")
+    bad = [p for p in lo.targets if p not in LORA_PARTS]
+    if bad:
+        raise ConfigError(f"[lora] targets: unknown part {bad[0]!r}; use some of {', '.join(LORA_PARTS)}")
+    if lo.conv_rank and "conv" not in lo.targets:
+        raise ConfigError("[lora] conv_rank is set but targets has no \"conv\"; add it or remove conv_rank")
+    if t.text_encoder_lr is not None and "text_encoder" not in lo.targets:
+        raise ConfigError("[train] text_encoder_lr is set but [lora] targets has no \"text_encoder\"; add it or "
+                          "remove text_encoder_lr")
+    if not cfg.output.export.endswith(".safetensors") or "/" in cfg.output.export:
+        raise ConfigError(f"[output] export must be a file name ending in .safetensors, got {cfg.output.export!r}")
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: str = "<dict>",

@@ -290,14 +290,15 @@ def _swap_left_right(caption: str) -> str:
     return " ".join(swap.get(w, w) for w in words)
 
 
-SYNTHETIC_KEYS = ("length", "seed", "resolution", "mix")
+SYNTHETIC_KEYS = ("length", "seed", "resolution", "mix", "color_words", "heldout")
 
 
 def synthetic_dataset(options: dict[str, Any], resolution: int) -> MapDataset:
     """The built-in captioned shapes (:class:`sumie.tiny.synthetic.TrainSet`): ``length``, ``seed`` and ``mix``
     (:class:`~sumie.tiny.synthetic.SceneMix`, e.g. ``{ one = 0.3, count = 0.1, two = 0.6 }``) options.
 
-    The held-out attribute combinations of :data:`~sumie.tiny.synthetic.DEFAULT_HELDOUT` never appear.
+    The held-out attribute combinations of :data:`~sumie.tiny.synthetic.DEFAULT_HELDOUT` never appear, unless
+    ``heldout = false`` (every combination: e.g. to teach an adapter the ones the base model never saw).
     """
     from sumie.tiny.synthetic import SceneMix, TrainSet
 
@@ -305,6 +306,13 @@ def synthetic_dataset(options: dict[str, Any], resolution: int) -> MapDataset:
         if key not in SYNTHETIC_KEYS:
             raise ConfigError(f"unknown key {key!r} in [data] synthetic; valid keys: {', '.join(SYNTHETIC_KEYS)}")
     kwargs = {"resolution": resolution, **options}
+    if "heldout" in kwargs:
+        if not isinstance(kwargs["heldout"], bool):
+            raise ConfigError(f"[data] synthetic heldout must be true or false, got {kwargs['heldout']!r}")
+        if kwargs["heldout"]:
+            del kwargs["heldout"]  # the default split, spelt as the default (the name keys the latent cache)
+        else:
+            kwargs["heldout"] = None
     if "mix" in kwargs:  # one spelling per mix in the name, which keys the latent cache
         kwargs["mix"] = SceneMix.from_options(kwargs["mix"])
     return MapDataset(TrainSet(**kwargs), f"synthetic{sorted(kwargs.items())}", swap_left_right=True)

@@ -121,11 +121,13 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)
         self.stream = BatchStream(self.data, t.batch_size, t.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
                                   num_workers=cfg.data.num_workers)
-        self.schedule = NoiseSchedule.sd(zero_terminal_snr=t.zero_terminal_snr)
+        # an adapter is trained on its checkpoint's schedule: zero terminal SNR when the file says so
+        self.zero_terminal_snr = t.zero_terminal_snr or (bool(self.models.adapters) and self.models.zero_terminal_snr)
+        self.schedule = NoiseSchedule.sd(zero_terminal_snr=self.zero_terminal_snr)
         self.timestep_weights = timestep_weights(self.schedule.num_steps, t.timestep_bias_strategy,
                                                  t.timestep_bias_portion, t.timestep_bias_multiplier,
                                                  t.timestep_bias_begin, t.timestep_bias_end)
-        if t.zero_terminal_snr and self.models.config.prediction != "v":
+        if self.zero_terminal_snr and self.models.config.prediction != "v":
             raise ConfigError("[train] zero_terminal_snr needs v-prediction (eps is undefined at zero SNR); "
                               "set [train] prediction = \"v\"")
         if t.foreground_weight != 1 and not getattr(self.data, "has_masks", lambda: False)():
@@ -134,14 +136,12 @@ class Trainer:
         self._masks: dict[tuple[int, bool, int], Tensor] = {}  # latent-size masks, a pure function of the key
         self.tokenizer: Any = None
         self._token_cache: dict[tuple[str, int], list[int]] = {}
-        if self.what == "diffusion":
+        if self.what != "vae":
             from sumie.prompts.tokenizer import CLIPTokenizer
 
             self.tokenizer = CLIPTokenizer()
-        groups = []
-        for name, module in self.models.trainable().items():
-            lr = t.text_encoder_lr if name.startswith("text") and t.text_encoder_lr is not None else t.lr
-            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr, "name": name})
+        groups = self.models.param_groups(t.lr, t.unet_lr, t.text_encoder_lr)
+        self.started = time.time()
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.adam_eps,
                                            weight_decay=t.weight_decay, fused=True)
@@ -250,10 +250,14 @@ class Trainer:
 
     def encode_text(self, captions: list[str]) -> Tensor:
         """Captions -> UNet context [B, 77, sum of widths], as the engine encodes a plain prompt (clip skip 1)."""
+        grad = self.models.text_grad and torch.is_grad_enabled()
+        ti = self.models.embedding
+        if ti is not None:
+            with torch.set_grad_enabled(grad):
+                return ti.encode(self.models.text_encoders, captions)
         parts = []
-        grad = self.models.train_text_encoders
         for te, tcfg in zip(self.models.text_encoders, self.models.config.text_encoders, strict=True):
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(grad):
                 hidden, _ = te(self._tokens(captions, tcfg.pad_id), layer=tcfg.layer, final_norm=tcfg.final_norm,
                                need_pooled=False)
             parts.append(hidden)
@@ -358,7 +362,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def prepare(self) -> None:
         """Work before the first step: the latent cache (diffusion with ``cache_latents``)."""
-        if self.what != "diffusion" or not self.cfg.data.cache_latents or self.latents is not None:
+        if self.what == "vae" or not self.cfg.data.cache_latents or self.latents is not None:
             return
         if self.cfg.data.crop == "random":
             raise ConfigError("[data] cache_latents needs crop = \"center\" (a random crop changes every epoch)")
@@ -480,7 +484,9 @@ class Trainer:
             self.save_checkpoint()
         if cfg.output.sample_every and self.step % cfg.output.sample_every != 0:
             self.write_samples()
-        return TrainResult(self.step, False, self.last_checkpoint, self.export(), losses)
+        export = self.export()
+        self.models.release()  # LoRA wrappers out: the networks are the checkpoint's again
+        return TrainResult(self.step, False, self.last_checkpoint, export, losses)
 
     # ---------------------------------------------------------------- samples and export
     def _averaged(self) -> contextlib.AbstractContextManager[None]:
@@ -500,7 +506,7 @@ class Trainer:
             finally:
                 for name, m in self.models.all().items():
                     m.train(name in self.models.trainable())
-        grid = _grid(images, columns=len(images) if self.what == "diffusion" else len(images) // 2)
+        grid = _grid(images, columns=len(images) // 2 if self.what == "vae" else len(images))
         path = folder / f"step_{self.step:08d}.png"
         tmp = path.with_name(f".{path.name}.tmp")
         grid.save(tmp, format="PNG")
@@ -536,8 +542,9 @@ class Trainer:
             raise ConfigError("a VAE run has no UNet to generate with")
         sd = StableDiffusionModels(config=m.config, unet=m.unet, vae=m.vae, text_encoders=m.text_encoders,
                                    source=str(self.out / f"step_{self.step}"), prediction_source="training",
-                                   zero_terminal_snr=self.cfg.train.zero_terminal_snr)
-        engine = Engine(sd, tokenizer=self.tokenizer)
+                                   zero_terminal_snr=self.zero_terminal_snr)
+        ti = m.embedding
+        engine = Engine(sd, tokenizer=self.tokenizer, embeddings=ti.library if ti is not None else None)
         engine.show_progress = False
         return engine
 
@@ -549,6 +556,8 @@ class Trainer:
         if o.cfg_scale is not None:
             meta["sumie.cfg_scale"] = repr(float(o.cfg_scale))  # the engine's default CFG for this model
         with self._averaged(), torch.no_grad():
+            if self.what in ("lora", "embedding"):
+                return self._export_adapter()
             if self.what == "vae":
                 path = self.out / (o.export if o.export != "model.safetensors" else "vae.safetensors")
                 if ("scaling_factor" not in self.cfg.model.vae and "init_from" not in m.sources
@@ -564,6 +573,30 @@ class Trainer:
                                  dtype=getattr(torch, o.export_dtype),
                                  zero_terminal_snr=self.cfg.train.zero_terminal_snr)
         return path
+
+    def _export_adapter(self) -> Path:
+        """Write the LoRA (kohya layout, ``ss_*`` metadata) or the embedding (A1111 layout) of the run."""
+        from sumie.training.adapters import lora_metadata, save_embedding, save_lora
+
+        o, t, m = self.cfg.output, self.cfg.train, self.models
+        dtype = getattr(torch, o.export_dtype)
+        if m.embedding is not None:
+            return save_embedding(self.out / f"{t.embedding_name}.safetensors", m.embedding, steps=self.step,
+                                  dtype=dtype)
+        assert m.lora is not None
+        path = self.out / (o.export if o.export != "model.safetensors" else "lora.safetensors")
+        base = Path(m.sources.get("init_from", ""))
+        extra = {"ss_sd_model_name": base.name, "ss_num_train_images": str(len(self.data)),
+                 "ss_batch_size_per_device": str(t.batch_size), "ss_gradient_accumulation_steps": str(t.grad_accum),
+                 "ss_lr_scheduler": t.lr_schedule, "ss_lr_warmup_steps": str(t.warmup_steps),
+                 "ss_seed": str(t.seed), "ss_zero_terminal_snr": str(self.zero_terminal_snr),
+                 "ss_v_parameterization": str(m.config.prediction == "v"),
+                 "ss_min_snr_gamma": repr(t.min_snr_gamma) if t.min_snr_gamma else "None",
+                 "sumie.training": json.dumps({"steps": self.step, "what": self.what, "config": self.cfg.source})}
+        meta = lora_metadata(m.lora, output_name=path.stem, steps=self.step, lr=t.lr, unet_lr=t.unet_lr,
+                             text_encoder_lr=t.text_encoder_lr, started=self.started,
+                             resolution=self.cfg.data.resolution, extra=extra)
+        return save_lora(path, m.lora, dtype=dtype, metadata=meta)
 
     def _estimate_scaling(self) -> float:
         """1 / std of latents over up to 8 batches of the first epoch's order (deterministic)."""
