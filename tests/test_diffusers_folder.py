@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers_folders import write_folder
 
 from sumie.checkpoints.loader import load_models
 from sumie.configs import TINY
@@ -56,17 +56,7 @@ def _write_folder(root: Path, xl: bool, prediction: str) -> dict:
                         scaling_factor=scaling)
     for i, m in enumerate([unet, vae, *encoders.values()]):
         _randomise(m, i)
-    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    for name, m in encoders.items():
-        m.save_pretrained(root / name)
-        index[name] = ["transformers", type(m).__name__]
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
-    (root / "model_index.json").write_text(json.dumps(index))
+    write_folder(root, unet, vae, encoders, xl, prediction)
     return {"unet": unet.eval(), "vae": vae.eval(), **{k: v.eval() for k, v in encoders.items()}}
 
 

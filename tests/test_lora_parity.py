@@ -27,6 +27,7 @@ import diffusers
 import pytest
 import torch
 import transformers
+from diffusers_folders import write_folder
 from safetensors.torch import save_file
 
 from sumie.adapters.lora.file import read_lora
@@ -74,17 +75,7 @@ def build(root: Path, xl: bool, seed: int) -> Pair:
     tes = {"text_encoder": _text(64, "quick_gelu", False)}
     if xl:
         tes["text_encoder_2"] = _text(64, "gelu", True)
-    index: dict[str, Any] = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
-                             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    for name, m in tes.items():
-        m.save_pretrained(root / name)
-        index[name] = ["transformers", type(m).__name__]
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
-    (root / "model_index.json").write_text(json.dumps(index))
+    write_folder(root, unet, vae, tes, xl)
     sched = diffusers.EulerDiscreteScheduler()
     if xl:
         pipe = diffusers.StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=sched, tokenizer=None,
