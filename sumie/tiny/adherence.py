@@ -59,7 +59,7 @@ _SQUARE_ANISOTROPY = 0.25  # 4-fold anisotropy above which a shape is a square (
 _STAR_FIVEFOLD = 0.5  # 5-fold moment above which an unskewed shape is a star (star 0.61-0.78 rendered, circle and
 # square <= 0.04; triangles, rendered <= 0.33 and generated up to 0.53, are told by their skew first)
 BAR_ASPECT = 2.0  # least box width / height of a bar (drawn 3; circles, squares, triangles and stars ~1)
-BAR_FILL = 0.7  # least share of its box a bar's pixels fill (drawn bars 0.85-1; two merged round blobs ~0.75 at best)
+BAR_FILL = 0.7  # least share of its box a bar's pixels fill (rendered >= 0.93, after a VAE round trip 0.76-0.98)
 _MIN_MIX = 0.35  # least share of its colour a detected object's core is assumed to have
 _ALPHA_FLOOR = 0.15  # coverage ignored as background noise when measuring shapes
 _MAX_CANDIDATES = 3  # components considered for matching beyond the number of objects asked for
