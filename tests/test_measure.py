@@ -42,12 +42,13 @@ def test_eval_adherence_compares_cfg_scales(tiny_model: Path, capsys: pytest.Cap
         assert r["settings"]["split"] == "heldout"
 
 
-def test_eval_adherence_on_seen_combinations(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("split", ["seen", "bar"])
+def test_eval_adherence_on_other_splits(tiny_model: Path, split: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["eval", "adherence", "--model", str(tiny_model), "--n-one", "1", "--n-two", "1", "--steps", "2",
-               "--split", "seen", "--resolution", "64"])
+               "--split", split, "--resolution", "64"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert out.startswith("CFG 7.0 (seen prompts): attributes right: one-object ") and "(2 images" in out
+    assert out.startswith(f"CFG 7.0 ({split} prompts): attributes right: one-object ") and "(2 images" in out
 
 
 def test_eval_adherence_takes_the_cfg_rescale(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:

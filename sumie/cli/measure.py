@@ -39,9 +39,9 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     a.add_argument("--steps", type=int, default=20)
     a.add_argument("--sampler", default="DPM++ 2M")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--split", choices=("heldout", "seen", "star"), default="heldout",
+    a.add_argument("--split", choices=("heldout", "seen", "star", "bar"), default="heldout",
                    help="held-out attribute combinations (the standard set), ones that occur in training, or prompts "
-                        "with stars (a shape sumie-tiny never saw; for adapters that teach it)")
+                        "with stars or bars (shapes sumie-tiny never saw; for adapters that teach them)")
     a.add_argument("--color-word", action="append", default=[], metavar="COLOUR=WORD",
                    help="seen prompts that name COLOUR by WORD (e.g. red=crimson, a word a textual-inversion "
                         "embedding teaches), scored as COLOUR; repeatable")

@@ -9,7 +9,8 @@ The detector (numpy only) reads a generated image the way :mod:`sumie.tiny.synth
 3. per component: colour = nearest palette colour to the median of its inner half (the pixels farthest from the
    background, so anti-aliased edges do not tint it); shape from the soft mask's moments: an upward triangle's mass
    is skewed down, an (unskewed) five-point star has a strong 5-fold moment (circle, square ~0), a square reaches
-   farther along the diagonals than along the axes (circle does not); size from the box side (small
+   farther along the diagonals than along the axes (circle does not); a box at least ``BAR_ASPECT`` times as wide
+   as tall and filled to ``BAR_FILL`` is a bar (the other shapes' boxes are about square); size from the box side (small
    <= 0.15, large >= 0.22 of the image); position = the 3x3 grid cell of the box centre. Blobs larger than
    ``MAX_EXTENT`` or filling less than ``MIN_FILL`` of their box are clutter (noise, merged objects), not objects.
 
@@ -37,6 +38,7 @@ from sumie.tiny.synthetic import (
     COLORS,
     POSITIONS,
     SceneSpec,
+    bar_prompts,
     heldout_prompts,
     parse_caption,
     seen_prompts,
@@ -56,6 +58,8 @@ _TRIANGLE_SKEW = -0.25  # vertical skewness below which a shape is an (upward) t
 _SQUARE_ANISOTROPY = 0.25  # 4-fold anisotropy above which a shape is a square (square ~0.6, circle 0)
 _STAR_FIVEFOLD = 0.5  # 5-fold moment above which an unskewed shape is a star (star 0.61-0.78 rendered, circle and
 # square <= 0.04; triangles, rendered <= 0.33 and generated up to 0.53, are told by their skew first)
+BAR_ASPECT = 2.0  # least box width / height of a bar (drawn 3; circles, squares, triangles and stars ~1)
+BAR_FILL = 0.7  # least share of its box a bar's pixels fill (rendered >= 0.93, after a VAE round trip 0.76-0.98)
 _MIN_MIX = 0.35  # least share of its colour a detected object's core is assumed to have
 _ALPHA_FLOOR = 0.15  # coverage ignored as background noise when measuring shapes
 _MAX_CANDIDATES = 3  # components considered for matching beyond the number of objects asked for
@@ -222,10 +226,12 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor) -> Detection:
         own = labels[y0p:y1p, x0p:x1p]
         alpha[(own >= 0) & (own != label)] = 0.0  # another object's pixels
         shape, skew, aniso, five = _shape(alpha)
+        fill = area / ((y1 - y0) * (x1 - x0))
+        if x1 - x0 >= BAR_ASPECT * (y1 - y0) and fill >= BAR_FILL:
+            shape = "bar"
         cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
         extent = max(y1 - y0, x1 - x0) / side
         cell = 3 * min(2, int(3 * cy)) + min(2, int(3 * cx))
-        fill = area / ((y1 - y0) * (x1 - x0))
         if extent > MAX_EXTENT or fill < MIN_FILL:
             clutter += 1
             continue
@@ -325,13 +331,14 @@ def evaluate(images: Sequence[Image.Image | np.ndarray | torch.Tensor], specs: S
     return report
 
 
-SPLITS = {"heldout": heldout_prompts, "seen": seen_prompts, "star": star_prompts}  # star: prompts with stars
+# star, bar: prompts with a shape sumie-tiny was not trained on (for adapters that teach it)
+SPLITS = {"heldout": heldout_prompts, "seen": seen_prompts, "star": star_prompts, "bar": bar_prompts}
 
 
 def default_prompts(n_one: int = 50, n_two: int = 50, seed: int = 0,
                     split: str = "heldout") -> list[tuple[str, SceneSpec]]:
     """``n_one`` one-object then ``n_two`` two-object prompts: held-out combinations (the standard set), "seen" ones
-    or "star" (prompts with five-point stars, a shape sumie-tiny was not trained on)."""
+    or "star" / "bar" (prompts with five-point stars / bars, shapes sumie-tiny was not trained on)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown prompt split {split!r}; use {' or '.join(SPLITS)}")
     make = SPLITS[split]

@@ -8,10 +8,12 @@ Layout rules the detector relies on: every object lies inside its own cell of a 
 cell, so they never touch); triangles and stars point up; squares are axis-aligned; small objects span 0.11-0.15 of
 the image side, large ones 0.22-0.26; the background differs from every object colour by >= ``MIN_CONTRAST`` in RGB.
 
-Stars (five points) are an extension for adapter training (LoRA, textual inversion): they only appear when a
-:class:`SceneMix` asks for them (``star > 0``) and in :func:`star_prompts`; the default mix, split and evaluation
-prompts are those sumie-tiny was trained and measured on, draw for draw. (sumie-tiny's VAE cannot carry a star: it
-decodes one as a pentagon or a blob, so an adapter that leaves the VAE alone cannot teach the shape to that model.)
+New shapes (:data:`NEW_SHAPES`: a five-point star; a bar, a horizontal rectangle three times as wide as tall, as
+wide as a square of its size) are an extension for adapter training (LoRA, textual inversion): they only appear when
+a :class:`SceneMix` asks for them (``star > 0``, ``bar > 0``) and in :func:`new_shape_prompts`; the default mix,
+split and evaluation prompts are those sumie-tiny was trained and measured on, draw for draw. (sumie-tiny's VAE
+cannot carry a star: it decodes one as a pentagon or a blob, so an adapter that leaves the VAE alone cannot teach the
+shape to that model; bars survive its round trip.)
 
 Train/held-out split: :data:`DEFAULT_HELDOUT` lists (colour, shape) and (colour, grid cell) pairs that no training
 image ever contains (not even unmentioned in the caption); :func:`heldout_prompts` only yields prompts that state at
@@ -39,12 +41,14 @@ __all__ = [
     "ALL_SHAPES", "BACKGROUNDS", "COLORS", "DEFAULT_HELDOUT", "MIN_CONTRAST", "POSITIONS", "POSITION_PHRASES",
     "RELATIONS", "SHAPES", "SIZES", "SIZE_RANGES", "HeldOut", "Instance", "ObjectSpec", "Sample", "Scene", "SceneSpec",
     "TrainSet",
-    "heldout_prompts", "make_caption", "parse_caption", "realize", "render", "render_caption", "render_mask",
-    "sample_spec", "seen_prompts", "star_prompts", "word_prompts",
+    "NEW_SHAPES", "bar_prompts", "heldout_prompts", "make_caption", "new_shape_prompts", "parse_caption", "realize",
+    "render", "render_caption", "render_mask", "sample_spec", "seen_prompts", "star_prompts", "word_prompts",
 ]
 
 SHAPES = ("circle", "square", "triangle")  # the shapes of the default mix (what sumie-tiny knows)
-ALL_SHAPES = (*SHAPES, "star")  # star: only with SceneMix(star > 0) or star_prompts
+NEW_SHAPES = ("star", "bar")  # only with SceneMix(star > 0 / bar > 0) or new_shape_prompts
+ALL_SHAPES = (*SHAPES, *NEW_SHAPES)
+BAR_ASPECT = 3  # a bar's width / height (its width is the extent, as a square's side)
 STAR_INNER = 0.5  # inner / outer radius of a drawn star (a regular pentagram is 0.38; fatter reads at 8 px)
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 230), "yellow": (250, 230, 40),
@@ -92,9 +96,9 @@ _P_SIZE, _P_POSITION, _P_BACKGROUND = 0.5, 0.6, 0.5
 class SceneMix:
     """The mix of scene kinds in training captions: ``one`` object, a ``count`` of 2-3 alike objects or ``two``
     different objects (shares that sum to 1); of the two-object captions, the share that states a ``relation`` and the
-    share that states both objects' ``positions`` (the rest state no placement); ``star`` = the chance an object is a
-    star (else one of the three default shapes; 0 draws exactly as before stars existed); ``colors`` = the object
-    colours drawn (empty: all of :data:`COLORS`)."""
+    share that states both objects' ``positions`` (the rest state no placement); ``star`` and ``bar`` = the chance an
+    object is that new shape (else one of the three default shapes; all 0 draws exactly as before new shapes
+    existed); ``colors`` = the object colours drawn (empty: all of :data:`COLORS`)."""
 
     one: float = 0.45
     count: float = 0.15
@@ -102,6 +106,7 @@ class SceneMix:
     relation: float = 0.35
     positions: float = 0.30
     star: float = 0.0
+    bar: float = 0.0
     colors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -116,9 +121,17 @@ class SceneMix:
         bad = [c for c in self.colors if c not in COLORS] if isinstance(self.colors, tuple) else [self.colors]
         if bad:
             raise ConfigError(f"synthetic mix colors must be a list of {', '.join(COLORS)}; got {bad[0]!r}")
+        if sum(self.new_shapes.values()) > 1 + 1e-6:
+            raise ConfigError(f"synthetic mix shares of new shapes ({' + '.join(NEW_SHAPES)}) must sum to <= 1, got "
+                              f"{sum(self.new_shapes.values()):g}")
         if self.relation + self.positions > 1 + 1e-6:
             raise ConfigError(f"synthetic mix relation + positions are shares of the two-object captions and must be "
                               f"<= 1, got {self.relation:g} + {self.positions:g}")
+
+    @property
+    def new_shapes(self) -> dict[str, float]:
+        """The chance of each new shape (:data:`NEW_SHAPES` order; 0 for the ones not asked for)."""
+        return {shape: getattr(self, shape) for shape in NEW_SHAPES}
 
     @classmethod
     def from_options(cls, options: object) -> SceneMix:
@@ -136,7 +149,7 @@ class SceneMix:
         return cls(**options)
 
 
-MIX_KEYS = ("one", "count", "two", "relation", "positions", "star", "colors")
+MIX_KEYS = ("one", "count", "two", "relation", "positions", *NEW_SHAPES, "colors")
 DEFAULT_MIX = SceneMix()  # what sumie-tiny was trained on; the evaluation prompts always use it
 
 
@@ -348,6 +361,9 @@ def _draw(scene: Scene, resolution: int, mode: str, background: int | tuple[int,
             draw.rectangle(box, fill=fill)
         elif inst.shape == "star":
             draw.polygon(_star_points(x, y, half), fill=fill)
+        elif inst.shape == "bar":
+            tall = half / BAR_ASPECT
+            draw.rectangle((x - half, y - tall, x + half - 1, y + tall - 1), fill=fill)
         else:
             draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=fill)
     return img.reduce(_SUPERSAMPLE)
@@ -465,12 +481,22 @@ def parse_caption(caption: str) -> SceneSpec:
 
 # ---------------------------------------------------------------- sampling
 
-def _random_object(rng: random.Random, count: int, p_position: float, p_star: float = 0.0,
-                   colors: Sequence[str] = ()) -> ObjectSpec:
+def _random_shape(rng: random.Random, new_shapes: Mapping[str, float]) -> str:
+    """A new shape with its chance in ``new_shapes``, else one of :data:`SHAPES` (no extra draw when all are 0)."""
+    if any(p > 0 for p in new_shapes.values()):
+        u = rng.random()
+        for shape, p in new_shapes.items():
+            if u < p:
+                return shape
+            u -= p
+    return rng.choice(SHAPES)
+
+
+def _random_object(rng: random.Random, count: int, p_position: float, mix: SceneMix = DEFAULT_MIX) -> ObjectSpec:
     size = rng.choice(SIZES) if rng.random() < _P_SIZE else None
     position = rng.choice(POSITIONS) if count == 1 and rng.random() < p_position else None
-    shape = "star" if p_star > 0 and rng.random() < p_star else rng.choice(SHAPES)  # no extra draw without stars
-    return ObjectSpec(shape, rng.choice(colors or list(COLORS)), size, position, count)
+    shape = _random_shape(rng, mix.new_shapes)
+    return ObjectSpec(shape, rng.choice(mix.colors or list(COLORS)), size, position, count)
 
 
 def _random_spec(rng: random.Random, kind: str | None = None, mix: SceneMix = DEFAULT_MIX) -> SceneSpec:
@@ -482,14 +508,14 @@ def _random_spec(rng: random.Random, kind: str | None = None, mix: SceneMix = DE
         u = mix.one + mix.count + u * mix.two
     relation = None
     if u < mix.one:
-        objects: tuple[ObjectSpec, ...] = (_random_object(rng, 1, _P_POSITION, mix.star, mix.colors),)
+        objects: tuple[ObjectSpec, ...] = (_random_object(rng, 1, _P_POSITION, mix),)
     elif u < mix.one + mix.count:
-        objects = (_random_object(rng, rng.choice((2, 3)), 0.0, mix.star, mix.colors),)
+        objects = (_random_object(rng, rng.choice((2, 3)), 0.0, mix),)
     else:
         v = rng.random()
         with_positions = mix.relation <= v < mix.relation + mix.positions
-        objects = (_random_object(rng, 1, float(with_positions), mix.star, mix.colors),
-                   _random_object(rng, 1, float(with_positions), mix.star, mix.colors))
+        objects = (_random_object(rng, 1, float(with_positions), mix),
+                   _random_object(rng, 1, float(with_positions), mix))
         relation = rng.choice(RELATIONS) if v < mix.relation else None
     colors = [o.color for o in objects]
     background = rng.choice(_backgrounds_for(colors) or ["gray"]) if rng.random() < _P_BACKGROUND else None
@@ -601,12 +627,26 @@ def seen_prompts(n: int, kind: str = "one", seed: int = 0,
     return _prompts(n, kind, f"sumie-seen:{kind}:{seed}", heldout, novel=False)
 
 
+def new_shape_prompts(shape: str, n: int, kind: str = "one", seed: int = 0,
+                      heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
+    """``n`` distinct prompts with a new ``shape``: every object one ("one"), or at least one of two objects ("two")."""
+    if shape not in NEW_SHAPES:
+        raise ConfigError(f"unknown new shape {shape!r}; use one of {', '.join(NEW_SHAPES)}")
+    mix = SceneMix(**{shape: 1.0 if kind == "one" else 0.5})
+    return _prompts(n, kind, f"sumie-{shape}:{kind}:{seed}", heldout, novel=False, mix=mix,
+                    keep=lambda spec: any(o.shape == shape for o in spec.objects))
+
+
 def star_prompts(n: int, kind: str = "one", seed: int = 0,
                  heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
-    """``n`` distinct prompts with stars: every object a star ("one"), or at least one of two objects ("two")."""
-    mix = SceneMix(star=1.0 if kind == "one" else 0.5)
-    return _prompts(n, kind, f"sumie-star:{kind}:{seed}", heldout, novel=False, mix=mix,
-                    keep=lambda spec: any(o.shape == "star" for o in spec.objects))
+    """``n`` distinct prompts with stars (:func:`new_shape_prompts`)."""
+    return new_shape_prompts("star", n, kind, seed, heldout)
+
+
+def bar_prompts(n: int, kind: str = "one", seed: int = 0,
+                heldout: HeldOut = DEFAULT_HELDOUT) -> list[tuple[str, SceneSpec]]:
+    """``n`` distinct prompts with bars (:func:`new_shape_prompts`)."""
+    return new_shape_prompts("bar", n, kind, seed, heldout)
 
 
 def word_prompts(n: int, kind: str = "one", seed: int = 0, color_words: Mapping[str, str] | None = None,
