@@ -142,8 +142,9 @@ class UNetBlock(nn.ModuleList):
         return x
 
 
-class UNetModel(nn.Module):
-    """Noise/velocity predictor eps(x_t, t, c) of SD1, SD2, SDXL and the SDXL refiner, from a UNetConfig."""
+class UNetEncoder(nn.Module):
+    """The timestep / label embeddings, input blocks and middle block of LDM's ``UNetModel``: the part a ControlNet
+    copies (Zhang et al. 2023), built once here for both."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -166,37 +167,74 @@ class UNetModel(nn.Module):
         if cfg.guidance_embed_dim is not None:
             self.time_embedding = GuidanceProjection(cfg.guidance_embed_dim, ch)
 
-        def attn(width: int, depth: int) -> SpatialTransformer:
-            if cfg.num_head_channels != -1:
-                heads, dim_head = width // cfg.num_head_channels, cfg.num_head_channels
-            else:
-                heads, dim_head = cfg.num_heads, width // cfg.num_heads
-            return SpatialTransformer(
-                width, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, groups
-            )
-
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
-        skip_chs = [ch]
+        self.skip_channels = [ch]  # width of each input block's output
         cur = ch
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(cur, emb_ch, mult * ch, groups)]
                 cur = mult * ch
                 if cfg.transformer_depth[level] > 0:
-                    layers.append(attn(cur, cfg.transformer_depth[level]))
+                    layers.append(self._attn(cur, cfg.transformer_depth[level]))
                 self.input_blocks.append(UNetBlock(layers))
-                skip_chs.append(cur)
+                self.skip_channels.append(cur)
             if level != levels - 1:
                 self.input_blocks.append(UNetBlock([Downsample(cur)]))
-                skip_chs.append(cur)
+                self.skip_channels.append(cur)
 
         self.middle_block = UNetBlock(
             [
                 ResBlock(cur, emb_ch, cur, groups),
-                attn(cur, cfg.transformer_depth_middle),
+                self._attn(cur, cfg.transformer_depth_middle),
                 ResBlock(cur, emb_ch, cur, groups),
             ]
         )
+
+    def _attn(self, width: int, depth: int) -> SpatialTransformer:
+        cfg = self.config
+        if cfg.num_head_channels != -1:
+            heads, dim_head = width // cfg.num_head_channels, cfg.num_head_channels
+        else:
+            heads, dim_head = cfg.num_heads, width // cfg.num_heads
+        return SpatialTransformer(width, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                                  cfg.norm_groups)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters; inputs are cast to it."""
+        return self.time_embed[0].weight.dtype
+
+    def embed(self, timesteps: Tensor, batch: int, y: Tensor | None = None,
+              guidance: Tensor | None = None) -> Tensor:
+        """The block input emb [B, 4 * model_channels] from t [B] (or scalar), y [B, adm] (SDXL) and the LCM
+        guidance w [B] (or scalar; None adds nothing, as diffusers' UNet)."""
+        dtype = self.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch)
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
+        if guidance is not None:
+            if self.time_embedding is None:
+                raise ValueError("this UNet has no guidance embedding (not LCM-distilled): pass guidance=None")
+            t_emb = t_emb + self.time_embedding(guidance.expand(batch) if guidance.ndim == 0 else guidance, dtype)
+        emb = self.time_embed(t_emb)
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError("this UNet has an ADM label embedding (SDXL): pass y [B, adm_in_channels]")
+            emb = emb + self.label_emb(y.to(dtype))
+        return emb
+
+
+class UNetModel(UNetEncoder):
+    """Noise/velocity predictor eps(x_t, t, c) of SD1, SD2, SDXL and the SDXL refiner, from a UNetConfig."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__(cfg)
+        ch = cfg.model_channels
+        emb_ch = ch * 4
+        groups = cfg.norm_groups
+        levels = len(cfg.channel_mult)
+        skip_chs = list(self.skip_channels)
+        cur = skip_chs[-1]
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
@@ -205,7 +243,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(cur + skip_chs.pop(), emb_ch, mult * ch, groups)]
                 cur = mult * ch
                 if cfg.transformer_depth[level] > 0:
-                    layers.append(attn(cur, cfg.transformer_depth[level]))
+                    layers.append(self._attn(cur, cfg.transformer_depth[level]))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(cur))
                 self.output_blocks.append(UNetBlock(layers))
@@ -213,11 +251,6 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the parameters; inputs are cast to it."""
-        return self.time_embed[0].weight.dtype
 
     def forward(
         self,
@@ -238,19 +271,7 @@ class UNetModel(nn.Module):
         timestep embedding through ``time_embedding.cond_proj`` (None adds nothing, as diffusers' UNet).
         """
         dtype = self.dtype
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
-        if guidance is not None:
-            if self.time_embedding is None:
-                raise ValueError("this UNet has no guidance embedding (not LCM-distilled): pass guidance=None")
-            t_emb = t_emb + self.time_embedding(guidance.expand(x.shape[0]) if guidance.ndim == 0 else guidance,
-                                                dtype)
-        emb = self.time_embed(t_emb)
-        if self.label_emb is not None:
-            if y is None:
-                raise ValueError("this UNet has an ADM label embedding (SDXL): pass y [B, adm_in_channels]")
-            emb = emb + self.label_emb(y.to(dtype))
+        emb = self.embed(timesteps, x.shape[0], y, guidance)
         context = context.to(dtype)
         n_blocks = len(self.input_blocks)
         if control is not None and max(len(control.encoder), len(control.skips)) > n_blocks:
