@@ -176,8 +176,12 @@ def test_shuffle_field_and_remap() -> None:
     assert np.abs(np.diff(flow, axis=0)).max() < 8 and np.abs(np.diff(flow, axis=1)).max() < 8  # smooth
     assert not np.allclose(flow, shuffle_flow(256, 256, seed=6))
     np.testing.assert_array_equal(flow, shuffle_flow(256, 256, seed=5))
-    rng = np.random.RandomState(5)  # the extension's first draw (np.random.seed(5); np.random.uniform)
-    assert rng.uniform(0, 1, size=(3, 3, 1)).shape == (3, 3, 1)
+    rng = np.random.RandomState(5)  # np.random.seed(5), then the extension's draws: x first, then y
+    for c, scale in ((0, 255.0), (1, 255.0)):
+        noise = cv2.resize(rng.uniform(0, 1, size=(256 // 256 + 2, 256 // 256 + 2, 1)), (256 + 512, 256 + 512),
+                           interpolation=cv2.INTER_CUBIC)[256:512, 256:512]
+        noise = (noise - noise.min()) / (noise - noise.min()).max()
+        np.testing.assert_allclose(flow[..., c], (noise * scale).astype(np.float32), rtol=1e-6, atol=1e-4)
 
     yy, xx = np.mgrid[0:256, 0:256]
     ramp = np.stack([xx, yy, np.zeros_like(xx)], axis=2).astype(np.uint8)
@@ -234,6 +238,11 @@ def test_color_grid_is_block_constant_with_the_cell_colours() -> None:
             block = out[ys == cy][:, xs == cx]
             assert (block == block[0, 0]).all()
     assert len({tuple(out[y, x]) for y in range(0, 512, 64) for x in range(0, 640, 64)}) > 3
+    stripe = np.zeros((512, 512, 3), np.uint8)
+    stripe[:, 30:34] = 255  # 4 white columns at the centre of the first cell column
+    got = arr(run("color", Image.fromarray(stripe)))
+    assert (got[:, :64] == 255).all()  # the cubic sample at the cell centre (the cell mean would be 16)
+    assert (got[:, 64:] == 0).all()
 
 
 def test_recolor_channels() -> None:
@@ -304,6 +313,8 @@ def test_openpose_body_colours_at_limb_midpoints_and_joints() -> None:
     for (x, y), color in zip(BODY_PX, COLORS, strict=True):
         assert out[y, x].tolist() == list(color)
     assert (out[760, :] == 0).all() and out[400, 40].tolist() == [0, 0, 0]
+    row = out[512, 216:233, 1]  # across the right thigh (x = 224): stickwidth 4 -> 9 pixels wide
+    assert row.tolist() == [0] * 4 + [int(255 * 0.6)] * 9 + [0] * 4
     assert COLORS[0] == (255, 0, 0) and COLORS[12] == (0, 0, 255) and len(COLORS) == 18 and len(LIMBS) == 17
 
 
@@ -351,6 +362,14 @@ def test_openpose_hands_and_face() -> None:
     for x, y in hand:
         assert out[int(y), int(x)].tolist() == [0, 0, 255]
     assert out[100, 400].tolist() == [255, 255, 255] and out[160, 508].tolist() == [255, 255, 255]
+    assert out[100, 403].tolist() == [255, 255, 255] and out[100, 404].tolist() == [0, 0, 0]  # radius 3
+    assert out[600, 104].tolist() == [0, 0, 255] and out[600, 105].tolist() == [0, 0, 0]  # joints: radius 4
+    corner = hand_norm.copy()
+    corner[3 * 20:3 * 20 + 2] = [0.0, 0.0]  # the little finger's tip at (0, 0): skipped with its bone (eps)
+    pose_c = pose_json(BODY_PX, norm=False, hand_right_keypoints_2d=corner)
+    out_c = arr(run("openpose", None, pose=pose_c))
+    assert (out_c[:4, :4] == 0).all() and out_c[255, 74].tolist() == [0, 0, 0]  # midway to (148, 510)
+    assert out_c[480, 148].tolist() == [0, 0, 0] and out_c[510, 148].tolist() == [0, 0, 255]
     no_parts = arr(run("openpose", None, pose=pose, hands=False, face=False))
     np.testing.assert_array_equal(no_parts, arr(run("openpose", None, pose=pose_json(BODY_PX, norm=False))))
     only_face = arr(run("openpose", None, pose=pose, body=False, hands=False))
