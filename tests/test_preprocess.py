@@ -416,6 +416,8 @@ def test_run_errors_are_config_errors() -> None:
         run("canny", shapes(), seed=1)
     with pytest.raises(ConfigError, match="low must be from 1 to 255, got 0"):
         run("canny", shapes(), low=0)
+    with pytest.raises(ConfigError, match="sigma must be a number, got nan"):
+        run("blur_gaussian", shapes(), sigma=float("nan"))
     with pytest.raises(ConfigError, match="seed must be a whole number"):
         run("shuffle", shapes(), seed=1.5)
     with pytest.raises(ConfigError, match="needs a PIL image"):

@@ -10,6 +10,7 @@ the others, the JSON canvas for ``openpose``). ``inpaint`` is the exception: RGB
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -122,7 +123,7 @@ def _check(kind: Kind, params: dict[str, Any]) -> dict[str, Any]:
     for p in kind.params:
         v = params.get(p.name, p.default)
         if v is not None and p.type in ("int", "float"):
-            if isinstance(v, bool) or not isinstance(v, int | float):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise ConfigError(f"{kind.name}: {p.name} must be a number, got {v!r}")
             if p.type == "int":
                 if v != int(v):
