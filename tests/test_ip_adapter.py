@@ -33,7 +33,7 @@ from ip_adapter_testfiles import (
     write_encoder,
 )
 from PIL import Image
-from test_pipeline_parity import sd1, tokenizers  # noqa: F401 - the fixtures
+from test_pipeline_parity import sd1, sdxl, tokenizers  # noqa: F401 - the fixtures
 
 from sumie.adapters.ip_adapter.files import (
     IPAdapterModel,
@@ -56,7 +56,7 @@ from sumie.models.clip_vision import (
 )
 from sumie.models.hooks import CallInfo, UNetOptions
 from sumie.models.unet import UNetModel
-from sumie.pipelines.params import IPAdapterUnit
+from sumie.pipelines.params import HiresParams, IPAdapterUnit
 
 TINY_CFG = CLIPVisionConfig("tiny", TINY_VISION["hidden_size"], TINY_VISION["num_hidden_layers"],
                             TINY_VISION["num_attention_heads"], TINY_VISION["intermediate_size"], "gelu", 14, 224,
@@ -246,11 +246,11 @@ class Loaded:
 
 
 def _load_both(m: pp.Models, toks: dict[str, Any], root: Path, spec: IPAdapterSpec, suffix: str,
-               seed: int) -> Loaded:
+               seed: int, pipeline: str = "StableDiffusionPipeline", spacing: str = "linspace") -> Loaded:
     """The random adapter file and image_encoder folder, read by diffusers' load_ip_adapter and by Sumie."""
     path = write_adapter(root / "models" / f"ip-adapter{suffix}", adapter_state_dict(spec, seed=seed, scale=3.0))
     write_encoder(root / "models" / "image_encoder", seed=seed + 1)
-    pipe = pp.pipeline("StableDiffusionPipeline", m, pp.SCHEDS["euler"].make("linspace"), toks)
+    pipe = pp.pipeline(pipeline, m, pp.SCHEDS["euler"].make(spacing), toks)
     pipe.load_ip_adapter(str(root), subfolder="models", weight_name=path.name, local_files_only=True)
     encoder = CLIPVisionModel.from_state_dict(pipe.image_encoder.state_dict(), cfg=TINY_CFG)
     return Loaded(pipe, load_ip_adapter(path), encoder, path, root / "models" / "image_encoder")
@@ -318,6 +318,58 @@ def test_generation_matches_diffusers_pipeline(sd1: pp.Models, tokenizers: dict[
     assert "IP-Adapter 0: \"Model: ip-adapter" in res.infotexts[0] and "Weight: 1" in res.infotexts[0]
 
 
+def _sdxl_spec(m: pp.Models) -> IPAdapterSpec:
+    """A plain adapter for the tiny SDXL UNet (depth-2 transformers: two sites per block, in order)."""
+    widths = tuple(attn.to_k.out_features for _, attn in cross_attention_sites(m.engine.models.unet))
+    assert len(widths) == 8 and len(set(widths)) == 1  # one width: only the numbers can tell a wrong order
+    return IPAdapterSpec("plain", TINY_VISION["projection_dim"], 128, 4, widths)
+
+
+def test_sdxl_generation_matches_diffusers_pipeline(sdxl: pp.Models, tokenizers: dict[str, Any],  # noqa: F811
+                                                    tmp_path: Path) -> None:
+    """SDXL (``StableDiffusionXLPipeline.load_ip_adapter``, text_time conditioning, transformer depth 2) with a plain
+    adapter: the same images as diffusers."""
+    both = _load_both(sdxl, tokenizers, tmp_path, _sdxl_spec(sdxl), ".safetensors", seed=31,
+                      pipeline="StableDiffusionXLPipeline", spacing="leading")
+    images = [picture(210, 280, 14)]
+    s = pp.SCHEDS["euler"]
+    unit = IPAdapterUnit(str(both.path), images, encoder=str(both.encoder_path))
+    p = pp.params(sampler=s.sampler, cfg_scale=6.0, ip_adapters=[unit])
+    ours = pp.u8(sdxl.engine.generate(p, sigmas_fn=s.sigmas_fn(sdxl.engine, "leading")).images)
+    plain = pp.u8(sdxl.engine.generate(dataclasses.replace(p, ip_adapters=[]),
+                                       sigmas_fn=s.sigmas_fn(sdxl.engine, "leading")).images)
+    ref = both.pipe(pp.PROMPT, negative_prompt=pp.NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64,
+                    width=64, num_images_per_prompt=len(pp.SEEDS), latents=pp.start_noise((4, 8, 8), pp.SEEDS),
+                    output_type="np", ip_adapter_image=images).images
+    pp.check(ours, pp.ref_u8(ref), "IP-Adapter sdxl txt2img (Sumie vs diffusers load_ip_adapter)")
+    assert pp.mad(ours, plain) > 20 * pp.STRICT
+
+
+def test_two_units_match_diffusers_multi_adapter(sd1: pp.Models, tokenizers: dict[str, Any],  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    """A plain and a plus unit with their own weights (diffusers: two adapters in one ``load_ip_adapter`` call,
+    ``set_ip_adapter_scale([w1, w2])``): the terms add; the same images."""
+    models = tmp_path / "models"
+    a = write_adapter(models / "plain.bin", adapter_state_dict(PLAIN, seed=41, scale=3.0))
+    b = write_adapter(models / "plus.safetensors", adapter_state_dict(PLUS, seed=42, scale=3.0))
+    write_encoder(models / "image_encoder", seed=43)
+    pipe = pp.pipeline("StableDiffusionPipeline", sd1, pp.SCHEDS["euler"].make("linspace"), tokenizers)
+    pipe.load_ip_adapter([str(tmp_path)] * 2, subfolder=["models"] * 2, weight_name=[a.name, b.name],
+                         local_files_only=True)
+    pipe.set_ip_adapter_scale([0.7, 1.3])
+    im_a, im_b = [picture(230, 170, 15)], [picture(170, 230, 16)]
+    units = [IPAdapterUnit(str(a), im_a, weight=0.7), IPAdapterUnit(str(b), im_b, weight=1.3)]  # encoder: found
+    s = pp.SCHEDS["euler"]
+    res = sd1.engine.generate(pp.params(sampler=s.sampler, ip_adapters=units),
+                              sigmas_fn=s.sigmas_fn(sd1.engine, "linspace"))
+    n = len(pp.SEEDS)
+    ref = pipe([pp.PROMPT] * n, negative_prompt=[pp.NEGATIVE] * n, num_inference_steps=4, guidance_scale=7.0,
+               height=64, width=64, output_type="np", latents=pp.start_noise((4, 8, 8), pp.SEEDS),
+               ip_adapter_image=[im_a, im_b]).images
+    pp.check(pp.u8(res.images), pp.ref_u8(ref), "two IP-Adapter units (Sumie vs diffusers multi-adapter)")
+    assert "IP-Adapter 1: " in res.infotexts[0] and "Weight: 1.3" in res.infotexts[0]
+
+
 # ------------------------------------------------------------------------------------------------ use and errors
 
 
@@ -350,6 +402,27 @@ def test_step_range_is_comfyui_percent_to_sigma(sd1: pp.Models) -> None:  # noqa
     assert torch.equal(inside.k[0], torch.zeros(2, 4)) and torch.equal(inside.k[1:], torch.ones(2, 2, 4))
     assert at((hi * lo) ** 0.5, dataclasses.replace(hook, weight=0.0)) is None
     assert hook(AttnSite(("input", 2), 0, "cross", (8, 8)), UNetOptions()) is None  # no such layer
+
+
+def test_step_range_img2img_and_hires(sd1: pp.Models, tmp_path: Path) -> None:  # noqa: F811
+    """The unit acts in img2img and in both hires passes; a step range in the middle gives an image between none
+    and the full range; start = end = 1 (no step inside) gives exactly the plain image."""
+    a = write_adapter(tmp_path / "models" / "ip.bin", adapter_state_dict(PLAIN, seed=51, scale=3.0))
+    write_encoder(tmp_path / "models" / "image_encoder", seed=52)
+    unit = IPAdapterUnit(str(a), [picture(120, 90, 17)])
+    eng = sd1.engine
+
+    def run(units: list[IPAdapterUnit], **kw: Any) -> np.ndarray:
+        return pp.u8(eng.generate(pp.params(ip_adapters=units, **kw)).images)
+
+    plain, full = run([]), run([unit])
+    half = run([dataclasses.replace(unit, start=0.5)])
+    assert pp.mad(full, plain) > 1.0 and pp.mad(half, plain) > 0.2 and pp.mad(half, full) > 0.2
+    assert np.array_equal(run([dataclasses.replace(unit, start=1.0, end=1.0)]), plain)
+    init = dict(init_images=[pp.init_image()], denoising_strength=0.6)
+    assert pp.mad(run([unit], **init), run([], **init)) > 1.0
+    hires = dict(hires=HiresParams(scale=1.5, steps=2, denoising_strength=0.5))
+    assert pp.mad(run([unit], **hires), run([], **hires)) > 1.0
 
 
 def test_errors_before_any_step(sd1: pp.Models, tmp_path: Path) -> None:  # noqa: F811
@@ -403,3 +476,29 @@ def test_cli_ip_adapter_groups_and_errors(tmp_path: Path, capsys: pytest.Capture
         code = main(["generate", "a cat", "--steps", "1", "-o", str(tmp_path / "out.png"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cli_generates_with_an_ip_adapter_from_a_comfyui_folder(tmp_path: Path) -> None:
+    """``sumie generate --models-dir COMFY --ip-adapter NAME --ip-image IMG --clip-vision NAME`` on the embedded
+    model: names found in models/ipadapter and models/clip_vision, the infotext records the unit, and the image
+    differs from the one without the adapter."""
+    import sumie
+
+    engine = sumie.load()
+    widths = tuple(attn.to_k.out_features for _, attn in cross_attention_sites(engine.models.unet))
+    cross = engine.models.config.unet.context_dim
+    models = tmp_path / "comfy" / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    spec = IPAdapterSpec("plain", TINY_VISION["projection_dim"], cross, 4, widths)
+    write_adapter(models / "ipadapter" / "tiny-ip.safetensors", adapter_state_dict(spec, seed=5, scale=3.0))
+    write_encoder(models / "clip_vision" / "tiny-vision", seed=6)
+    ref = tmp_path / "ref.png"
+    picture(90, 60, 9).save(ref)
+    out_ip, out_plain = tmp_path / "ip.png", tmp_path / "plain.png"
+    base = ["generate", "a red cube", "--seed", "3", "--steps", "3", "-q", "--models-dir", str(tmp_path / "comfy")]
+    assert main([*base, "-o", str(out_plain)]) == 0
+    assert main([*base, "--ip-adapter", "tiny-ip", "--ip-image", str(ref), "--ip-weight", "0.8", "--clip-vision",
+                 "tiny-vision", "-o", str(out_ip)]) == 0
+    text = Image.open(out_ip).info["parameters"]
+    assert 'IP-Adapter 0: "Model: tiny-ip [' in text and "Weight: 0.8" in text and "Encoder: tiny-vision" in text
+    assert np.abs(np.asarray(Image.open(out_ip), float) - np.asarray(Image.open(out_plain), float)).mean() > 1.0

@@ -157,7 +157,8 @@ class ModelFolders:
         return out
 
     def list(self, kind: str) -> list[ModelFile]:
-        """Every model file of ``kind`` (recursively; diffusers folders count as checkpoints), sorted per folder."""
+        """Every model file of ``kind`` (recursively; diffusers folders count as checkpoints, transformers folders
+        as clip_vision models), sorted per folder."""
         out: list[ModelFile] = []
         for base in self.dirs(kind):
             found: list[ModelFile] = []
@@ -170,8 +171,9 @@ class ModelFolders:
                     continue
                 visited.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                if kind == "checkpoint":
-                    pipelines = [d for d in dirnames if (here / d / "model_index.json").is_file()]
+                folder_marker = {"checkpoint": "model_index.json", "clip_vision": "config.json"}.get(kind)
+                if folder_marker is not None:  # diffusers pipelines / transformers image_encoder folders
+                    pipelines = [d for d in dirnames if (here / d / folder_marker).is_file()]
                     found.extend(ModelFile(kind, (here / d).relative_to(base).as_posix(), here / d) for d in pipelines)
                     dirnames[:] = [d for d in dirnames if d not in pipelines]
                 for fn in sorted(filenames):

@@ -104,9 +104,9 @@ def prepare_unit(engine: Engine, unit: IPAdapterUnit, index: int = 0) -> tuple[I
     unet = engine.models.unet
     path = manager.resolve("ip_adapter", unit.model)
     adapter: IPAdapterModel = manager.get("ip_adapter", path)
+    check_fits(adapter, None, unet, path.name)
     enc_path = manager.resolve("clip_vision", unit.encoder) if unit.encoder is not None else find_encoder(
         adapter, path, manager)
-    check_fits(adapter, None, unet, path.name)
     encoder: CLIPVisionModel = manager.get("clip_vision", enc_path)
     check_fits(adapter, encoder, unet, path.name, enc_path.name)
     cond, uncond = image_tokens(adapter, encoder, unit.images)
