@@ -286,6 +286,8 @@ def test_image_tokens_and_unet_match_diffusers(sd1: pp.Models, tokenizers: dict[
         call = CallInfo(0, torch.ones(2), torch.tensor([0, 1]))
         got = unet(x, t, ctx, options=UNetOptions(extra_kv=[hook], call=call))
         plain = unet(x, t, ctx)
+    print(f"{kind}: tokens max |diff| {(cond - proj[1].reshape(cond.shape)).abs().max():.1e}, UNet max |diff| "
+          f"{(got - want).abs().max():.1e} (output std {want.std():.2f})")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (got - plain).abs().mean() > 100 * 1e-4  # the adapter moved the prediction far beyond the tolerance
 
