@@ -230,6 +230,10 @@ class Engine:
             if p.cfg_rescale:
                 job.warn("CFG rescale was ignored: this UNet (LCM-distilled, with a guidance embedding) runs no "
                          "CFG to rescale")
+        if p.ip_adapters:  # image prompts: loaded, checked and encoded before any step
+            from sumie.adapters.ip_adapter.units import attach_ip_adapters
+
+            attach_ip_adapters(self, job, p.ip_adapters)
         if p.eta_noise_seed_delta and validation.uses_white_noise(spec, p.eta):
             job.extra["ENSD"] = p.eta_noise_seed_delta
         run = Run(job, self.base, self.refiner)

@@ -64,6 +64,23 @@ class LoraSpec:
         return self.te if self.unet is None else self.unet
 
 
+@dataclass
+class IPAdapterUnit:
+    """An IP-Adapter (Ye et al. 2023) with its reference image(s): a name in the IP-Adapter folders or a path.
+
+    ``weight`` scales the image attention; ``start`` / ``end`` are fractions of the noise schedule (0 = the first
+    step, 1 = the last) where it acts; ``encoder`` is the CLIP vision file (None: found next to the adapter or in the
+    clip_vision folder by its width). Several images: their tokens are concatenated (diffusers).
+    """
+
+    model: str | os.PathLike[str]
+    images: list[Image.Image] = field(default_factory=list)
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    encoder: str | os.PathLike[str] | None = None
+
+
 DEFAULT_CFG_SCALE = 7.0  # A1111's default: for a model whose file recommends no scale, and for infotexts
 
 
@@ -107,3 +124,4 @@ class GenerationParams:
     # nothing in the model is an error instead of a warning
     loras: list[LoraSpec] = field(default_factory=list)
     strict_lora: bool = False
+    ip_adapters: list[IPAdapterUnit] = field(default_factory=list)  # image prompts (IP-Adapter units)
