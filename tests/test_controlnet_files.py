@@ -137,6 +137,30 @@ def test_diffusers_layout_matches_diffusers(tmp_path: Path, which: str, folder: 
     _assert_parity(_sumie(control, inp), _diffusers(ref, inp))
 
 
+@pytest.mark.parametrize("how", ["sharded", "fp16_variant"])
+def test_diffusers_folder_sharded_or_variant(tmp_path: Path, how: str) -> None:
+    """Folders whose weights are sharded (``diffusion_pytorch_model.safetensors.index.json``) or only the fp16
+    variant (``diffusion_pytorch_model.fp16.safetensors``), as diffusers writes them."""
+    cfg = TINY_CONTROLNET["sd1"]
+    ref = random_diffusers_controlnet(cfg, seed=8)
+    path = tmp_path / how
+    if how == "sharded":
+        ref.save_pretrained(path, max_shard_size="200KB")
+        assert len(list(path.glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    else:
+        ref.to(torch.float16).save_pretrained(path, variant="fp16")
+        ref.float()
+        assert (path / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    control = load_controlnet(path)
+    inp = _inputs(cfg)
+    if how == "sharded":
+        _assert_parity(_sumie(control, inp), _diffusers(ref, inp))
+    else:  # the fp16-rounded weights are what both read
+        stored = load_state_dict(path / "diffusion_pytorch_model.fp16.safetensors")
+        assert {v.dtype for v in stored.values()} == {torch.float16} and control.model.dtype == torch.float32
+        _assert_parity(_sumie(control, inp), _diffusers(ref.to(torch.float16).float(), inp))
+
+
 def test_diffusers_bgr_channel_order(tmp_path: Path) -> None:
     """config.json ``controlnet_conditioning_channel_order: bgr``: diffusers flips the control image's channels."""
     cfg = TINY_CONTROLNET["sd1"]
@@ -315,7 +339,7 @@ def test_damaged_files(tmp_path: Path, damage: str) -> None:
     elif damage == "empty_folder":
         path = tmp_path / "cn"
         path.mkdir()
-        match = "a folder without diffusion_pytorch_model.safetensors"
+        match = r"no weights file found \(looked for diffusion_pytorch_model.safetensors"
     else:
         path = tmp_path / "absent.safetensors"
         match = "no such file"

@@ -29,13 +29,12 @@ from torch import Tensor, nn
 
 from sumie.checkpoints.io import load_state_dict
 from sumie.checkpoints.keymaps.controlnet import (
-    CONTROL_LORA_MARKER,
     controlnet_layout,
     diffusers_to_ldm_controlnet,
     original_keys,
 )
 from sumie.checkpoints.keymaps.unet import infer_encoder_config
-from sumie.checkpoints.loader import build_module
+from sumie.checkpoints.loader import _component_weights, build_module
 from sumie.configs import FAMILIES, UNetConfig
 from sumie.errors import CheckpointError, ConfigError
 from sumie.models.controlnet import ControlNetModel
@@ -44,9 +43,6 @@ from sumie.models.unet import UNetModel
 __all__ = ["ControlFile", "check_family", "controlnet_family", "controlnet_state_dict", "load_controlnet",
            "merge_control_lora", "read_control_weights"]
 
-# the weights of a diffusers model folder, in the order diffusers prefers them
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 _CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
 _ADM_FAMILY = {2816: "sdxl", 2560: "sdxl_refiner"}
 _EXPECTED = ("expected a ControlNet: the original layout (control_model.* or input_hint_block.* / zero_convs.* "
@@ -67,23 +63,21 @@ class ControlFile:
     layout: str = ""  # "original", "diffusers", "control_lora" (T2I: its own)
 
 
-def read_control_weights(path: str | Path) -> tuple[Path, dict[str, Tensor], dict[str, object]]:
-    """(weights file, its tensors, diffusers config.json or {}) of a ControlNet file or diffusers folder."""
+def read_control_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """(tensors, diffusers config.json or {}) of a ControlNet file or diffusers folder (single, fp16-variant or
+    sharded ``diffusion_pytorch_model`` weights)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder; check the path")
     if not p.is_dir():
-        return p, load_state_dict(p), {}
-    weights = next((p / n for n in DIFFUSERS_WEIGHTS if (p / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{p}: a folder without diffusion_pytorch_model.safetensors (or .bin); {_EXPECTED}")
+        return load_state_dict(p), {}
     config: dict[str, object] = {}
     if (p / "config.json").is_file():
         try:
             config = json.loads((p / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{p / 'config.json'}: unreadable JSON ({e}); the folder is damaged") from None
-    return weights, load_state_dict(weights), config
+    return _component_weights(p, ("diffusion_pytorch_model",), load=True), config
 
 
 def controlnet_family(cfg: UNetConfig, where: str) -> str:
@@ -141,21 +135,25 @@ def merge_control_lora(sd: dict[str, Tensor], base: UNetModel, where: str, devic
                        dtype: torch.dtype) -> tuple[dict[str, Tensor], int]:
     """(ControlNet state dict, hint channels) of a Control-LoRA on ``base``: for every ControlNet tensor, the
     file's full tensor if it has one, else the base UNet's, plus ``up.flatten(1) @ down.flatten(1)`` reshaped when
-    the file has a low-rank pair for it (unscaled, computed in fp32; ComfyUI ``ControlLoraOps``)."""
+    the file has a low-rank pair for it (unscaled, computed in fp32; ComfyUI ``ControlLora.pre_run``,
+    ``ControlLoraOps``). Tensors not named ``.up`` / ``.down`` / ``.weight`` / ``.bias`` (the ``lora_controlnet``
+    marker) are not weights and are skipped, as ComfyUI does."""
     hint = sd.get("input_hint_block.0.weight")
     if hint is None or hint.ndim != 4:
         raise CheckpointError(f"{where}: Control-LoRA without input_hint_block.0.weight; the file is damaged")
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in ControlNetModel(base.config, int(hint.shape[1])).state_dict().items()}
+    # ComfyUI sets only .up / .down / .weight / .bias tensors without "__" in the name; the rest is not weights
+    sd = {k: v for k, v in sd.items() if k.endswith((".up", ".down", ".weight", ".bias")) and "__" not in k}
     pairs = {k[: -len(".up")] for k in sd if k.endswith(".up")}
     if pairs != {k[: -len(".down")] for k in sd if k.endswith(".down")}:
         raise CheckpointError(f"{where}: Control-LoRA with unpaired up/down tensors; the file is damaged")
-    full = {k: v for k, v in sd.items() if k != CONTROL_LORA_MARKER and not k.endswith((".up", ".down"))}
+    full = {k: v for k, v in sd.items() if not k.endswith((".up", ".down"))}
     stray = sorted((set(full) - set(want)) | {p for p in pairs if f"{p}.weight" not in want})
     if stray:
         raise CheckpointError(
             f"{where}: Control-LoRA keys that fit no ControlNet of this model ({len(stray)}, e.g. {stray[0]!r}); "
-            f"is it for another base model than this {base.config.context_dim}-context UNet?"
+            "it was made for another model: pick the Control-LoRA of this model's family"
         )
     base_sd = base.state_dict()
     out: dict[str, Tensor] = {}
@@ -182,7 +180,7 @@ def load_controlnet(path: str | Path, *, base: UNetModel | None = None, device: 
     else CPU float32.
     """
     p = Path(path)
-    weights, sd, config = read_control_weights(p)
+    sd, config = read_control_weights(p)
     where = str(p)
     layout = controlnet_layout(set(sd))
     dev = device if device is not None else (base.time_embed[0].weight.device if base is not None else "cpu")
