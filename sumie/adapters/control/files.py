@@ -174,7 +174,8 @@ def merge_control_lora(sd: dict[str, Tensor], base: UNetModel, where: str, devic
 
 def load_controlnet(path: str | Path, *, base: UNetModel | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> ControlFile:
-    """Read a ControlNet file or diffusers folder of any layout into a ControlNetModel (eval, no grad).
+    """Read a ControlNet file or diffusers folder of any layout into a ControlNetModel, or a T2I-Adapter file into a
+    T2IAdapterModel (eval, no grad).
 
     ``base``: the model's UNet, needed only by Control-LoRA files; device / dtype default to the base's when given,
     else CPU float32.
@@ -185,6 +186,11 @@ def load_controlnet(path: str | Path, *, base: UNetModel | None = None, device: 
     layout = controlnet_layout(set(sd))
     dev = device if device is not None else (base.time_embed[0].weight.device if base is not None else "cpu")
     dt = dtype if dtype is not None else (base.dtype if base is not None else torch.float32)
+    if layout is None:
+        from sumie.adapters.control.t2i_files import is_t2i_adapter, load_t2i_adapter
+
+        if is_t2i_adapter(sd):
+            return load_t2i_adapter(p, sd, device=dev, dtype=dt)
     if layout == "control_lora":
         if base is None:
             raise CheckpointError(
