@@ -232,6 +232,8 @@ class Engine:
                          "CFG to rescale")
         if p.eta_noise_seed_delta and validation.uses_white_noise(spec, p.eta):
             job.extra["ENSD"] = p.eta_noise_seed_delta
+        if p.controlnets:  # every unit's file, family and image checked, models loaded, before any step
+            self._attach_controlnets(job)
         run = Run(job, self.base, self.refiner)
         plan = None
         if p.hires is not None:
@@ -303,6 +305,23 @@ class Engine:
                 handler.deactivate(self, job)
             raise
         return active
+
+    def _attach_controlnets(self, job: Job) -> None:
+        """Add the request's ControlNet units (``params.controlnets``) to the job's hooks and infotext."""
+        from sumie.adapters.control.units import load_original_controlnet, request_units
+
+        cfg = self.models.config
+        dtype = next(self.models.unet.parameters()).dtype
+
+        def progress() -> tuple[int, int]:
+            return (0, 0) if job.progress is None else (job.progress.pass_done, job.progress.pass_steps)
+
+        fn, fields = request_units(
+            job.params.controlnets, resolve=lambda name: self.manager.resolve("controlnet", name),
+            load=lambda path: load_original_controlnet(path, cfg.unet, cfg.family, self.device, dtype),
+            progress=progress, rule=job.convention.control_steps, resample=job.convention.control_resample)
+        job.hooks = dataclasses.replace(job.hooks, residuals=[*job.hooks.residuals, fn])
+        job.extra.update(fields)
 
     # ---------------------------------------------------------------- validation and size
     def _size(self, p: GenerationParams) -> tuple[int, int]:
