@@ -136,4 +136,4 @@ def control_image(image: Image.Image, width: int, height: int, resize_mode: str 
     arr = fit_image(to_rgb(image, resample), width, height, resize_mode, resample)
     if arr.shape[:2] != (height, width):
         raise ConfigError(f"control image fitted to {arr.shape[1]}x{arr.shape[0]}, not {width}x{height}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0

@@ -61,7 +61,7 @@ def unit_active(start: float, end: float, done: int, total: int, rule: StepRule 
 def control_scales(n: int, weight: float, mode: str, guess_mode: bool = False, t2i: bool = False) -> list[float]:
     """The multipliers of a unit's n outputs (skips, then the middle block) for its weight and control mode."""
     if guess_mode:
-        return [float(s) * weight for s in torch.logspace(-1, 0, n, dtype=torch.float64)]
+        return [float(s) for s in torch.logspace(-1, 0, n, dtype=torch.float32) * weight]  # diffusers: fp32
     if mode == "Balanced":
         return [weight] * n
     if t2i:
