@@ -302,3 +302,33 @@ def test_cli_writes_the_unit_and_from_png_recreates_the_image(sd1: pp.Models, tm
     assert "its control image is not stored in the PNG" in capsys.readouterr().err
     assert main(["generate", "x", *common, "--controlnet", "nope", "--control-image", str(ctl)]) == 2
     assert "ControlNet nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("sampler", "convention", "seen", "active"), [
+    # A1111: a call reads the index of the last finished step (hook.py guidance_schedule_handler reads
+    # state.sampling_step, which sd_samplers_kdiffusion.callback_state sets after each step; 0 before the first)
+    ("Euler", "a1111", [0, 1, 2, 3], [False, False, False, True]),
+    # Heun: the callback comes after a step's first call, so its second call already reads this step
+    ("Heun", "a1111", [0, 1, 1, 2, 2, 3, 3], [False] * 5 + [True] * 2),
+    # diffusers: controlnet_keep[i] with i the step being computed
+    ("Euler", "diffusers", [0, 1, 2, 3], [False, False, True, True]),
+])
+def test_step_range_through_the_engine(sd1: pp.Models, cn_files: dict[str, Any],  # noqa: F811
+                                       monkeypatch: pytest.MonkeyPatch, sampler: str, convention: str,
+                                       seen: list[int], active: list[bool]) -> None:
+    path, _ = cn_files["a"]
+    from sumie.pipelines.params import GenerationParams
+
+    record: list[tuple[int, int, bool]] = []
+    real = cu.unit_active
+
+    def spy(start: float, end: float, done: int, total: int, rule: cu.StepRule = "a1111") -> bool:
+        out = real(start, end, done, total, rule)
+        record.append((done, total, out))
+        return out
+
+    monkeypatch.setattr(cu, "unit_active", spy)
+    kw = dict(_task_params("txt2img"), sampler=sampler, convention=convention)
+    sd1.engine.generate(GenerationParams(**kw, controlnets=[ControlUnit(str(path), control_picture(1), start=0.5)]))
+    assert [d for d, _, _ in record] == seen and {n for _, n, _ in record} == {4}
+    assert [a for _, _, a in record] == active

@@ -317,3 +317,37 @@ def test_infotext_value_is_the_extensions_serialize_and_parses_back() -> None:
         ("control_canny [d14c016b]", 0.75, 0.1, 0.9, "My prompt is more important", "Resize and Fill"),
         ("other [00000000]", 1.0, 0.0, 1.0, "Balanced", "Just Resize")]
     assert all(x.image is None for x in units)
+
+
+class _FakeT2I(torch.nn.Module):
+    """A stand-in T2I-Adapter: ``model(hint) -> Residuals(encoder=...)``, features at input blocks 0 and 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, hint: torch.Tensor) -> cu.Residuals:
+        self.calls += 1
+        f = hint.mean(dim=1, keepdim=True)[:, :, ::8, ::8]
+        return cu.Residuals(encoder=[f, None, f * 2, f * 3, f * 4])
+
+
+def test_t2i_units_scale_their_features_and_run_once_per_size() -> None:
+    model = _FakeT2I()
+    unit = cu.PreparedUnit(model, Image.fromarray(_photo(64, 64)), weight=0.5, mode="My prompt is more important",
+                           kind="t2i_adapter")
+    x, t, ctx = _inputs(4)
+    call = CallInfo(0, torch.ones(4), torch.tensor([1, 1, 0, 0]))
+    r1 = unit.residuals(x, t, ctx, None, call, "opencv")
+    r2 = unit.residuals(x, t, ctx, None, call, "opencv")
+    assert model.calls == 1 and r1 is not None and r2 is not None  # computed once per size
+    raw = model(ci.control_image(unit.image, 64, 64))
+    assert r1.encoder[1] is None and r1.encoder[0].shape[0] == 4  # type: ignore[union-attr]
+    for k, (got, want) in enumerate(zip([r1.encoder[i] for i in (0, 2, 3, 4)],
+                                        [raw.encoder[i] for i in (0, 2, 3, 4)], strict=True)):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got[0], want[0] * 0.5 * cu.T2I_SOFT[k])
+    cn_mode = cu.PreparedUnit(model, unit.image, mode="ControlNet is more important", kind="t2i_adapter")
+    r3 = cn_mode.residuals(x, t, ctx, None, call, "opencv")
+    assert r3 is not None and torch.equal(r3.encoder[0][2:], torch.zeros_like(r3.encoder[0][2:]))  # type: ignore
+    assert float(r3.encoder[0][:2].abs().sum()) > 0  # type: ignore[index]
