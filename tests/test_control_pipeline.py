@@ -159,6 +159,29 @@ def test_multi_controlnet_matches_diffusers(sd1: pp.Models, tokenizers: dict[str
     assert pp.mad(ours, _ours(sd1, both[:1])) > 20 * pp.STRICT  # the second unit counts
 
 
+def test_controlnet_img2img_matches_diffusers(sd1: pp.Models, tokenizers: dict[str, Any],  # noqa: F811
+                                             cn_files: dict[str, Any]) -> None:
+    """img2img: the step range counts the visited steps (diffusers' ``len(timesteps)`` after ``strength``)."""
+    path, net = cn_files["a"]
+    s, image, control = pp.SCHEDS["euler"], pp.init_image(), control_picture(6)
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        vae=sd1.parts["vae"], text_encoder=sd1.parts["text_encoder"], tokenizer=tokenizers["eos"],
+        unet=sd1.parts["unet"], controlnet=net, scheduler=s.make("linspace"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(pp.PROMPT, image=image, control_image=control, strength=0.6, negative_prompt=pp.NEGATIVE,
+               num_inference_steps=5, guidance_scale=7.0, num_images_per_prompt=len(pp.SEEDS),
+               generator=pp.generators(pp.SEEDS), output_type="np", height=64, width=64,
+               controlnet_conditioning_scale=1.5, control_guidance_start=0.3, control_guidance_end=1.0).images
+    unit = ControlUnit(str(path), control, weight=1.5, start=0.3, resize_mode="Just Resize")
+    p = pp.params(sampler=s.sampler, steps=5, init_images=[image], denoising_strength=0.6, controlnets=[unit])
+    ours = pp.u8(sd1.engine.generate(p, sigmas_fn=s.sigmas_fn(sd1.engine, "linspace")).images)
+    pp.check(ours, pp.ref_u8(ref), "ControlNet img2img vs StableDiffusionControlNetImg2ImgPipeline")
+    plain = pp.u8(sd1.engine.generate(dataclasses.replace(p, controlnets=[]),
+                                      sigmas_fn=s.sigmas_fn(sd1.engine, "linspace")).images)
+    assert pp.mad(ours, plain) > 20 * pp.STRICT
+
+
 def test_sdxl_controlnet_matches_diffusers(sdxl: pp.Models, tokenizers: dict[str, Any],  # noqa: F811
                                           tmp_path: Path) -> None:
     net = make_controlnet(sdxl, tmp_path / "xl.safetensors", 31)
