@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_pipeline_parity import sd1, sd1_inpaint, sdxl, tokenizers  # noqa: F401 - the fixtures
 
+from sumie.adapters.control import images as ci
 from sumie.adapters.control import units as cu
 from sumie.checkpoints.keymaps.unet import diffusers_to_ldm_unet
 from sumie.cli.main import main
@@ -219,8 +220,8 @@ def test_every_task_weight_zero_is_exact_and_weight_one_changes_it(
     path = tmp_path / "cn.safetensors"
     make_controlnet(m, path, 41)
     sizes: list[tuple[int, int]] = []
-    real = cu.control_image
-    monkeypatch.setattr(cu, "control_image", lambda im, w, h, *a: sizes.append((w, h)) or real(im, w, h, *a))
+    real = ci.control_image
+    monkeypatch.setattr(ci, "control_image", lambda im, w, h, *a: sizes.append((w, h)) or real(im, w, h, *a))
     from sumie.pipelines.params import GenerationParams
 
     kw = _task_params(task)
@@ -355,3 +356,42 @@ def test_step_range_through_the_engine(sd1: pp.Models, cn_files: dict[str, Any],
     sd1.engine.generate(GenerationParams(**kw, controlnets=[ControlUnit(str(path), control_picture(1), start=0.5)]))
     assert [d for d, _, _ in record] == seen and {n for _, n, _ in record} == {4}
     assert [a for _, _, a in record] == active
+
+
+def test_img2img_unit_without_image_takes_the_init_image(sd1: pp.Models, cn_files: dict[str, Any]) -> None:  # noqa: F811
+    """The extension's ``choose_input_image``: no unit image in img2img -> ``p.init_images[0]`` with the img2img
+    resize mode."""
+    path, _ = cn_files["a"]
+    from sumie.pipelines.params import GenerationParams
+
+    kw = _task_params("img2img")  # resize_mode "just_resize"
+    explicit = sd1.engine.generate(GenerationParams(**kw, controlnets=[
+        ControlUnit(str(path), pp.init_image(), resize_mode="Just Resize")]))
+    implicit = sd1.engine.generate(GenerationParams(**kw, controlnets=[ControlUnit(str(path), None)]))
+    assert np.array_equal(pp.u8(explicit.images), pp.u8(implicit.images))
+    plain = sd1.engine.generate(GenerationParams(**kw))
+    assert pp.mad(pp.u8(implicit.images), pp.u8(plain.images)) > 1.0
+
+
+def test_only_masked_crops_the_control_image_as_the_init_image(sd1: pp.Models, cn_files: dict[str, Any],  # noqa: F811
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inpaint area "Only masked": the extension's ``try_crop_image_with_a1111_mask`` cuts the control image to the
+    mask's crop region and "resize and fill"s it to the processing size, as A1111 does the init image."""
+    from PIL import ImageDraw
+
+    from sumie.pipelines import inpaint as inpaint_ops
+    from sumie.pipelines.params import GenerationParams
+
+    path, _ = cn_files["a"]
+    init = pp.init_image(128)
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((80, 72, 111, 111), fill=255)
+    inpaint = InpaintParams(mask=mask, full_res=True, full_res_padding=8)
+    seen: list[Image.Image] = []
+    real = ci.control_image
+    monkeypatch.setattr(ci, "control_image", lambda im, *a: seen.append(im) or real(im, *a))
+    kw = dict(_task_params("img2img"), init_images=[init], inpaint=inpaint)
+    sd1.engine.generate(GenerationParams(**kw, controlnets=[ControlUnit(str(path), init, resize_mode="Just Resize")]))
+    inputs = inpaint_ops.prepare_inpaint(init, inpaint, 64, 64)
+    assert inputs.crop_region is not None and inputs.crop_region != (0, 0, 128, 128)
+    assert seen and np.array_equal(np.asarray(seen[0]), np.asarray(inputs.image))  # the init image's own crop

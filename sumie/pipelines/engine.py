@@ -309,6 +309,7 @@ class Engine:
     def _attach_controlnets(self, job: Job) -> None:
         """Add the request's ControlNet units (``params.controlnets``) to the job's hooks and infotext."""
         from sumie.adapters.control.units import load_original_controlnet, request_units
+        from sumie.pipelines import masks as mask_ops
 
         cfg = self.models.config
         dtype = next(self.models.unet.parameters()).dtype
@@ -316,10 +317,20 @@ class Engine:
         def progress() -> tuple[int, int]:
             return (0, 0) if job.progress is None else (job.progress.pass_done, job.progress.pass_steps)
 
+        p = job.params
+        init = (p.init_images[0], p.resize_mode) if p.init_images else None
+        crop = None
+        if p.inpaint is not None and p.inpaint.full_res and p.init_images:  # "only masked": the mask's crop region
+            mask = mask_ops.prepare_mask(p.inpaint.mask, p.inpaint.mask_blur, p.inpaint.invert)
+            region = mask_ops.get_crop_region(mask, p.inpaint.full_res_padding)
+            if region is not None:
+                region = mask_ops.expand_crop_region(region, job.width, job.height, mask.width, mask.height)
+                crop = (region, mask.size, (job.width, job.height))
         fn, fields = request_units(
-            job.params.controlnets, resolve=lambda name: self.manager.resolve("controlnet", name),
+            p.controlnets, resolve=lambda name: self.manager.resolve("controlnet", name),
             load=lambda path: load_original_controlnet(path, cfg.unet, cfg.family, self.device, dtype),
-            progress=progress, rule=job.convention.control_steps, resample=job.convention.control_resample)
+            progress=progress, rule=job.convention.control_steps, resample=job.convention.control_resample,
+            init=init, crop=crop)
         job.hooks = dataclasses.replace(job.hooks, residuals=[*job.hooks.residuals, fn])
         job.extra.update(fields)
 

@@ -72,13 +72,14 @@ ControlResize = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
 class ControlUnit:
     """One ControlNet (or T2I-Adapter) of a request, with A1111's ControlNet-extension fields and defaults.
 
-    ``model``: a name in the ControlNet folders or a path; ``image``: the control image (None only while a unit read
-    from an infotext waits for its image); ``weight``; ``start`` / ``end``: the fraction of the pass's steps where it
-    acts; ``mode``: A1111's control mode (ints 0/1/2 accepted, as the extension's API does); ``resize_mode``: how the
-    image is fitted to the pass's size (ints 0/1/2); ``module``: the preprocessor run on the image first ("none": the
-    image is the control map); ``processor_res`` / ``threshold_a`` / ``threshold_b``: the preprocessor's settings
-    (-1: its default), ``pixel_perfect``: A1111's flag, kept for the infotext; ``guess_mode``: diffusers' guess mode
-    (cond rows only, scales ``logspace(-1, 0, n)``).
+    ``model``: a name in the ControlNet folders or a path; ``image``: the control image (None: img2img takes the
+    init image with the img2img resize mode, as the extension does; txt2img needs one); ``weight``; ``start`` /
+    ``end``: the fraction of the pass's steps where it acts; ``mode``: A1111's control mode (ints 0/1/2 accepted, as
+    the extension's API does); ``resize_mode``: how the image is fitted to the pass's size (ints 0/1/2); ``module``:
+    the preprocessor run on the image first ("none": the image is the control map); ``processor_res`` /
+    ``threshold_a`` / ``threshold_b``: the preprocessor's settings (-1: its default); ``pixel_perfect``: A1111's
+    flag, kept for the infotext; ``guess_mode``: diffusers' guess mode (cond rows only, scales
+    ``logspace(-1, 0, n)``).
     """
 
     model: str | os.PathLike[str]

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from sumie.errors import ConfigError
 
-__all__ = ["CONTROL_MODES", "RESIZE_MODES", "Resample", "control_image", "control_mode_name", "fit_image",
-           "resize_map", "resize_mode_name", "to_rgb"]
+__all__ = ["CONTROL_MODES", "RESIZE_MODES", "Resample", "control_image", "control_mode_name", "crop_for_inpaint",
+           "fit_image", "resize_map", "resize_mode_name", "to_rgb"]
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -137,3 +137,22 @@ def control_image(image: Image.Image, width: int, height: int, resize_mode: str 
     if arr.shape[:2] != (height, width):
         raise ConfigError(f"control image fitted to {arr.shape[1]}x{arr.shape[0]}, not {width}x{height}")
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0
+
+
+_A1111_MODES = {"Just Resize": "just_resize", "Crop and Resize": "crop_and_resize",
+                "Resize and Fill": "resize_and_fill"}
+
+
+def crop_for_inpaint(image: Image.Image, region: tuple[int, int, int, int], size: tuple[int, int], width: int,
+                     height: int, resize_mode: str | int) -> Image.Image:
+    """Inpainting "only masked": the control image as the extension's ``try_crop_image_with_a1111_mask`` makes it.
+
+    Fitted to the init image's ``size`` (w, h) with the unit's resize mode by A1111's ``images.resize_image``
+    (Lanczos: the extension resizes each channel as an "L" image, which A1111 always resizes with Lanczos), the mask's
+    crop ``region`` (x1, y1, x2, y2) cut out, then "resize and fill"ed to the processing size, as the init image is.
+    """
+    from sumie.pipelines.images import resize_image
+
+    rgb = Image.fromarray(to_rgb(image))
+    fitted = resize_image(rgb, size[0], size[1], _A1111_MODES[resize_mode_name(resize_mode)])  # type: ignore[arg-type]
+    return resize_image(fitted.crop(region), width, height, "resize_and_fill")

@@ -21,6 +21,7 @@ Several units add their residuals (multi-ControlNet).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sumie.adapters.control.images import Resample, control_image, control_mode_name, resize_mode_name
+from sumie.adapters.control import images as ci
+from sumie.adapters.control.images import Resample, control_mode_name, resize_mode_name
 from sumie.errors import CheckpointError, ConfigError
 from sumie.models.hooks import CallInfo, Residuals
 
@@ -39,6 +41,8 @@ __all__ = ["SOFT_BASE", "ControlResiduals", "PreparedUnit", "StepRule", "check_u
            "unit_active", "unit_label"]
 
 StepRule = Literal["a1111", "diffusers"]
+# inpainting "only masked": crop region (x1, y1, x2, y2), init-image size (w, h), processing size (w, h)
+InpaintCrop = tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]
 SOFT_BASE = 0.825  # the extension's soft-injection base: output i of 13 gets 0.825 ** (12 - i)
 T2I_SOFT = (0.25, 0.62, 0.825, 1.0)  # the extension's soft-injection scales of a T2I-Adapter's 4 features
 
@@ -85,8 +89,10 @@ def check_unit(weight: float, start: float, end: float, mode: str | int, resize_
     return control_mode_name(mode), resize_mode_name(resize_mode)
 
 
-def prepare_image(image: Any, module: str = "none") -> Image.Image:
-    """The unit's control map: the image (a PIL image or a file path), run through its preprocessor ``module``."""
+def prepare_image(image: Any, module: str = "none",
+                  crop: Callable[[Image.Image], Image.Image] | None = None) -> Image.Image:
+    """The unit's control map: the image (a PIL image or a file path), cropped by ``crop`` (inpainting "only
+    masked"), then run through its preprocessor ``module``."""
     if image is None:
         raise ConfigError("a ControlNet unit has no control image; give one (--control-image IMG)")
     if not isinstance(image, Image.Image):
@@ -101,6 +107,8 @@ def prepare_image(image: Any, module: str = "none") -> Image.Image:
         image.load()
     except (OSError, ValueError) as e:
         raise ConfigError(f"control image: cannot be read ({e})") from None
+    if crop is not None:
+        image = crop(image)
     if module in ("none", "", None):
         return image
     try:
@@ -136,7 +144,7 @@ class PreparedUnit:
         """The control image fitted to height x width: [1, 3, H, W] in [0, 1], cached per size."""
         key = (height, width, resample)
         if key not in self.hints:
-            self.hints[key] = control_image(self.image, width, height, self.resize_mode, resample).to(device)
+            self.hints[key] = ci.control_image(self.image, width, height, self.resize_mode, resample).to(device)
         return self.hints[key]
 
     def residuals(self, x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None, call: CallInfo | None,
@@ -277,10 +285,16 @@ def parse_infotext_value(text: str) -> dict[str, Any]:
 
 def request_units(units: Sequence[Any], *, resolve: Callable[[str], Path], load: Callable[[Path], nn.Module],
                   progress: Callable[[], tuple[int, int]], rule: StepRule = "a1111",
-                  resample: Resample = "opencv") -> tuple[ControlResiduals, dict[str, str]]:
+                  resample: Resample = "opencv", init: tuple[Image.Image, str] | None = None,
+                  crop: InpaintCrop | None = None) -> tuple[ControlResiduals, dict[str, str]]:
     """The residual function and infotext fields (``ControlNet 0`` ...) of a request's
     :class:`~sumie.pipelines.params.ControlUnit` s: every name, file, family and image checked and every model
-    loaded (once per path) before any step runs."""
+    loaded (once per path) before any step runs.
+
+    ``init``: (init image, img2img resize mode) for units without an image (the extension's ``choose_input_image``
+    takes ``p.init_images[0]`` with the img2img resize mode); ``crop``: inpainting "only masked" (region, init-image
+    size, processing size) (:func:`~sumie.adapters.control.images.crop_for_inpaint`).
+    """
     prepared: list[PreparedUnit] = []
     fields: dict[str, str] = {}
     models: dict[str, nn.Module] = {}
@@ -290,7 +304,15 @@ def request_units(units: Sequence[Any], *, resolve: Callable[[str], Path], load:
         key = str(path.resolve())
         if key not in models:
             models[key] = load(path)
-        image = prepare_image(u.image, u.module)
+        source = u.image
+        if source is None and init is not None:
+            source, resize = init[0], resize_mode_name(init[1])
+        cut = None
+        if crop is not None:
+            region, size, (w, h) = crop
+            cut = functools.partial(ci.crop_for_inpaint, region=region, size=size, width=w, height=h,
+                                    resize_mode=resize)
+        image = prepare_image(source, u.module, cut)
         kind = "t2i_adapter" if not hasattr(models[key], "input_hint_block") else "controlnet"
         prepared.append(PreparedUnit(models[key], image, float(u.weight), float(u.start), float(u.end), mode,
                                      resize, bool(u.guess_mode), kind))  # type: ignore[arg-type]
