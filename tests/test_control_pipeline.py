@@ -395,3 +395,23 @@ def test_only_masked_crops_the_control_image_as_the_init_image(sd1: pp.Models, c
     inputs = inpaint_ops.prepare_inpaint(init, inpaint, 64, 64)
     assert inputs.crop_region is not None and inputs.crop_region != (0, 0, 128, 128)
     assert seen and np.array_equal(np.asarray(seen[0]), np.asarray(inputs.image))  # the init image's own crop
+
+
+def test_refiner_steps_run_without_the_base_models_controlnets(sdxl: pp.Models, tmp_path: Path,  # noqa: F811
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """ControlNets are made for the base UNet (an SDXL refiner has another context width): the refiner's calls
+    get no residuals."""
+    from sumie.pipelines.params import GenerationParams, RefinerParams
+
+    make_controlnet(sdxl, tmp_path / "xl.safetensors", 51)
+    calls: list[int] = []
+    real = cu.ControlResiduals.__call__
+    monkeypatch.setattr(cu.ControlResiduals, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    kw = dict(_task_params("sdxl"), sampler="Euler")
+    unit = ControlUnit(str(tmp_path / "xl.safetensors"), control_picture(1))
+    sdxl.engine.generate(GenerationParams(**kw, controlnets=[unit]))
+    assert len(calls) == 4
+    calls.clear()
+    res = sdxl.engine.generate(GenerationParams(**kw, controlnets=[unit],
+                                                refiner=RefinerParams(model=str(sdxl.root), switch_at=0.5)))
+    assert "Refiner" in res.infotexts[0] and 0 < len(calls) < 4

@@ -206,8 +206,11 @@ class ControlResiduals:
 
     ``progress() -> (done, total)``: finished sampler steps of the running pass and its step count (the engine's
     :class:`~sumie.pipelines.job.Progress`); ``rule``: whose start / end rule; ``resample``: how the control image is
-    resized.
+    resized. ``base_only``: the units are the base model's (an SDXL refiner, with its other context width, runs
+    without them).
     """
+
+    base_only = True
 
     def __init__(self, units: Sequence[PreparedUnit], progress: Callable[[], tuple[int, int]],
                  rule: StepRule = "a1111", resample: Resample = "opencv") -> None:
