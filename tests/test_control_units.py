@@ -351,3 +351,12 @@ def test_t2i_units_scale_their_features_and_run_once_per_size() -> None:
     r3 = cn_mode.residuals(x, t, ctx, None, call, "opencv")
     assert r3 is not None and torch.equal(r3.encoder[0][2:], torch.zeros_like(r3.encoder[0][2:]))  # type: ignore
     assert float(r3.encoder[0][:2].abs().sum()) > 0  # type: ignore[index]
+
+
+def test_cli_img2img_unit_without_image_takes_the_init_image() -> None:
+    units = control_cli.units_from_args(_parse(["--controlnet", "a", "--control-weight", "0.4"]).control, [],
+                                        init_image=True)
+    assert units[0].image is None and units[0].weight == 0.4  # the engine gives it the init image
+    with pytest.raises(ConfigError, match=r"\[0, 2\]"):  # still validated
+        control_cli.units_from_args(_parse(["--controlnet", "a", "--control-weight", "4"]).control, [],
+                                    init_image=True)

@@ -3,7 +3,7 @@
 Each ``--controlnet`` opens a unit; the ``--control-*`` options after it (until the next ``--controlnet``) belong to
 it. With ``--from-png`` the image's units are restored from its infotext; their control images are not in the PNG:
 give them as ``--control-image`` options before any ``--controlnet``, one per unit, in order (a ``--controlnet``
-replaces the restored units).
+replaces the restored units). In img2img and inpainting a unit without ``--control-image`` takes the init image.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ControlNet (each --controlnet opens a unit; the --control-* options after it belong "
                              "to it; repeat for several)")
     helps = {
-        "--controlnet": ("FILE_OR_NAME", "ControlNet file, or a name in --models-dir's ControlNet folder"),
+        "--controlnet": ("FILE_OR_NAME", "ControlNet file, or a name in --models-dir's ControlNet folder (img2img: "
+                                         "without --control-image it takes the init image)"),
         "--control-image": ("IMG", "the control image (an edge map, pose, depth map...; with --from-png before any "
                                    "--controlnet: the restored units' images, in order)"),
         "--control-weight": ("W", "weight in [0, 2] (default 1)"),
@@ -66,8 +67,10 @@ def _mode(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
-def units_from_args(items: list[tuple[str, str]], restored: list[ControlUnit]) -> list[ControlUnit]:
-    """The units of the command line (``items`` in order), or the restored ones with their images filled in."""
+def units_from_args(items: list[tuple[str, str]], restored: list[ControlUnit],
+                    init_image: bool = False) -> list[ControlUnit]:
+    """The units of the command line (``items`` in order), or the restored ones with their images filled in;
+    ``init_image``: img2img, where a unit without an image takes the init image (as in A1111's extension)."""
     import dataclasses
 
     from sumie.adapters.control.units import check_unit, prepare_image
@@ -99,7 +102,7 @@ def units_from_args(items: list[tuple[str, str]], restored: list[ControlUnit]) -
                               "--controlnet units, give each image after its --controlnet")
         units = []
         for g in groups:
-            if "image" not in g:
+            if "image" not in g and not init_image:
                 raise ConfigError(f"--controlnet {g['model']} has no --control-image; give one after it")
             units.append(ControlUnit(**{k: v for k, v in g.items() if k != "_opts"}))
     else:
@@ -109,11 +112,12 @@ def units_from_args(items: list[tuple[str, str]], restored: list[ControlUnit]) -
         units = [dataclasses.replace(u, image=im) for u, im in zip(restored, bare_images, strict=False)]
         units += restored[len(bare_images):]
     for i, u in enumerate(units):
-        if u.image is None:
+        check_unit(float(u.weight), float(u.start), float(u.end), u.mode, u.resize_mode)
+        if u.image is None and not init_image:
             raise ConfigError(f"the image used ControlNet {i} ({u.model}); its control image is not stored in the PNG: "
                               "give it with --control-image IMG (one per unit, in order)")
-        check_unit(float(u.weight), float(u.start), float(u.end), u.mode, u.resize_mode)
-        u.image = prepare_image(Path(str(u.image)).expanduser() if isinstance(u.image, str) else u.image, "none")
+        if u.image is not None:
+            u.image = prepare_image(Path(str(u.image)).expanduser() if isinstance(u.image, str) else u.image, "none")
         if u.module not in ("none", ""):
             try:
                 from sumie.preprocess import run  # type: ignore[import-not-found]  # noqa: F401
@@ -130,7 +134,7 @@ def prepare(args: argparse.Namespace, p: GenerationParams, manager: ModelManager
     items = getattr(args, "control", None) or []
     if not items and not p.controlnets:
         return
-    p.controlnets = units_from_args(items, p.controlnets)
+    p.controlnets = units_from_args(items, p.controlnets, init_image=bool(p.init_images))
     for u in p.controlnets:
         name = str(u.model)
         try:
