@@ -360,3 +360,18 @@ def test_cli_img2img_unit_without_image_takes_the_init_image() -> None:
     with pytest.raises(ConfigError, match=r"\[0, 2\]"):  # still validated
         control_cli.units_from_args(_parse(["--controlnet", "a", "--control-weight", "4"]).control, [],
                                     init_image=True)
+
+
+def test_infotext_writes_the_modules_own_defaults_and_the_sliders_map_to_its_settings() -> None:
+    """Unset (-1) settings of a canny unit are written as canny's defaults (512, 100, 200), as the extension's
+    preprocessor sliders show them; threshold_a / threshold_b are the module's first and second slider."""
+    text = cu.infotext_value(ControlUnit("m", None, module="canny"), "c [1]")
+    assert "Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0" in text
+    text = cu.infotext_value(ControlUnit("m", None, module="canny", processor_res=256, threshold_a=20,
+                                         threshold_b=60), "c [1]")
+    assert "Processor Res: 256, Threshold A: 20.0, Threshold B: 60.0" in text
+    assert cu.module_settings("canny", 256, 20.0, 60.0) == {"resolution": 256, "low": 20, "high": 60}
+    assert cu.module_settings("canny") == {}  # -1: the preprocessor's defaults
+    assert cu.module_settings("threshold", -1, 90.0) == {"threshold": 90}
+    with pytest.raises(ConfigError, match="unknown control module .cany."):
+        cu.module_settings("cany")

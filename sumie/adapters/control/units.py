@@ -267,11 +267,21 @@ def unit_label(path: Path) -> str:
 
 def infotext_value(unit: Any, model_label: str) -> str:
     """A unit as the extension's ``ControlNetUnit.serialize`` writes it (``Module: none, Model: ..., ...``);
-    unset preprocessor settings (-1) are written as the extension's defaults (512, 0.5, 0.5)."""
+    unset preprocessor settings (-1) are written as the module's defaults (canny: 512, 100, 200), the extension's
+    512, 0.5, 0.5 where it has none."""
     mode, resize = control_mode_name(unit.mode), resize_mode_name(unit.resize_mode)
-    res = unit.processor_res if unit.processor_res >= 0 else 512
-    ta = unit.threshold_a if unit.threshold_a >= 0 else 0.5
-    tb = unit.threshold_b if unit.threshold_b >= 0 else 0.5
+    defaults = [512, 0.5, 0.5]
+    if unit.module not in ("none", ""):
+        from sumie.preprocess import KINDS
+
+        kind = KINDS.get(unit.module)
+        params = kind.params if kind is not None else ()
+        defaults[0] = next((q.default for q in params if q.name == "resolution"), 512)
+        sliders = [q.default for q in params if q.name != "resolution" and q.type in ("int", "float")]
+        defaults[1:1 + len(sliders[:2])] = sliders[:2]
+    res = unit.processor_res if unit.processor_res >= 0 else defaults[0]
+    ta = unit.threshold_a if unit.threshold_a >= 0 else defaults[1]
+    tb = unit.threshold_b if unit.threshold_b >= 0 else defaults[2]
     fields = {"Module": unit.module, "Model": model_label, "Weight": float(unit.weight), "Resize Mode": resize,
               "Processor Res": int(res), "Threshold A": float(ta), "Threshold B": float(tb),
               "Guidance Start": float(unit.start), "Guidance End": float(unit.end),
