@@ -493,3 +493,23 @@ def test_control_module_runs_the_preprocessor_with_the_units_settings(sd1: pp.Mo
     assert 'Module: canny' in inline.infotexts[0]
     with pytest.raises(SumieError, match="control module 'openpose' needs a pose"):
         sd1.engine.generate(GenerationParams(**kw, controlnets=[ControlUnit(path, picture, module="openpose")]))
+
+
+def test_the_next_request_reuses_the_loaded_controlnet(sd1: pp.Models, cn_files: dict[str, Any],  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ControlNet is read from disk once while consecutive requests use it; a changed file is read again."""
+    from sumie.pipelines.params import GenerationParams
+
+    engine = sd1.engine
+    loads: list[str] = []
+    real = engine._load_control
+    monkeypatch.setattr(engine, "_load_control", lambda path, dtype: loads.append(path.name) or real(path, dtype))
+    kw = dict(_task_params("txt2img"), steps=2, batch_size=1)
+    unit = ControlUnit(str(cn_files["a"][0]), control_picture(3))
+    first = engine.generate(GenerationParams(**kw, controlnets=[unit, unit]))
+    second = engine.generate(GenerationParams(**kw, controlnets=[unit]))
+    assert loads == ["cn_a.safetensors"]
+    engine.generate(GenerationParams(**kw, controlnets=[ControlUnit(str(cn_files["b"][0]), control_picture(3))]))
+    engine.generate(GenerationParams(**kw, controlnets=[unit]))  # only the last request's models are kept
+    assert loads == ["cn_a.safetensors", "cn_b.safetensors", "cn_a.safetensors"]
+    assert pp.mad(pp.u8(first.images), pp.u8(second.images)) > 0  # two units of weight 1 differ from one

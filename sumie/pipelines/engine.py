@@ -121,6 +121,8 @@ class Engine:
         self.show_progress: bool | None = None
         self.extra_networks: dict[str, ExtraNetworkHandler] = {}
         self._patcher: ModelPatcher | None = None
+        # the control models of the last request, by (path, mtime, size): the next request with them reuses them
+        self._controls: dict[tuple[str, int, int], torch.nn.Module] = {}
         # refiners come from the model manager, with the base model's dtypes; without a shared manager the engine
         # keeps its last refiner only
         te = next(models.text_encoders[0].parameters()).dtype if models.text_encoders else None
@@ -329,11 +331,21 @@ class Engine:
             if region is not None:
                 region = mask_ops.expand_crop_region(region, job.width, job.height, mask.width, mask.height)
                 crop = (region, mask.size, (job.width, job.height))
+        used: dict[tuple[str, int, int], torch.nn.Module] = {}
+
+        def load(path: Path) -> torch.nn.Module:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+            if key not in used:
+                kept = self._controls.get(key)
+                used[key] = kept if kept is not None else self._load_control(path, dtype)
+            return used[key]
+
         fn, fields = request_units(
-            p.controlnets, resolve=lambda name: self.manager.resolve("controlnet", name),
-            load=lambda path: self._load_control(path, dtype),
+            p.controlnets, resolve=lambda name: self.manager.resolve("controlnet", name), load=load,
             progress=progress, rule=job.convention.control_steps, resample=job.convention.control_resample,
             init=init, crop=crop)
+        self._controls = used
         job.hooks = dataclasses.replace(job.hooks, residuals=[*job.hooks.residuals, fn])
         job.extra.update(fields)
 
