@@ -353,6 +353,37 @@ def test_t2i_units_scale_their_features_and_run_once_per_size() -> None:
     assert float(r3.encoder[0][:2].abs().sum()) > 0  # type: ignore[index]
 
 
+class _FakeT2IXL(_FakeT2I):
+    """An SDXL-like stand-in: three encoder features and the fourth on the middle block (sites 3, 5, 8, middle)."""
+
+    def forward(self, hint: torch.Tensor) -> cu.Residuals:
+        f = hint.mean(dim=1, keepdim=True)[:, :, ::8, ::8]
+        return cu.Residuals(encoder=[None, None, None, f, None, f * 2, None, None, f * 3], middle=f * 4)
+
+
+def test_t2i_units_keep_the_sdxl_middle_feature_with_the_last_scale() -> None:
+    model = _FakeT2IXL()
+    unit = cu.PreparedUnit(model, Image.fromarray(_photo(64, 64)), weight=0.5, mode="My prompt is more important",
+                           kind="t2i_adapter")
+    x, t, ctx = _inputs(2)
+    r = unit.residuals(x, t, ctx, None, None, "opencv")
+    raw = model(ci.control_image(unit.image, 64, 64))
+    assert r is not None and r.middle is not None and raw.middle is not None
+    torch.testing.assert_close(r.middle[1], raw.middle[0] * 0.5 * cu.T2I_SOFT[3])  # the 4th (last) soft scale
+    torch.testing.assert_close(r.encoder[8][0], raw.encoder[8][0] * 0.5 * cu.T2I_SOFT[2])  # type: ignore[index]
+
+
+def test_a_t2i_size_error_is_a_config_error() -> None:
+    class Picky(_FakeT2I):
+        def forward(self, hint: torch.Tensor) -> cu.Residuals:
+            raise ValueError("T2I-Adapter hint 72x64 must be a multiple of 16 per side")
+
+    unit = cu.PreparedUnit(Picky(), Image.fromarray(_photo(64, 64)), kind="t2i_adapter")
+    x, t, ctx = _inputs(2)
+    with pytest.raises(ConfigError, match="multiple of 16 per side; pick a width and height the adapter takes"):
+        unit.residuals(x, t, ctx, None, None, "opencv")
+
+
 def test_cli_img2img_unit_without_image_takes_the_init_image() -> None:
     units = control_cli.units_from_args(_parse(["--controlnet", "a", "--control-weight", "0.4"]).control, [],
                                         init_image=True)

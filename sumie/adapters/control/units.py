@@ -183,12 +183,17 @@ class PreparedUnit:
         if self.kind == "t2i_adapter":
             key = (h, w)
             if key not in self.t2i_cache:
-                self.t2i_cache[key] = self.model(hint)
+                try:
+                    self.t2i_cache[key] = self.model(hint)
+                except ValueError as e:  # a size the adapter cannot take (SDXL adapters: multiples of 16)
+                    raise ConfigError(f"{e}; pick a width and height the adapter takes") from None
             raw = self.t2i_cache[key]
-            feats = [f for f in raw.encoder if f is not None]
-            scales = iter(control_scales(len(feats), self.weight, self.mode, self.guess_mode, t2i=True))
+            n = sum(f is not None for f in raw.encoder) + (raw.middle is not None)  # the middle feature is last
+            scales = iter(control_scales(n, self.weight, self.mode, self.guess_mode, t2i=True))
             enc = [None if f is None else f * next(scales) for f in raw.encoder]
-            out = Residuals(encoder=[None if f is None else f.expand(b, *f.shape[1:]) for f in enc])
+            mid = None if raw.middle is None else raw.middle * next(scales)
+            out = Residuals(encoder=[None if f is None else f.expand(b, *f.shape[1:]) for f in enc],
+                            middle=None if mid is None else mid.expand(b, *mid.shape[1:]))
         else:
             in_ch = self.model.input_blocks[0][0].in_channels  # type: ignore[index]
             x = x_in[:, :in_ch]
