@@ -501,6 +501,7 @@ def test_the_next_request_reuses_the_loaded_controlnet(sd1: pp.Models, cn_files:
     from sumie.pipelines.params import GenerationParams
 
     engine = sd1.engine
+    monkeypatch.setattr(engine, "_controls", {})  # nothing kept from the tests before
     loads: list[str] = []
     real = engine._load_control
     monkeypatch.setattr(engine, "_load_control", lambda path, dtype: loads.append(path.name) or real(path, dtype))
