@@ -1,0 +1,212 @@
+"""Text conditioning nodes (nodes.py: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine / Concat / ZeroOut /
+SetTimestepRange; comfy_extras/nodes_clip_sdxl.py: CLIPTextEncodeSDXL).
+
+Prompts are tokenized and encoded by :class:`~sumie.prompts.text_conditioning.TextConditioner` (emphasis parsed,
+weights left out), then weighted as ComfyUI does (``sd1_clip.ClipTokenWeightEncoder``): a token of weight w != 1
+becomes ``(z - z_empty) * w + z_empty``, ``z_empty`` the encoding of the empty prompt at that position. Differences
+from ComfyUI's tokenizer: A1111's brackets (``[x]`` lowers a weight, ``BREAK`` starts a chunk) and chunks cut at 75
+tokens rather than at word ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sumie.comfy.nodes.base import MAX_RESOLUTION, InputTypes, Node, RunContext
+from sumie.comfy.values import ComfyClip, Conditioning, NodeOutput, applied
+from sumie.errors import ConfigError
+from sumie.prompts.text_conditioning import ConditioningOptions, TextConditioner
+
+
+def _conditioner(clip: ComfyClip) -> TextConditioner:
+    m = clip.models
+    skip = 1 if clip.layer is None else -clip.layer
+    options = ConditioningOptions(emphasis="Ignore", clip_skip=skip, comma_padding_backtrack=0)
+    return TextConditioner(m.config, m.text_encoders, None, options)
+
+
+def encode_text(clip: ComfyClip, text: str) -> tuple[Tensor, Tensor | None, int]:
+    """(context [1, 77k, D], pooled [1, P] or None, chunks k) of one prompt with ComfyUI's token weighting."""
+    conditioner = _conditioner(clip)
+    chunks, _ = conditioner.tokenize(text)
+    with applied(clip.patcher, clip.patches), torch.no_grad():
+        out = conditioner([text])
+        context = out.context
+        weights = torch.tensor([w for c in chunks for w in c.multipliers], dtype=torch.float32)
+        if bool((weights != 1.0).any()):
+            empty = conditioner.empty().context.repeat(1, len(chunks), 1)
+            w = weights.to(context.device)[None, :, None]
+            context = torch.where(w != 1.0, (context - empty) * w + empty, context)
+    return context.float().cpu(), None if out.pooled is None else out.pooled.float().cpu(), len(chunks)
+
+
+class CLIPTextEncode(Node):
+    """nodes.py ``CLIPTextEncode``: text -> [[context, {"pooled_output": pooled}]]."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
+    CATEGORY = "conditioning"
+    DESCRIPTION = ("Encodes a text prompt using a CLIP model into an embedding that can be used to guide the "
+                   "diffusion model towards generating specific images.")
+    DISPLAY_NAME = "CLIP Text Encode (Prompt)"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """The text and the CLIP."""
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to be encoded."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
+        }}
+
+    def run(self, ctx: RunContext, clip: ComfyClip, text: str) -> NodeOutput:
+        """Encode the prompt."""
+        context, pooled, _ = encode_text(clip, text)
+        return NodeOutput(([[context, {"pooled_output": pooled}]],))
+
+
+class CLIPTextEncodeSDXL(Node):
+    """comfy_extras/nodes_clip_sdxl.py ``CLIPTextEncodeSDXL``: CLIP-L and bigG prompts apart, with SDXL's sizes."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "advanced/conditioning"
+    PYTHON_MODULE = "comfy_extras.nodes_clip_sdxl"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """Sizes, crops and the two texts."""
+        size = ("INT", {"default": 1024.0, "min": 0, "max": MAX_RESOLUTION})
+        crop = ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION})
+        text = ("STRING", {"multiline": True, "dynamicPrompts": True})
+        return {"required": {"clip": ("CLIP",), "width": size, "height": size, "crop_w": crop, "crop_h": crop,
+                             "target_width": size, "target_height": size, "text_g": text, "text_l": text}}
+
+    def run(self, ctx: RunContext, clip: ComfyClip, width: int, height: int, crop_w: int, crop_h: int,
+            target_width: int, target_height: int, text_g: str, text_l: str) -> NodeOutput:
+        """CLIP-L features of ``text_l`` beside bigG features of ``text_g`` (chunk counts padded with the empty
+        prompt), pooled output from ``text_g``."""
+        names = [e.name for e in clip.models.config.text_encoders]
+        if len(names) != 2:
+            raise ConfigError("CLIPTextEncodeSDXL needs an SDXL model (two text encoders); use CLIPTextEncode")
+        ctx_g, pooled, n_g = encode_text(clip, text_g)
+        ctx_l, _, n_l = encode_text(clip, text_l)
+        width_l = clip.models.config.text_encoders[0].width
+        empty, _, _ = encode_text(clip, "")
+        n = max(n_g, n_l)
+        ctx_g = torch.cat([ctx_g] + [empty] * (n - n_g), dim=1)
+        ctx_l = torch.cat([ctx_l] + [empty] * (n - n_l), dim=1)
+        context = torch.cat([ctx_l[..., :width_l], ctx_g[..., width_l:]], dim=-1)
+        opts = {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
+                "target_width": target_width, "target_height": target_height}
+        return NodeOutput(([[context, opts]],))
+
+
+class CLIPSetLastLayer(Node):
+    """nodes.py ``CLIPSetLastLayer``: -1 the last layer, -2 the penultimate (A1111's clip skip 2)."""
+
+    RETURN_TYPES = ("CLIP",)
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "CLIP Set Last Layer"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """The CLIP and the layer."""
+        return {"required": {"clip": ("CLIP",),
+                             "stop_at_clip_layer": ("INT", {"default": -1, "min": -24, "max": -1, "step": 1})}}
+
+    def run(self, ctx: RunContext, clip: ComfyClip, stop_at_clip_layer: int) -> NodeOutput:
+        """A CLIP that stops at the layer."""
+        return NodeOutput((clip.with_layer(int(stop_at_clip_layer)),))
+
+
+def _with(conditioning: Conditioning, **values: Any) -> Conditioning:
+    """Every entry with ``values`` set in its options (node_helpers.conditioning_set_values)."""
+    return [[c[0], {**c[1], **values}] for c in conditioning]
+
+
+class ConditioningCombine(Node):
+    """nodes.py ``ConditioningCombine``: both lists of entries (their predictions are averaged)."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "Conditioning (Combine)"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """Two conditionings."""
+        return {"required": {"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)}}
+
+    def run(self, ctx: RunContext, conditioning_1: Conditioning, conditioning_2: Conditioning) -> NodeOutput:
+        """The concatenated lists."""
+        return NodeOutput((list(conditioning_1) + list(conditioning_2),))
+
+
+class ConditioningConcat(Node):
+    """nodes.py ``ConditioningConcat``: the first entry of ``conditioning_from`` appended along the tokens."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "Conditioning (Concat)"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """Two conditionings."""
+        return {"required": {"conditioning_to": ("CONDITIONING",), "conditioning_from": ("CONDITIONING",)}}
+
+    def run(self, ctx: RunContext, conditioning_to: Conditioning, conditioning_from: Conditioning) -> NodeOutput:
+        """Each ``to`` entry's tokens followed by the first ``from`` entry's."""
+        src = conditioning_from[0][0]
+        return NodeOutput(([[torch.cat([c[0], src], dim=1), dict(c[1])] for c in conditioning_to],))
+
+
+class ConditioningZeroOut(Node):
+    """nodes.py ``ConditioningZeroOut``: contexts and pooled outputs set to zeros."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "advanced/conditioning"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """One conditioning."""
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def run(self, ctx: RunContext, conditioning: Conditioning) -> NodeOutput:
+        """Zeros of the same shapes."""
+        out = []
+        for c in conditioning:
+            opts = dict(c[1])
+            if opts.get("pooled_output") is not None:
+                opts["pooled_output"] = torch.zeros_like(opts["pooled_output"])
+            out.append([torch.zeros_like(c[0]), opts])
+        return NodeOutput((out,))
+
+
+class ConditioningSetTimestepRange(Node):
+    """nodes.py ``ConditioningSetTimestepRange``: the entries act only from ``start`` to ``end`` of sampling."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "advanced/conditioning"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """The conditioning and the range as fractions of the schedule."""
+        return {"required": {"conditioning": ("CONDITIONING",),
+                             "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                             "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})}}
+
+    def run(self, ctx: RunContext, conditioning: Conditioning, start: float, end: float) -> NodeOutput:
+        """Entries with ``start_percent`` / ``end_percent``."""
+        return NodeOutput((_with(conditioning, start_percent=float(start), end_percent=float(end)),))
+
+
+NODES: dict[str, type[Node]] = {
+    "CLIPTextEncode": CLIPTextEncode,
+    "CLIPSetLastLayer": CLIPSetLastLayer,
+    "ConditioningCombine": ConditioningCombine,
+    "ConditioningConcat": ConditioningConcat,
+    "ConditioningZeroOut": ConditioningZeroOut,
+    "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
+    "CLIPTextEncodeSDXL": CLIPTextEncodeSDXL,
+}

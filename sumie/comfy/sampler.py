@@ -1,0 +1,298 @@
+"""Sampling with ComfyUI's numbers on Sumie's samplers (``comfy/sample.py``, ``comfy/samplers.py``).
+
+* sigmas: ``calculate_sigmas`` on the model's discrete schedule (float32 table from float64, as
+  ``ModelSamplingDiscrete``); dpm_2 / dpm_2_ancestral / uni_pc / uni_pc_bh2 build steps + 1 and drop the
+  penultimate sigma; ``denoise`` < 1 builds ``int(steps / denoise)`` steps and keeps the last ``steps + 1``
+  (``KSampler.set_steps``); KSamplerAdvanced's start / end steps slice them and ``force_full_denoise`` zeroes the
+  last (``KSampler.sample``);
+* noise: :func:`sumie.sampling.noise.batch_noise` (``prepare_noise``); the start is ``latent + noise *
+  sqrt(1 + sigma0^2)`` when sigma0 is the model's largest sigma, else ``latent + noise * sigma0``
+  (``noise_scaling``); latents are scaled by the VAE factor on the way in and back on the way out;
+* the model: the UNet sees the nearest integer timestep (``ModelSamplingDiscrete.timestep``); each conditioning
+  entry active at the current sigma (``start_percent`` / ``end_percent``) is evaluated and the entries of one side
+  are averaged (``calc_cond_batch``: no entry -> 0), then ``uncond + (cond - uncond) * cfg`` on the denoised x0,
+  the uncond pass skipped at cfg 1; SDXL's ADM vector from ``pooled_output`` and width / height (default: the
+  latent size x 8, ``encode_model_conds``);
+* per-step noise of stochastic samplers: one CPU generator seeded with the seed for the whole batch
+  (``default_noise_sampler``), Brownian trees for the SDE samplers (``BrownianTreeNoiseSampler`` with one seed);
+* ComfyUI's ``ddim`` is Euler (with fresh random inpainting noise from seed + 1); ``uni_pc``'s final 0 is 0.001.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sumie.comfy.values import ComfyModel, Conditioning
+from sumie.errors import ConfigError
+from sumie.models.unet import sdxl_adm_vector
+from sumie.pipelines.denoise import UNetNetwork
+from sumie.sampling import registry, schedules
+from sumie.sampling.denoisers import make_denoiser
+from sumie.sampling.discretization import DiscreteSigmas
+from sumie.sampling.guidance import batch_conds, masked_model
+from sumie.sampling.noise import BrownianNoise, ImageRNG, batch_noise
+from sumie.sampling.registry import SamplerSpec
+
+# comfy/samplers.py KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"] and SCHEDULER_HANDLERS, in ComfyUI's order;
+# the option lists keep those Sumie runs (supported_samplers / supported_schedulers).
+COMFY_SAMPLERS = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+    "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+)
+COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                    "linear_quadratic", "kl_optimal")
+ProgressFn = Callable[[int, int, Tensor], None]  # (step done, total steps, denoised x0 [B, C, h, w])
+
+
+def _known_sampler(name: str) -> bool:
+    try:
+        registry.get_sampler(name, "comfyui")
+    except ConfigError:
+        return False
+    return True
+
+
+def supported_samplers() -> list[str]:
+    """ComfyUI's sampler names that Sumie runs, in ComfyUI's order."""
+    return [n for n in COMFY_SAMPLERS if n == "ddim" or _known_sampler(n)]
+
+
+def supported_schedulers() -> list[str]:
+    """ComfyUI's scheduler names that Sumie computes, in ComfyUI's order."""
+    out = []
+    for n in COMFY_SCHEDULERS:
+        try:
+            registry.resolve_schedule(n, "comfyui")
+        except ConfigError:
+            continue
+        out.append(n)
+    return out
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The spec a ComfyUI sampler name runs (``ddim`` runs Euler, as ComfyUI's ``sampler_object`` does)."""
+    if name not in supported_samplers():
+        raise ConfigError(f"sampler {name!r} is not available in Sumie; use one of {', '.join(supported_samplers())}")
+    return registry.get_sampler("euler" if name == "ddim" else name, "comfyui")
+
+
+def discretization(model: ComfyModel) -> DiscreteSigmas:
+    """The model's sigma table with ComfyUI's integer timesteps (``ModelSamplingDiscrete``)."""
+    return DiscreteSigmas.from_betas(zero_terminal_snr=model.models.zero_terminal_snr, quantize=True)
+
+
+def calculate_sigmas(ds: DiscreteSigmas, scheduler: str, steps: int) -> Tensor:
+    """``calculate_sigmas``: the named schedule's steps + 1 sigmas ending in 0."""
+    if scheduler not in supported_schedulers():
+        raise ConfigError(f"scheduler {scheduler!r} is not available; use one of {', '.join(supported_schedulers())}")
+    return schedules.make_sigmas(registry.resolve_schedule(scheduler, "comfyui"), ds, steps, flavor="comfyui")
+
+
+def ksampler_sigmas(ds: DiscreteSigmas, sampler: str, scheduler: str, steps: int, denoise: float = 1.0) -> Tensor:
+    """``KSampler.set_steps``: the sigmas a KSampler runs for ``steps`` and ``denoise``; empty for denoise <= 0."""
+    discard = sampler in ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
+
+    def full(n: int) -> Tensor:
+        sigmas = calculate_sigmas(ds, scheduler, n + 1 if discard else n)
+        return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+    if denoise > 0.9999:
+        return full(steps)
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    return full(int(steps / denoise))[-(steps + 1):]
+
+
+def advanced_sigmas(sigmas: Tensor, start_step: int | None, last_step: int | None,
+                    force_full_denoise: bool) -> Tensor | None:
+    """``KSampler.sample``'s slicing: None when ``start_step`` is past the end (the latent is returned as is)."""
+    sigmas = sigmas.clone()
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[: last_step + 1]
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step < len(sigmas) - 1:
+            sigmas = sigmas[start_step:]
+        else:
+            return None
+    return sigmas
+
+
+def prepare_noise(latent: dict[str, Any], seed: int | None) -> Tensor:
+    """The start noise of a LATENT: zeros without a seed (noise disabled), else ComfyUI's batch noise."""
+    samples = latent["samples"]
+    if seed is None:
+        return torch.zeros(samples.shape, dtype=torch.float32)
+    return batch_noise(samples.shape, seed, latent.get("batch_index"))
+
+
+def fix_empty_latent(model: ComfyModel, latent: dict[str, Any]) -> Tensor:
+    """An all-zero latent made for another latent layout, resized to the model's (``fix_empty_latent_channels``):
+    its channels repeated to the UNet's, its side scaled by ``downscale_ratio_spacial`` / the VAE's downscale."""
+    samples = latent["samples"]
+    if bool(samples.count_nonzero()):
+        return samples
+    channels = model.models.config.unet.out_channels
+    ratio = latent.get("downscale_ratio_spacial")
+    if ratio is not None and ratio != model.models.vae.downscale:
+        f = ratio / model.models.vae.downscale
+        size = (round(samples.shape[2] * f), round(samples.shape[3] * f))
+        samples = torch.nn.functional.interpolate(samples, size=size, mode="nearest-exact")
+    if samples.shape[1] != channels:
+        samples = samples[:, :1].repeat(1, channels, 1, 1)
+    return samples
+
+
+class _Entry:
+    """One conditioning entry prepared for a model call: context, ADM vector and active sigma range."""
+
+    def __init__(self, ds: DiscreteSigmas, model: ComfyModel, cond: list[Any], latent_shape: Sequence[int],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        context, opts = cond[0], cond[1]
+        self.context = context.to(device=device, dtype=dtype)
+        self.y = _adm(model, opts, latent_shape, device, dtype)
+        self.start = _percent_to_sigma(ds, float(opts.get("start_percent", 0.0)))
+        self.end = _percent_to_sigma(ds, float(opts.get("end_percent", 1.0)))
+
+    def active(self, sigma: float) -> bool:
+        """ComfyUI's ``timestep_start`` / ``timestep_end`` test."""
+        return not (sigma > self.start or sigma < self.end)
+
+
+def _percent_to_sigma(ds: DiscreteSigmas, percent: float) -> float:
+    """``ModelSamplingDiscrete.percent_to_sigma``: 0 -> above every sigma, 1 -> 0."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    return float(ds.t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))
+
+
+def _adm(model: ComfyModel, opts: dict[str, Any], latent_shape: Sequence[int], device: torch.device,
+         dtype: torch.dtype) -> Tensor | None:
+    """SDXL's ADM vector from the entry's pooled output and sizes (ComfyUI ``SDXL.encode_adm``), None for SD1/2."""
+    cfg = model.models.config
+    adm = cfg.unet.adm_in_channels
+    if adm is None:
+        return None
+    pooled = opts.get("pooled_output")
+    if pooled is None:
+        raise ConfigError("this SDXL-type model needs a conditioning with a pooled output (CLIPTextEncode)")
+    width = opts.get("width", latent_shape[3] * 8)
+    height = opts.get("height", latent_shape[2] * 8)
+    ids = [height, width, opts.get("crop_h", 0), opts.get("crop_w", 0), opts.get("target_height", height),
+           opts.get("target_width", width)]
+    if adm - pooled.shape[-1] != 6 * 256:
+        raise ConfigError("SDXL refiner conditioning (aesthetic score) is not supported by the ComfyUI nodes yet")
+    y = sdxl_adm_vector(pooled.float(), torch.tensor([ids], dtype=torch.float32), 256)
+    return y.to(device=device, dtype=dtype)
+
+
+class ComfyCFG:
+    """``model(x, sigma) -> x0``: both sides' active entries in one batched call, averaged, then CFG on x0."""
+
+    def __init__(self, model: ComfyModel, positive: Conditioning, negative: Conditioning, cfg: float,
+                 latent_shape: Sequence[int]) -> None:
+        m = model.models
+        self.ds = discretization(model)
+        self.denoiser = make_denoiser(m.config.prediction, UNetNetwork(m.unet), self.ds)
+        device = next(m.unet.parameters()).device
+        self.device = device
+        self.positive = [_Entry(self.ds, model, c, latent_shape, device, torch.float32) for c in positive]
+        skip_uncond = math.isclose(cfg, 1.0)
+        self.negative = [] if skip_uncond else [_Entry(self.ds, model, c, latent_shape, device, torch.float32)
+                                                for c in negative]
+        self.cfg = float(cfg)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """x [B, C, h, w] at sigma [B] -> guided x0 [B, C, h, w]."""
+        s = float(sigma.reshape(-1)[0])
+        pos = [e for e in self.positive if e.active(s)]
+        neg = [e for e in self.negative if e.active(s)]
+        entries = pos + neg
+        b = x.shape[0]
+        if not entries:
+            return torch.zeros_like(x)
+        groups = [{"context": e.context, "y": e.y} for e in entries]
+        if all(e.y is None for e in entries):
+            groups = [{"context": e.context} for e in entries]
+        kwargs = batch_conds(groups, b, repeat_context=True)
+        n = len(entries)
+        out = self.denoiser(x.repeat(n, 1, 1, 1), sigma.expand(b).repeat(n), **kwargs)
+        rows = [out[i * b:(i + 1) * b] for i in range(n)]
+        cond = sum(rows[: len(pos)], torch.zeros_like(x)) / max(len(pos), 1) if pos else torch.zeros_like(x)
+        if not self.negative and math.isclose(self.cfg, 1.0):
+            return cond
+        uncond = sum(rows[len(pos):], torch.zeros_like(x)) / len(neg) if neg else torch.zeros_like(x)
+        return uncond + (cond - uncond) * self.cfg
+
+
+def _noise_sampler(spec: SamplerSpec, seed: int, x: Tensor, sigmas: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """ComfyUI's per-step noise: a Brownian tree over the whole batch for the SDE family, else one generator."""
+    shape = tuple(x.shape)
+    if spec.needs_brownian:
+        positive = sigmas[sigmas > 0]
+        tree = BrownianNoise([seed], shape, float(positive.min()), float(sigmas.max()), device=x.device)
+        return lambda s, t: tree(s, t)[0]
+    rng = ImageRNG([seed], shape, device=x.device)
+    return lambda s=None, t=None: rng()[0]
+
+
+def sample(model: ComfyModel, guide: Callable[[Tensor, Tensor], Tensor], sampler: str, sigmas: Tensor,
+           noise: Tensor, latent: Tensor, seed: int, mask: Tensor | None = None,
+           progress: ProgressFn | None = None) -> tuple[Tensor, Tensor | None]:
+    """Run a sampler from ComfyUI's start: (samples, last denoised x0), both unscaled latents [B, C, h, w].
+
+    ``latent`` is the LATENT's unscaled samples, ``noise`` its start noise (zeros: no noise), ``mask`` its
+    ``noise_mask`` (1 = denoise) at any size; ``progress(i, total, x0)`` after every step.
+    """
+    vae = model.models.vae
+    if len(sigmas) == 0:
+        return latent, None
+    spec = sampler_spec(sampler)
+    device = next(model.models.unet.parameters()).device
+    scaled = vae.scale_latents(latent.float()).to(device)
+    noise = noise.to(device)
+    sigmas = sigmas.to(torch.float32)
+    ds = discretization(model)
+    s0 = float(sigmas[0])
+    max_denoise = math.isclose(float(ds.sigma_max), s0, rel_tol=1e-5) or s0 > float(ds.sigma_max)
+    x = noise * (math.sqrt(1.0 + s0**2) if max_denoise else s0) + scaled
+    fn: Callable[[Tensor, Tensor], Tensor] = guide
+    if mask is not None:
+        m = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=x.shape[-2:],
+                                            mode="bilinear").to(device)
+        m = m.repeat(1, x.shape[1], 1, 1)
+        m = m.repeat(math.ceil(x.shape[0] / m.shape[0]), 1, 1, 1)[: x.shape[0]]
+        inpaint_noise = noise
+        if sampler == "ddim":  # ComfyUI's "random" inpaint option
+            inpaint_noise = torch.randn(noise.shape, generator=torch.Generator("cpu").manual_seed(seed + 1)).to(noise)
+        fn = masked_model(guide, m, scaled, inpaint_noise)
+    run_sigmas = sigmas
+    if spec.tail == "0.001" and float(sigmas[-1]) == 0:
+        run_sigmas = torch.cat([sigmas[:-1], sigmas.new_full([1], 0.001)])
+    total = len(sigmas) - 1
+    last: dict[str, Tensor] = {}
+
+    def callback(info: dict[str, Any]) -> None:
+        last["x0"] = info["denoised"]
+        if progress is not None:
+            progress(int(info["i"]) + 1, total, info["denoised"])
+
+    noise_sampler = _noise_sampler(spec, seed, x, run_sigmas.to(device)) if spec.stochastic else None
+    kwargs = dict(spec.kwargs)
+    with torch.no_grad():
+        out = spec.function(fn, x, run_sigmas.to(device), callback=callback, noise_sampler=noise_sampler, **kwargs)
+    denoised = vae.unscale_latents(last["x0"]).float().cpu() if "x0" in last else None
+    return vae.unscale_latents(out).float().cpu(), denoised
