@@ -20,13 +20,14 @@ from typing import Any
 
 from sumie.comfy.env import ComfyEnvironment
 from sumie.comfy.nodes import NODE_CLASSES
+from sumie.comfy.nodes.base import jsonable
 
 Error = dict[str, Any]
 _PRIMITIVES = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 
 
 def _error(type_: str, message: str, details: str, **extra: Any) -> Error:
-    return {"type": type_, "message": message, "details": details, "extra_info": extra}
+    return {"type": type_, "message": message, "details": details, "extra_info": jsonable(extra)}
 
 
 def is_link(value: Any) -> bool:

@@ -79,11 +79,12 @@ class Node:
         raise NotImplementedError
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Tuples as lists, recursively (what ComfyUI's JSON answers hold)."""
     if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -91,7 +92,7 @@ def node_info(name: str, cls: type[Node], env: ComfyEnvironment) -> dict[str, An
     """One ``/object_info`` entry, keys in ComfyUI's order (tuples as JSON lists)."""
     inputs = cls.input_types(env)
     info: dict[str, Any] = {
-        "input": _jsonable(inputs),
+        "input": jsonable(inputs),
         "input_order": {key: list(value) for key, value in inputs.items()},
         "output": list(cls.RETURN_TYPES),
         "output_is_list": [False] * len(cls.RETURN_TYPES),
