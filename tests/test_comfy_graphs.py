@@ -27,7 +27,12 @@ from sumie.checkpoints.save import random_single_file
 from sumie.comfy import ComfyEnvironment, ComfyFolders
 from sumie.comfy import sampler as cs
 from sumie.comfy.nodes.base import RunContext
-from sumie.comfy.nodes.conditioning import encode_text
+from sumie.comfy.nodes.conditioning import (
+    ConditioningSetArea,
+    ConditioningSetMask,
+    ConditioningSetTimestepRange,
+    encode_text,
+)
 from sumie.comfy.nodes.latent import VAEEncodeForInpaint, vae_encode
 from sumie.comfy.nodes.loaders import load_checkpoint
 from sumie.comfy.nodes.sampling import KSampler
@@ -203,3 +208,41 @@ def test_sdxl_size_conditioning(env: ComfyEnvironment) -> None:
     assert result.success, result.error
     context, pooled_g, _ = encode_text(clip, "a castle")
     assert context.shape[-1] == sum(e.width for e in model.models.config.text_encoders) and pooled_g is not None
+
+
+def test_area_and_mask_composition(env: ComfyEnvironment) -> None:
+    """calc_cond_batch: entries averaged with their weights (an area's 8-cell edge ramps, a mask's values times
+    mask_strength, times strength), 0 where nothing acts; timestep ranges switch entries on and off."""
+    model, _, _ = load_checkpoint(env, "tiny_sd1.safetensors")
+
+    def const(v: float) -> list[list[Any]]:
+        return [[torch.full((1, 77, 8), v), {}]]
+
+    ctx = _ctx(env)
+    (area,) = ConditioningSetArea().run(ctx, const(3.0), width=128, height=128, x=64, y=64, strength=1.0).outputs
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :16, :] = 0.5
+    (masked,) = ConditioningSetMask().run(ctx, const(5.0), mask=mask, strength=2.0, set_cond_area="default").outputs
+    shape = (1, 4, 32, 32)
+    guide = cs.ComfyCFG(model, const(1.0) + area + masked, const(0.0), 1.0, shape)
+    guide.denoiser = lambda x, sigma, context, **kw: context.mean(dim=(1, 2))[:, None, None, None].expand_as(x)
+    out = guide(torch.zeros(shape), torch.tensor([1.0]))
+    ramp = torch.ones(16, 16)
+    for t in range(8):  # inner edges on all four sides (the area is inside the latent)
+        ramp[t] *= (t + 1) / 8
+        ramp[15 - t] *= (t + 1) / 8
+        ramp[:, t] *= (t + 1) / 8
+        ramp[:, 15 - t] *= (t + 1) / 8
+    a = torch.zeros(32, 32)
+    a[8:24, 8:24] = ramp
+    m = mask[0] * 2.0
+    want = (1.0 + 3.0 * a + 5.0 * m) / (1.0 + a + m)
+    torch.testing.assert_close(out[0, 0], want)
+    (late,) = ConditioningSetTimestepRange().run(ctx, const(7.0), start=0.5, end=1.0).outputs
+    guide = cs.ComfyCFG(model, late, const(0.0), 1.0, shape)
+    guide.denoiser = lambda x, sigma, context, **kw: context.mean(dim=(1, 2))[:, None, None, None].expand_as(x)
+    high, low = guide.ds.sigma_max.reshape(1), torch.tensor([0.1])
+    assert guide(torch.zeros(shape), high).abs().max() == 0  # not active yet: nothing predicts, 0
+    assert torch.all(guide(torch.zeros(shape), low) == 7.0)
+    bounds = cs._area_and_mult({"mask": mask, "set_area_to_bounds": True}, shape, torch.device("cpu"), torch.float32)
+    assert bounds[0] == (16, 32, 0, 0)

@@ -141,6 +141,27 @@ def expected(files: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
             "clip": ["CLIP"], "width": sdxl_size, "height": sdxl_size, "crop_w": sdxl_crop, "crop_h": sdxl_crop,
             "target_width": sdxl_size, "target_height": sdxl_size, "text_g": sdxl_text, "text_l": sdxl_text,
         }, ["CONDITIONING"], "advanced/conditioning", module="comfy_extras.nodes_clip_sdxl"),
+        "ConditioningSetArea": entry({
+            "conditioning": ["CONDITIONING"],
+            "width": ["INT", {"default": 64, "min": 64, "max": MAXRES, "step": 8}],
+            "height": ["INT", {"default": 64, "min": 64, "max": MAXRES, "step": 8}],
+            "x": ["INT", {"default": 0, "min": 0, "max": MAXRES, "step": 8}],
+            "y": ["INT", {"default": 0, "min": 0, "max": MAXRES, "step": 8}],
+            "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+        }, ["CONDITIONING"], "conditioning", display="Conditioning (Set Area)"),
+        "ConditioningSetAreaPercentage": entry({
+            "conditioning": ["CONDITIONING"],
+            "width": ["FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}],
+            "height": ["FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}],
+            "x": ["FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}],
+            "y": ["FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}],
+            "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+        }, ["CONDITIONING"], "conditioning", display="Conditioning (Set Area with Percentage)"),
+        "ConditioningSetMask": entry({
+            "conditioning": ["CONDITIONING"], "mask": ["MASK"],
+            "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+            "set_cond_area": [["default", "mask bounds"]],
+        }, ["CONDITIONING"], "conditioning", display="Conditioning (Set Mask)"),
         "EmptyLatentImage": entry({
             "width": ["INT", {"default": 512, "min": 16, "max": MAXRES, "step": 8,
                               "tooltip": "The width of the latent images in pixels."}],

@@ -9,8 +9,9 @@
   sqrt(1 + sigma0^2)`` when sigma0 is the model's largest sigma, else ``latent + noise * sigma0``
   (``noise_scaling``); latents are scaled by the VAE factor on the way in and back on the way out;
 * the model: the UNet sees the nearest integer timestep (``ModelSamplingDiscrete.timestep``); each conditioning
-  entry active at the current sigma (``start_percent`` / ``end_percent``) is evaluated and the entries of one side
-  are averaged (``calc_cond_batch``: no entry -> 0), then ``uncond + (cond - uncond) * cfg`` on the denoised x0,
+  entry active at the current sigma (``start_percent`` / ``end_percent``) is evaluated on its region (``area`` /
+  ``mask``) and the entries of one side are averaged with their weights (``calc_cond_batch``: no entry -> 0),
+  then ``uncond + (cond - uncond) * cfg`` on the denoised x0,
   the uncond pass skipped at cfg 1; SDXL's ADM vector from ``pooled_output`` and width / height (default: the
   latent size x 8, ``encode_model_conds``);
 * per-step noise of stochastic samplers: one CPU generator seeded with the seed for the whole batch
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sumie.comfy.values import ComfyModel, Conditioning
@@ -155,7 +157,8 @@ def fix_empty_latent(model: ComfyModel, latent: dict[str, Any]) -> Tensor:
 
 
 class _Entry:
-    """One conditioning entry prepared for a model call: context, ADM vector and active sigma range."""
+    """One conditioning entry prepared for a model call: context, ADM vector, active sigma range and the region
+    it acts on (``area`` (h, w, y, x) in latent cells and ``mult``, ComfyUI ``get_area_and_mult``)."""
 
     def __init__(self, ds: DiscreteSigmas, model: ComfyModel, cond: list[Any], latent_shape: Sequence[int],
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -164,10 +167,58 @@ class _Entry:
         self.y = _adm(model, opts, latent_shape, device, dtype)
         self.start = _percent_to_sigma(ds, float(opts.get("start_percent", 0.0)))
         self.end = _percent_to_sigma(ds, float(opts.get("end_percent", 1.0)))
+        self.area, self.mult = _area_and_mult(opts, latent_shape, device, dtype)
 
     def active(self, sigma: float) -> bool:
         """ComfyUI's ``timestep_start`` / ``timestep_end`` test."""
         return not (sigma > self.start or sigma < self.end)
+
+
+def _area_and_mult(opts: dict[str, Any], latent_shape: Sequence[int], device: torch.device,
+                   dtype: torch.dtype) -> tuple[tuple[int, int, int, int] | None, Tensor | None]:
+    """The entry's region (h, w, y, x) or None (the whole latent) and its weight map [B or 1, C, h, w] or None
+    (1 everywhere): ``resolve_areas_and_cond_masks`` + ``get_area_and_mult`` (a mask scaled to the latent and
+    ``mask_strength``, or for an area without a mask 8-cell linear ramps on its inner edges; times ``strength``)."""
+    b, c, height, width = latent_shape[0], latent_shape[1], latent_shape[2], latent_shape[3]
+    area = opts.get("area")
+    if area is not None and area[0] == "percentage":
+        a = area[1:]
+        area = (max(1, round(a[0] * height)), max(1, round(a[1] * width)), round(a[2] * height), round(a[3] * width))
+    mask = opts.get("mask")
+    if mask is not None:
+        mask = mask.float()
+        mask = mask[None] if mask.ndim == 2 else mask
+        if tuple(mask.shape[1:]) != (height, width):
+            mask = F.interpolate(mask[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        if opts.get("set_area_to_bounds", False):
+            bounds = mask.abs().amax(dim=0)
+            ys, xs = torch.nonzero(bounds, as_tuple=True)
+            if len(ys) == 0:
+                area = (8, 8, 0, 0)
+            else:
+                y0, x0 = int(ys.min()), int(xs.min())
+                area = (max(8, int(ys.max()) - y0 + 1), max(8, int(xs.max()) - x0 + 1), y0, x0)
+    strength = float(opts.get("strength", 1.0))
+    if area is not None:
+        h, w, y, x = (int(v) for v in area)
+        area = (min(height - y, h), min(width - x, w), y, x)
+    if mask is None and area is None:
+        return None, (None if strength == 1.0 else torch.full((1, 1, 1, 1), strength, device=device, dtype=dtype))
+    h, w, y, x = area if area is not None else (height, width, 0, 0)
+    if mask is not None:
+        m = mask[:b, y:y + h, x:x + w] * float(opts.get("mask_strength", 1.0))
+        mult = m[:, None].repeat(max(b // m.shape[0], 1), c, 1, 1) * strength
+    else:
+        mult = torch.full((1, c, h, w), strength)
+        ramp = 8
+        for dim, (size, offset, full) in enumerate(((h, y, height), (w, x, width))):
+            axis = 2 + dim
+            for t in range(ramp):
+                if offset != 0:
+                    mult.narrow(axis, t, 1).mul_((t + 1) / ramp)
+                if size + offset < full:
+                    mult.narrow(axis, size - 1 - t, 1).mul_((t + 1) / ramp)
+    return area, mult.to(device=device, dtype=dtype)
 
 
 def _percent_to_sigma(ds: DiscreteSigmas, percent: float) -> float:
@@ -220,22 +271,33 @@ class ComfyCFG:
         s = float(sigma.reshape(-1)[0])
         pos = [e for e in self.positive if e.active(s)]
         neg = [e for e in self.negative if e.active(s)]
-        entries = pos + neg
-        b = x.shape[0]
-        if not entries:
-            return torch.zeros_like(x)
-        groups = [{"context": e.context, "y": e.y} for e in entries]
-        if all(e.y is None for e in entries):
-            groups = [{"context": e.context} for e in entries]
-        kwargs = batch_conds(groups, b, repeat_context=True)
-        n = len(entries)
-        out = self.denoiser(x.repeat(n, 1, 1, 1), sigma.expand(b).repeat(n), **kwargs)
-        rows = [out[i * b:(i + 1) * b] for i in range(n)]
-        cond = sum(rows[: len(pos)], torch.zeros_like(x)) / max(len(pos), 1) if pos else torch.zeros_like(x)
+        cond = self._side(pos, x, sigma)
         if not self.negative and math.isclose(self.cfg, 1.0):
             return cond
-        uncond = sum(rows[len(pos):], torch.zeros_like(x)) / len(neg) if neg else torch.zeros_like(x)
+        uncond = self._side(neg, x, sigma)
         return uncond + (cond - uncond) * self.cfg
+
+    def _side(self, entries: list[_Entry], x: Tensor, sigma: Tensor) -> Tensor:
+        """``calc_cond_batch`` for one side: each entry's prediction on its region, weighted by its mult and
+        normalised by the summed weights (0 where no entry acts); entries of one region share a batched call."""
+        out = torch.zeros_like(x)
+        count = torch.full_like(x, 1e-37)
+        b = x.shape[0]
+        regions: dict[tuple[int, int, int, int] | None, list[_Entry]] = {}
+        for e in entries:
+            regions.setdefault(e.area, []).append(e)
+        for area, group in regions.items():
+            h, w, y, x0 = area if area is not None else (x.shape[2], x.shape[3], 0, 0)
+            part = x[:, :, y:y + h, x0:x0 + w]
+            conds = [{"context": e.context, "y": e.y} if e.y is not None else {"context": e.context} for e in group]
+            kwargs = batch_conds(conds, b, repeat_context=True)
+            n = len(group)
+            pred = self.denoiser(part.repeat(n, 1, 1, 1), sigma.expand(b).repeat(n), **kwargs)
+            for i, e in enumerate(group):
+                mult = e.mult if e.mult is not None else torch.ones((), device=x.device, dtype=x.dtype)
+                out[:, :, y:y + h, x0:x0 + w] += pred[i * b:(i + 1) * b] * mult
+                count[:, :, y:y + h, x0:x0 + w] += mult
+        return out / count
 
 
 def _noise_sampler(spec: SamplerSpec, seed: int, x: Tensor, sigmas: Tensor) -> Callable[[Tensor, Tensor], Tensor]:

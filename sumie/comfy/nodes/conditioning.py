@@ -1,5 +1,5 @@
 """Text conditioning nodes (nodes.py: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine / Concat / ZeroOut /
-SetTimestepRange; comfy_extras/nodes_clip_sdxl.py: CLIPTextEncodeSDXL).
+SetTimestepRange / SetArea / SetAreaPercentage / SetMask; comfy_extras/nodes_clip_sdxl.py: CLIPTextEncodeSDXL).
 
 Prompts are tokenized and encoded by :class:`~sumie.prompts.text_conditioning.TextConditioner` (emphasis parsed,
 weights left out), then weighted as ComfyUI does (``sd1_clip.ClipTokenWeightEncoder``): a token of weight w != 1
@@ -201,6 +201,75 @@ class ConditioningSetTimestepRange(Node):
         return NodeOutput((_with(conditioning, start_percent=float(start), end_percent=float(end)),))
 
 
+class ConditioningSetArea(Node):
+    """nodes.py ``ConditioningSetArea``: the entries act on a rectangle (pixels / 8), edges ramped over 8 cells."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "Conditioning (Set Area)"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """The conditioning, the rectangle and its strength."""
+        size = {"default": 64, "min": 64, "max": MAX_RESOLUTION, "step": 8}
+        pos = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}
+        return {"required": {"conditioning": ("CONDITIONING",), "width": ("INT", size), "height": ("INT", dict(size)),
+                             "x": ("INT", pos), "y": ("INT", dict(pos)),
+                             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})}}
+
+    def run(self, ctx: RunContext, conditioning: Conditioning, width: int, height: int, x: int, y: int,
+            strength: float) -> NodeOutput:
+        """Entries with ``area`` (h, w, y, x) in latent cells and ``strength``."""
+        area = (height // 8, width // 8, y // 8, x // 8)
+        return NodeOutput((_with(conditioning, area=area, strength=float(strength), set_area_to_bounds=False),))
+
+
+class ConditioningSetAreaPercentage(Node):
+    """nodes.py ``ConditioningSetAreaPercentage``: the rectangle as fractions of the latent."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "Conditioning (Set Area with Percentage)"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """The conditioning, the rectangle as fractions and its strength."""
+        def frac(default: float) -> tuple[str, dict[str, Any]]:
+            return ("FLOAT", {"default": default, "min": 0, "max": 1.0, "step": 0.01})
+
+        return {"required": {"conditioning": ("CONDITIONING",), "width": frac(1.0), "height": frac(1.0),
+                             "x": frac(0), "y": frac(0),
+                             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})}}
+
+    def run(self, ctx: RunContext, conditioning: Conditioning, width: float, height: float, x: float, y: float,
+            strength: float) -> NodeOutput:
+        """Entries with ``area`` ("percentage", h, w, y, x)."""
+        return NodeOutput((_with(conditioning, area=("percentage", height, width, y, x), strength=float(strength),
+                                 set_area_to_bounds=False),))
+
+
+class ConditioningSetMask(Node):
+    """nodes.py ``ConditioningSetMask``: the entries act where the mask is, weighted by it."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "Conditioning (Set Mask)"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """The conditioning, the mask, its strength, and whether to work on the mask's bounding box only."""
+        return {"required": {"conditioning": ("CONDITIONING",), "mask": ("MASK",),
+                             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                             "set_cond_area": (["default", "mask bounds"],)}}
+
+    def run(self, ctx: RunContext, conditioning: Conditioning, mask: Tensor, strength: float,
+            set_cond_area: str) -> NodeOutput:
+        """Entries with ``mask`` [B, H, W], ``mask_strength`` and ``set_area_to_bounds``."""
+        mask = mask[None] if mask.ndim < 3 else mask
+        return NodeOutput((_with(conditioning, mask=mask, set_area_to_bounds=set_cond_area != "default",
+                                 mask_strength=float(strength)),))
+
+
 NODES: dict[str, type[Node]] = {
     "CLIPTextEncode": CLIPTextEncode,
     "CLIPSetLastLayer": CLIPSetLastLayer,
@@ -209,4 +278,7 @@ NODES: dict[str, type[Node]] = {
     "ConditioningZeroOut": ConditioningZeroOut,
     "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
     "CLIPTextEncodeSDXL": CLIPTextEncodeSDXL,
+    "ConditioningSetArea": ConditioningSetArea,
+    "ConditioningSetAreaPercentage": ConditioningSetAreaPercentage,
+    "ConditioningSetMask": ConditioningSetMask,
 }
