@@ -10,6 +10,7 @@ Prompt weights follow ``sd1_clip.ClipTokenWeightEncoder``: ``(z - z_empty) * w +
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from sumie.comfy.nodes.conditioning import (
     ConditioningSetTimestepRange,
     encode_text,
 )
-from sumie.comfy.nodes.latent import VAEEncodeForInpaint, vae_encode
+from sumie.comfy.nodes.latent import InpaintModelConditioning, VAEEncodeForInpaint, vae_encode
 from sumie.comfy.nodes.loaders import load_checkpoint
 from sumie.comfy.nodes.sampling import KSampler
 from sumie.configs import TINY
@@ -52,6 +53,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ckpts.mkdir(parents=True)
     save_file(random_single_file(TINY["sd1"], seed=0), str(ckpts / "tiny_sd1.safetensors"))
     save_file(random_single_file(TINY["sdxl"], seed=1), str(ckpts / "tiny_sdxl.safetensors"))
+    inpaint = TINY["sd1"].with_(unet=replace(TINY["sd1"].unet, in_channels=9))
+    save_file(random_single_file(inpaint, seed=2), str(ckpts / "tiny_sd1_inpaint.safetensors"))
     manager = ModelManager(ModelFolders(base))
     write_kohya(base / "models" / "loras" / "style.safetensors", manager.get("checkpoint", "tiny_sd1.safetensors"),
                 scale=0.5)
@@ -246,3 +249,33 @@ def test_area_and_mask_composition(env: ComfyEnvironment) -> None:
     assert torch.all(guide(torch.zeros(shape), low) == 7.0)
     bounds = cs._area_and_mult({"mask": mask, "set_area_to_bounds": True}, shape, torch.device("cpu"), torch.float32)
     assert bounds[0] == (16, 32, 0, 0)
+
+
+def test_inpaint_model_conditioning(env: ComfyEnvironment) -> None:
+    """A 9-channel inpainting UNet gets [rounded mask, scaled latent of the grey-filled image] beside its input
+    (``concat_cond``); without a mask, ones and ComfyUI's blank-image latent; a KSampler run keeps the unmasked
+    latent."""
+    model, clip, vae = load_checkpoint(env, "tiny_sd1_inpaint.safetensors")
+    pixels = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, 8:40, 16:56] = 1.0
+    pos = [[encode_text(clip, POSITIVE)[0], {}]]
+    neg = [[encode_text(clip, NEGATIVE)[0], {}]]
+    p, n, latent = InpaintModelConditioning().run(_ctx(env), pos, neg, vae, pixels, mask).outputs
+    assert torch.equal(latent["samples"], vae_encode(vae, pixels)) and torch.equal(latent["noise_mask"][:, 0], mask)
+    f = vae.downscale
+    shape = (1, 4, SIZE // f, SIZE // f)
+    guide = cs.ComfyCFG(model, p, n, CFG, shape)
+    scaled = vae.scale_latents(latent["samples"])
+    guide.set_inpaint(scaled, None)
+    concat = guide.positive[0].concat
+    small = torch.nn.functional.interpolate(latent["noise_mask"], size=shape[-2:], mode="bilinear").round()
+    assert torch.equal(concat[:, :1], small)
+    torch.testing.assert_close(concat[:, 1:], vae.scale_latents(p[0][1]["concat_latent_image"]))
+    plain = cs.ComfyCFG(model, pos, neg, CFG, shape)
+    plain.set_inpaint(scaled, None)
+    assert torch.equal(plain.positive[0].concat[:, 0], torch.ones(1, *shape[-2:]))
+    assert torch.allclose(plain.positive[0].concat[0, 1:, 0, 0], torch.tensor(cs.BLANK_INPAINT_LATENT))
+    (out,) = KSampler().run(_ctx(env), model, SEED, 3, CFG, "euler", "normal", p, n, latent, 1.0).outputs
+    keep = (small == 0).expand_as(out["samples"])
+    torch.testing.assert_close(out["samples"][keep], latent["samples"][keep], rtol=1e-5, atol=1e-5)

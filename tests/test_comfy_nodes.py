@@ -195,6 +195,10 @@ def expected(files: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
         "VAEEncodeForInpaint": entry({"pixels": ["IMAGE"], "vae": ["VAE"], "mask": ["MASK"],
                                       "grow_mask_by": ["INT", {"default": 6, "min": 0, "max": 64, "step": 1}]},
                                      ["LATENT"], "latent/inpaint", display="VAE Encode (for Inpainting)"),
+        "InpaintModelConditioning": entry({"positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+                                           "vae": ["VAE"], "pixels": ["IMAGE"], "mask": ["MASK"]},
+                                          ["CONDITIONING", "CONDITIONING", "LATENT"], "conditioning/inpaint",
+                                          names=["positive", "negative", "latent"]),
         "SaveImage": entry({
             "images": ["IMAGE", {"tooltip": "The images to save."}],
             "filename_prefix": ["STRING", {"default": "ComfyUI", "tooltip": "The prefix for the file to save. This "

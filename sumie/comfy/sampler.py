@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sumie.comfy.resize import common_upscale, resize_to_batch_size
 from sumie.comfy.values import ComfyModel, Conditioning
 from sumie.errors import ConfigError
 from sumie.models.unet import sdxl_adm_vector
@@ -53,7 +54,9 @@ COMFY_SAMPLERS = (
 )
 COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                     "linear_quadratic", "kl_optimal")
-ProgressFn = Callable[[int, int, Tensor], None]  # (step done, total steps, denoised x0 [B, C, h, w])
+ProgressFn = Callable[[int, int, Tensor], None]
+# ComfyUI ``set_inpaint``: a blank (black) image's latent per channel, the masked image without a mask
+BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)  # (step done, total steps, denoised x0 [B, C, h, w])
 
 
 def _known_sampler(name: str) -> bool:
@@ -168,6 +171,9 @@ class _Entry:
         self.start = _percent_to_sigma(ds, float(opts.get("start_percent", 0.0)))
         self.end = _percent_to_sigma(ds, float(opts.get("end_percent", 1.0)))
         self.area, self.mult = _area_and_mult(opts, latent_shape, device, dtype)
+        self.concat_image: Tensor | None = opts.get("concat_latent_image")
+        self.concat_mask: Tensor | None = opts.get("concat_mask")
+        self.concat: Tensor | None = None  # set by ComfyCFG.set_inpaint for 9-channel UNets
 
     def active(self, sigma: float) -> bool:
         """ComfyUI's ``timestep_start`` / ``timestep_end`` test."""
@@ -265,6 +271,32 @@ class ComfyCFG:
         self.negative = [] if skip_uncond else [_Entry(self.ds, model, c, latent_shape, device, torch.float32)
                                                 for c in negative]
         self.cfg = float(cfg)
+        self.model = model
+
+    def set_inpaint(self, latent: Tensor, denoise_mask: Tensor | None) -> None:
+        """Give a 9-channel inpainting UNet its extra input per entry (``BaseModel.concat_cond``): the mask
+        (``concat_mask`` or the sampler's noise mask; rounded) and the masked image's latent
+        (``concat_latent_image`` or the latent being sampled); ones and a blank image without a mask."""
+        if not self.model.models.config.inpainting:
+            return
+        vae = self.model.models.vae
+        b, _, h, w = latent.shape
+        for e in self.positive + self.negative:
+            img = latent if e.concat_image is None else vae.scale_latents(e.concat_image.float()).to(latent)
+            if img.shape[1:] != latent.shape[1:]:
+                img = common_upscale(img, w, h, "bilinear", "center")
+            img = resize_to_batch_size(img, b)
+            mask = e.concat_mask if e.concat_mask is not None else denoise_mask
+            if mask is None:
+                blank = torch.tensor(BLANK_INPAINT_LATENT, dtype=latent.dtype, device=latent.device)
+                e.concat = torch.cat([torch.ones_like(latent[:, :1]), blank.view(1, -1, 1, 1).expand_as(latent)], 1)
+                continue
+            mask = mask.float().to(latent.device)
+            mask = mask[:, :1] if mask.ndim == 4 else mask
+            mask = mask.reshape(-1, 1, *mask.shape[-2:])
+            if mask.shape[-2:] != latent.shape[-2:]:
+                mask = common_upscale(mask, w, h, "bilinear", "center")
+            e.concat = torch.cat([resize_to_batch_size(mask.round(), b), img], dim=1)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x [B, C, h, w] at sigma [B] -> guided x0 [B, C, h, w]."""
@@ -289,7 +321,7 @@ class ComfyCFG:
         for area, group in regions.items():
             h, w, y, x0 = area if area is not None else (x.shape[2], x.shape[3], 0, 0)
             part = x[:, :, y:y + h, x0:x0 + w]
-            conds = [{"context": e.context, "y": e.y} if e.y is not None else {"context": e.context} for e in group]
+            conds = [_kwargs(e, area) for e in group]
             kwargs = batch_conds(conds, b, repeat_context=True)
             n = len(group)
             pred = self.denoiser(part.repeat(n, 1, 1, 1), sigma.expand(b).repeat(n), **kwargs)
@@ -298,6 +330,17 @@ class ComfyCFG:
                 out[:, :, y:y + h, x0:x0 + w] += pred[i * b:(i + 1) * b] * mult
                 count[:, :, y:y + h, x0:x0 + w] += mult
         return out / count
+
+
+def _kwargs(e: _Entry, area: tuple[int, int, int, int] | None) -> dict[str, Tensor]:
+    """The denoiser keyword arguments of an entry (context, and y / concat where the model takes them)."""
+    out = {"context": e.context}
+    if e.y is not None:
+        out["y"] = e.y
+    if e.concat is not None:
+        out["concat"] = e.concat if area is None else e.concat[:, :, area[2]:area[2] + area[0],
+                                                                   area[3]:area[3] + area[1]]
+    return out
 
 
 def _noise_sampler(spec: SamplerSpec, seed: int, x: Tensor, sigmas: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -332,6 +375,7 @@ def sample(model: ComfyModel, guide: Callable[[Tensor, Tensor], Tensor], sampler
     max_denoise = math.isclose(float(ds.sigma_max), s0, rel_tol=1e-5) or s0 > float(ds.sigma_max)
     x = noise * (math.sqrt(1.0 + s0**2) if max_denoise else s0) + scaled
     fn: Callable[[Tensor, Tensor], Tensor] = guide
+    m = None
     if mask is not None:
         m = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=x.shape[-2:],
                                             mode="bilinear").to(device)
@@ -341,6 +385,8 @@ def sample(model: ComfyModel, guide: Callable[[Tensor, Tensor], Tensor], sampler
         if sampler == "ddim":  # ComfyUI's "random" inpaint option
             inpaint_noise = torch.randn(noise.shape, generator=torch.Generator("cpu").manual_seed(seed + 1)).to(noise)
         fn = masked_model(guide, m, scaled, inpaint_noise)
+    if isinstance(guide, ComfyCFG):
+        guide.set_inpaint(scaled, m)
     run_sigmas = sigmas
     if spec.tail == "0.001" and float(sigmas[-1]) == 0:
         run_sigmas = torch.cat([sigmas[:-1], sigmas.new_full([1], 0.001)])

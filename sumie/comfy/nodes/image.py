@@ -23,54 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from sumie.comfy.env import ComfyEnvironment
 from sumie.comfy.nodes.base import MAX_RESOLUTION, InputTypes, Node, RunContext
+from sumie.comfy.resize import common_upscale, to_uint8
 from sumie.comfy.values import NodeOutput
 from sumie.errors import ConfigError, SumieError
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 CROP_METHODS = ["disabled", "center"]
-
-
-def to_uint8(image: Tensor) -> np.ndarray:
-    """[H, W, C] in [0, 1] -> uint8, ``np.clip(255. * x, 0, 255).astype(np.uint8)`` (truncation)."""
-    return np.clip(255.0 * image.detach().float().cpu().numpy(), 0, 255).astype(np.uint8)
-
-
-def _lanczos(samples: Tensor, width: int, height: int) -> Tensor:
-    """[B, C, H, W] resized per image with PIL's Lanczos through uint8 (ComfyUI ``comfy.utils.lanczos``)."""
-    out = []
-    for img in samples:
-        arr = to_uint8(img.movedim(0, -1))
-        pil = Image.fromarray(arr if arr.shape[-1] != 1 else arr[..., 0])
-        pil = pil.resize((width, height), resample=Image.Resampling.LANCZOS)
-        t = torch.from_numpy(np.array(pil).astype(np.float32) / 255.0)
-        out.append(t.movedim(-1, 0) if t.ndim == 3 else t[None])
-    return torch.stack(out).to(samples)
-
-
-def common_upscale(samples: Tensor, width: int, height: int, method: str, crop: str) -> Tensor:
-    """[B, C, H, W] -> [B, C, height, width]: optional centre crop to the new aspect, then the resize method."""
-    if crop == "center":
-        old_w, old_h = samples.shape[-1], samples.shape[-2]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
-    if method == "lanczos":
-        return _lanczos(samples, width, height)
-    if method == "bislerp":
-        raise ConfigError("the bislerp upscale method is not available in Sumie; use bilinear, bicubic, area or "
-                          "nearest-exact")
-    return F.interpolate(samples, size=(height, width), mode=method)
 
 
 # ---------------------------------------------------------------- files

@@ -1,5 +1,5 @@
 """Latent and VAE nodes (nodes.py: EmptyLatentImage, LatentUpscale, LatentUpscaleBy, LatentFromBatch,
-RepeatLatentBatch, SetLatentNoiseMask, VAEDecode, VAEEncode, VAEEncodeForInpaint).
+RepeatLatentBatch, SetLatentNoiseMask, VAEDecode, VAEEncode, VAEEncodeForInpaint, InpaintModelConditioning).
 
 LATENT ``samples`` are unscaled VAE latents as in ComfyUI (the sampler scales them on the way in and out).
 VAE images are ``x * 2 - 1`` in, ``clamp((x + 1) / 2, 0, 1)`` out; encoding takes the posterior mean.
@@ -286,6 +286,41 @@ class VAEEncodeForInpaint(Node):
         return NodeOutput(({"samples": latent, "noise_mask": grown[:, :, :h, :w].round()},))
 
 
+class InpaintModelConditioning(Node):
+    """nodes.py ``InpaintModelConditioning``: for inpainting UNets, the grey-filled image's latent and the mask
+    in both conditionings, the original image's latent with the mask as the LATENT."""
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    CATEGORY = "conditioning/inpaint"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """Conditionings, VAE, pixels, mask."""
+        return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "vae": ("VAE",),
+                             "pixels": ("IMAGE",), "mask": ("MASK",)}}
+
+    def run(self, ctx: RunContext, positive: list[Any], negative: list[Any], vae: AutoencoderKL, pixels: Tensor,
+            mask: Tensor) -> NodeOutput:
+        """(positive, negative) with ``concat_latent_image`` / ``concat_mask``, and the LATENT."""
+        h, w = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
+        mask = torch.nn.functional.interpolate(mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float(),
+                                               size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+        orig = pixels
+        pixels = pixels.clone()
+        if pixels.shape[1] != h or pixels.shape[2] != w:
+            y0, x0 = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
+            pixels = pixels[:, y0:y0 + h, x0:x0 + w, :]
+            mask = mask[:, :, y0:y0 + h, x0:x0 + w]
+        keep = (1.0 - mask.round()).squeeze(1)
+        pixels[..., :3] = (pixels[..., :3] - 0.5) * keep[..., None] + 0.5
+        concat = vae_encode(vae, pixels)
+        latent = {"samples": vae_encode(vae, orig), "noise_mask": mask}
+        conds = [[[c[0], {**c[1], "concat_latent_image": concat, "concat_mask": mask}] for c in side]
+                 for side in (positive, negative)]
+        return NodeOutput((conds[0], conds[1], latent))
+
+
 NODES: dict[str, type[Node]] = {
     "EmptyLatentImage": EmptyLatentImage,
     "LatentUpscale": LatentUpscale,
@@ -296,4 +331,5 @@ NODES: dict[str, type[Node]] = {
     "VAEDecode": VAEDecode,
     "VAEEncode": VAEEncode,
     "VAEEncodeForInpaint": VAEEncodeForInpaint,
+    "InpaintModelConditioning": InpaintModelConditioning,
 }
