@@ -145,8 +145,11 @@ def comfy_reference(models: Any, latent_shape: tuple[int, ...], seed: int = SEED
     sigmas = den.get_sigmas(STEPS).float()
     cond, uncond = _context(models, POSITIVE), _context(models, NEGATIVE)
 
+    b = latent_shape[0]
+
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = den(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+        ctx = torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)])
+        out = den(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=ctx)
         c, u = out.chunk(2)
         return u + (c - u) * CFG
 
@@ -157,8 +160,9 @@ def comfy_reference(models: Any, latent_shape: tuple[int, ...], seed: int = SEED
         x = k_sampling.sample_euler(model, x, sigmas, disable=True)
         vae = models.vae
         img = vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).float()
-    img = torch.clamp((img + 1.0) / 2.0, 0.0, 1.0)[0].permute(1, 2, 0).numpy()
-    return np.clip(255.0 * img, 0, 255).astype(np.uint8)
+    img = torch.clamp((img + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).numpy()
+    out = np.clip(255.0 * img, 0, 255).astype(np.uint8)
+    return out[0] if b == 1 else out
 
 
 def mad(a: np.ndarray, b: np.ndarray) -> float:
@@ -210,6 +214,34 @@ def test_example_graph_events(env: ComfyEnvironment) -> None:
                         "output": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}}
     assert {"prompt_id", "timestamp"} <= set(events[0][1])
     assert events[3][1] == {"node": "6", "display_node": "6", "prompt_id": "abc"}
+
+
+def test_preview_hook_and_batches(env: ComfyEnvironment) -> None:
+    """``preview`` gets every step's prediction with the VAE before its progress event; a batch of 2 saves two
+    files with consecutive counters and matches the reference with one noise draw for the whole batch."""
+    prompt = example_prompt("tiny_sd1.safetensors")
+    prompt["5"]["inputs"]["batch_size"] = 2
+    check = check_request({"prompt": prompt}, env)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    events: list[str] = []
+
+    def preview(node: str, x0: torch.Tensor, vae: Any) -> None:
+        seen.append((node, tuple(x0.shape)))
+        events.append("preview")
+        assert vae.downscale >= 1
+
+    result = PromptExecutor(env).execute(check.prompt, "b", check.outputs, preview=preview,
+                                         send=lambda e, d: events.append(e))
+    assert result.success
+    assert len(seen) == STEPS and all(n == "3" and s[0] == 2 for n, s in seen)
+    steps = [e for e in events if e in ("preview", "progress")]
+    assert steps == ["preview", "progress"] * STEPS
+    assert [i["filename"] for i in result.outputs["9"]["images"]] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
+    ours = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in saved(env, result)])
+    models = load_checkpoint(env, "tiny_sd1.safetensors")[0].models
+    f = models.vae.downscale
+    ref = comfy_reference(models, (2, 4, SIZE // f, SIZE // f))  # one generator for the whole batch
+    assert mad(ours, ref) < TOL and mad(ours[0], ours[1]) > 2 * TOL
 
 
 def test_requeue_with_one_changed_input_reruns_only_what_depends_on_it(env: ComfyEnvironment) -> None:

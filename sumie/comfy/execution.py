@@ -36,6 +36,8 @@ from sumie.comfy.validation import is_link
 from sumie.pipelines.control import JobControl
 
 Send = Callable[[str, dict[str, Any]], None]
+# preview(node_id, denoised x0 [B, C, h, w] as scaled latents, the model's VAE): called before each "progress"
+Preview = Callable[[str, Any, Any], None]
 _STATUS_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error",
                   "execution_interrupted")
 
@@ -156,8 +158,12 @@ class PromptExecutor:
     # ---------------------------------------------------------------- running
     def execute(self, prompt: dict[str, Any], prompt_id: str, outputs: list[str], *,
                 extra_data: Mapping[str, Any] | None = None, send: Send | None = None,
-                control: JobControl | None = None) -> ExecutionResult:
-        """Run the ``outputs`` of a validated prompt; events go to ``send``; returns the result for the history."""
+                control: JobControl | None = None, preview: Preview | None = None) -> ExecutionResult:
+        """Run the ``outputs`` of a validated prompt; events go to ``send``; returns the result for the history.
+
+        ``preview`` gets each sampler step's prediction (for the binary preview frames, e.g. through
+        :class:`sumie.pipelines.vae_io.Previewer`); ``control.interrupt()`` stops the prompt.
+        """
         control = control or JobControl()
         result = ExecutionResult(prompt_id, False)
 
@@ -204,7 +210,8 @@ class PromptExecutor:
                 def progress(value: int, total: int, nid: str = node_id) -> None:
                     emit("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": nid})
 
-                ctx = RunContext(self.env, node_id, prompt, extra_pnginfo, control, progress)
+                show = None if preview is None else (lambda x0, vae, nid=node_id: preview(nid, x0, vae))
+                ctx = RunContext(self.env, node_id, prompt, extra_pnginfo, control, progress, show)
                 out = obj.run(ctx, **inputs_seen)
                 current[node_id] = tuple(out.outputs)
                 self._outputs[keys[node_id]] = current[node_id]

@@ -39,6 +39,7 @@ class RunContext:
     extra_pnginfo: Mapping[str, Any] | None
     control: JobControl
     progress: Callable[[int, int], None] = field(default=lambda value, total: None)
+    preview: Callable[[Any, Any], None] | None = None  # (denoised x0 [B, C, h, w] scaled latents, VAE) per step
 
     def check(self) -> None:
         """Raise :class:`Interrupted` when the prompt has been interrupted."""

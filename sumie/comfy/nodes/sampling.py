@@ -28,6 +28,8 @@ def _run(ctx: RunContext, model: ComfyModel, guider: ComfyGuider, sampler: str, 
     guide = cs.ComfyCFG(model, guider.positive, guider.negative, guider.cfg, samples.shape)
 
     def progress(value: int, total: int, x0: Tensor) -> None:
+        if ctx.preview is not None:
+            ctx.preview(x0, model.models.vae)
         ctx.progress(value, total)
         ctx.check()
 
