@@ -53,6 +53,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ckpts.mkdir(parents=True)
     save_file(random_single_file(TINY["sd1"], seed=0), str(ckpts / "tiny_sd1.safetensors"))
     save_file(random_single_file(TINY["sdxl"], seed=1), str(ckpts / "tiny_sdxl.safetensors"))
+    save_file(random_single_file(TINY["sdxl_refiner"], seed=3), str(ckpts / "tiny_refiner.safetensors"))
     inpaint = TINY["sd1"].with_(unet=replace(TINY["sd1"].unet, in_channels=9))
     save_file(random_single_file(inpaint, seed=2), str(ckpts / "tiny_sd1_inpaint.safetensors"))
     manager = ModelManager(ModelFolders(base))
@@ -279,3 +280,19 @@ def test_inpaint_model_conditioning(env: ComfyEnvironment) -> None:
     (out,) = KSampler().run(_ctx(env), model, SEED, 3, CFG, "euler", "normal", p, n, latent, 1.0).outputs
     keep = (small == 0).expand_as(out["samples"])
     torch.testing.assert_close(out["samples"][keep], latent["samples"][keep], rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_refiner_conditioning(env: ComfyEnvironment) -> None:
+    """The refiner's ADM ids are (h, w, crop_h, crop_w, aesthetic score); the score defaults to 6, or 2.5 on the
+    negative side (``SDXLRefiner.encode_adm``); a refiner graph runs with CLIPTextEncodeSDXLRefiner."""
+    model, _, _ = load_checkpoint(env, "tiny_refiner.safetensors")
+    pooled = torch.randn(1, model.models.config.unet.adm_in_channels - 5 * 256)
+    cpu = torch.device("cpu")
+    for negative, score in ((False, 6.0), (True, 2.5)):
+        y = cs._adm(model, {"pooled_output": pooled}, (1, 4, 8, 8), cpu, torch.float32, negative)
+        torch.testing.assert_close(y, sdxl_adm_vector(pooled, torch.tensor([[64.0, 64, 0, 0, score]]), 256))
+    p = example_prompt("tiny_refiner.safetensors")
+    p["6"] = {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"ascore": 7.5, "width": 512, "height": 512,
+                                                                    "text": "a castle", "clip": ["4", 1]}}
+    result, _ = run(env, p)
+    assert result.success, result.error

@@ -137,9 +137,15 @@ def expected(files: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
                                                                   "step": 0.001}],
             "end": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}],
         }, ["CONDITIONING"], "advanced/conditioning"),
+        # INPUT_TYPES lists "clip" twice (after text_g and after text_l): the dict keeps the first place
         "CLIPTextEncodeSDXL": entry({
-            "clip": ["CLIP"], "width": sdxl_size, "height": sdxl_size, "crop_w": sdxl_crop, "crop_h": sdxl_crop,
-            "target_width": sdxl_size, "target_height": sdxl_size, "text_g": sdxl_text, "text_l": sdxl_text,
+            "width": sdxl_size, "height": sdxl_size, "crop_w": sdxl_crop, "crop_h": sdxl_crop,
+            "target_width": sdxl_size, "target_height": sdxl_size, "text_g": sdxl_text, "clip": ["CLIP"],
+            "text_l": sdxl_text,
+        }, ["CONDITIONING"], "advanced/conditioning", module="comfy_extras.nodes_clip_sdxl"),
+        "CLIPTextEncodeSDXLRefiner": entry({
+            "ascore": ["FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01}],
+            "width": sdxl_size, "height": sdxl_size, "text": sdxl_text, "clip": ["CLIP"],
         }, ["CONDITIONING"], "advanced/conditioning", module="comfy_extras.nodes_clip_sdxl"),
         "ConditioningSetArea": entry({
             "conditioning": ["CONDITIONING"],

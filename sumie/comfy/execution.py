@@ -232,7 +232,7 @@ class PromptExecutor:
             result.error = {
                 "prompt_id": prompt_id, "node_id": node_id,
                 "node_type": prompt.get(node_id, {}).get("class_type", ""), "executed": list(result.executed),
-                "exception_message": str(ex), "exception_type": f"{type(ex).__module__}.{type(ex).__qualname__}",
+                "exception_message": str(ex), "exception_type": _type_name(type(ex)),
                 "traceback": traceback.format_tb(ex.__traceback__),
                 "current_inputs": {k: [_describe(v)] for k, v in inputs_seen.items()},
                 "current_outputs": list(current), "timestamp": _now_ms(),
@@ -247,6 +247,11 @@ class PromptExecutor:
         if send is not None:
             send("executing", {"node": None, "prompt_id": prompt_id})
         return result
+
+
+def _type_name(cls: type) -> str:
+    """ComfyUI's ``full_type_name``: ``module.Qualname``, builtins by their bare name."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _describe(value: Any) -> str:

@@ -164,10 +164,10 @@ class _Entry:
     it acts on (``area`` (h, w, y, x) in latent cells and ``mult``, ComfyUI ``get_area_and_mult``)."""
 
     def __init__(self, ds: DiscreteSigmas, model: ComfyModel, cond: list[Any], latent_shape: Sequence[int],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, negative: bool = False) -> None:
         context, opts = cond[0], cond[1]
         self.context = context.to(device=device, dtype=dtype)
-        self.y = _adm(model, opts, latent_shape, device, dtype)
+        self.y = _adm(model, opts, latent_shape, device, dtype, negative)
         self.start = _percent_to_sigma(ds, float(opts.get("start_percent", 0.0)))
         self.end = _percent_to_sigma(ds, float(opts.get("end_percent", 1.0)))
         self.area, self.mult = _area_and_mult(opts, latent_shape, device, dtype)
@@ -237,8 +237,9 @@ def _percent_to_sigma(ds: DiscreteSigmas, percent: float) -> float:
 
 
 def _adm(model: ComfyModel, opts: dict[str, Any], latent_shape: Sequence[int], device: torch.device,
-         dtype: torch.dtype) -> Tensor | None:
-    """SDXL's ADM vector from the entry's pooled output and sizes (ComfyUI ``SDXL.encode_adm``), None for SD1/2."""
+         dtype: torch.dtype, negative: bool = False) -> Tensor | None:
+    """SDXL's ADM vector from the entry's pooled output and sizes (ComfyUI ``SDXL.encode_adm``; the refiner's
+    ``SDXLRefiner.encode_adm`` with the aesthetic score, default 6, or 2.5 on the negative side), None for SD1/2."""
     cfg = model.models.config
     adm = cfg.unet.adm_in_channels
     if adm is None:
@@ -248,10 +249,14 @@ def _adm(model: ComfyModel, opts: dict[str, Any], latent_shape: Sequence[int], d
         raise ConfigError("this SDXL-type model needs a conditioning with a pooled output (CLIPTextEncode)")
     width = opts.get("width", latent_shape[3] * 8)
     height = opts.get("height", latent_shape[2] * 8)
-    ids = [height, width, opts.get("crop_h", 0), opts.get("crop_w", 0), opts.get("target_height", height),
-           opts.get("target_width", width)]
-    if adm - pooled.shape[-1] != 6 * 256:
-        raise ConfigError("SDXL refiner conditioning (aesthetic score) is not supported by the ComfyUI nodes yet")
+    ids = [height, width, opts.get("crop_h", 0), opts.get("crop_w", 0)]
+    n_ids, rem = divmod(adm - pooled.shape[-1], 256)
+    if rem or n_ids not in (5, 6):
+        raise ConfigError(f"ADM input of {adm} channels does not fit pooled {pooled.shape[-1]} + 5 or 6 x 256 ids")
+    if n_ids == 6:
+        ids += [opts.get("target_height", height), opts.get("target_width", width)]
+    else:
+        ids.append(opts.get("aesthetic_score", 2.5 if negative else 6.0))
     y = sdxl_adm_vector(pooled.float(), torch.tensor([ids], dtype=torch.float32), 256)
     return y.to(device=device, dtype=dtype)
 
@@ -268,7 +273,7 @@ class ComfyCFG:
         self.device = device
         self.positive = [_Entry(self.ds, model, c, latent_shape, device, torch.float32) for c in positive]
         skip_uncond = math.isclose(cfg, 1.0)
-        self.negative = [] if skip_uncond else [_Entry(self.ds, model, c, latent_shape, device, torch.float32)
+        self.negative = [] if skip_uncond else [_Entry(self.ds, model, c, latent_shape, device, torch.float32, True)
                                                 for c in negative]
         self.cfg = float(cfg)
         self.model = model

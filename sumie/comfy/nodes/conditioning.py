@@ -1,5 +1,6 @@
 """Text conditioning nodes (nodes.py: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine / Concat / ZeroOut /
-SetTimestepRange / SetArea / SetAreaPercentage / SetMask; comfy_extras/nodes_clip_sdxl.py: CLIPTextEncodeSDXL).
+SetTimestepRange / SetArea / SetAreaPercentage / SetMask; comfy_extras/nodes_clip_sdxl.py: CLIPTextEncodeSDXL,
+CLIPTextEncodeSDXLRefiner).
 
 Prompts are tokenized and encoded by :class:`~sumie.prompts.text_conditioning.TextConditioner` (emphasis parsed,
 weights left out), then weighted as ComfyUI does (``sd1_clip.ClipTokenWeightEncoder``): a token of weight w != 1
@@ -80,8 +81,8 @@ class CLIPTextEncodeSDXL(Node):
         size = ("INT", {"default": 1024.0, "min": 0, "max": MAX_RESOLUTION})
         crop = ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION})
         text = ("STRING", {"multiline": True, "dynamicPrompts": True})
-        return {"required": {"clip": ("CLIP",), "width": size, "height": size, "crop_w": crop, "crop_h": crop,
-                             "target_width": size, "target_height": size, "text_g": text, "text_l": text}}
+        return {"required": {"width": size, "height": size, "crop_w": crop, "crop_h": crop, "target_width": size,
+                             "target_height": size, "text_g": text, "clip": ("CLIP",), "text_l": text}}
 
     def run(self, ctx: RunContext, clip: ComfyClip, width: int, height: int, crop_w: int, crop_h: int,
             target_width: int, target_height: int, text_g: str, text_l: str) -> NodeOutput:
@@ -100,6 +101,29 @@ class CLIPTextEncodeSDXL(Node):
         context = torch.cat([ctx_l[..., :width_l], ctx_g[..., width_l:]], dim=-1)
         opts = {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
                 "target_width": target_width, "target_height": target_height}
+        return NodeOutput(([[context, opts]],))
+
+
+class CLIPTextEncodeSDXLRefiner(Node):
+    """comfy_extras/nodes_clip_sdxl.py ``CLIPTextEncodeSDXLRefiner``: the prompt with the refiner's aesthetic
+    score and size."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    CATEGORY = "advanced/conditioning"
+    PYTHON_MODULE = "comfy_extras.nodes_clip_sdxl"
+
+    @classmethod
+    def input_types(cls, env: Any) -> InputTypes:
+        """Aesthetic score, size, text."""
+        size = ("INT", {"default": 1024.0, "min": 0, "max": MAX_RESOLUTION})
+        return {"required": {"ascore": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01}),
+                             "width": size, "height": size,
+                             "text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}}
+
+    def run(self, ctx: RunContext, ascore: float, width: int, height: int, text: str, clip: ComfyClip) -> NodeOutput:
+        """[[context, {pooled_output, aesthetic_score, width, height}]]."""
+        context, pooled, _ = encode_text(clip, text)
+        opts = {"pooled_output": pooled, "aesthetic_score": float(ascore), "width": width, "height": height}
         return NodeOutput(([[context, opts]],))
 
 
@@ -278,6 +302,7 @@ NODES: dict[str, type[Node]] = {
     "ConditioningZeroOut": ConditioningZeroOut,
     "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
     "CLIPTextEncodeSDXL": CLIPTextEncodeSDXL,
+    "CLIPTextEncodeSDXLRefiner": CLIPTextEncodeSDXLRefiner,
     "ConditioningSetArea": ConditioningSetArea,
     "ConditioningSetAreaPercentage": ConditioningSetAreaPercentage,
     "ConditioningSetMask": ConditioningSetMask,
