@@ -2,11 +2,11 @@
 SetTimestepRange / SetArea / SetAreaPercentage / SetMask; comfy_extras/nodes_clip_sdxl.py: CLIPTextEncodeSDXL,
 CLIPTextEncodeSDXLRefiner).
 
-Prompts are tokenized and encoded by :class:`~sumie.prompts.text_conditioning.TextConditioner` (emphasis parsed,
-weights left out), then weighted as ComfyUI does (``sd1_clip.ClipTokenWeightEncoder``): a token of weight w != 1
-becomes ``(z - z_empty) * w + z_empty``, ``z_empty`` the encoding of the empty prompt at that position. Differences
-from ComfyUI's tokenizer: A1111's brackets (``[x]`` lowers a weight, ``BREAK`` starts a chunk) and chunks cut at 75
-tokens rather than at word ends.
+Prompts are split into chunks as ComfyUI does (:mod:`sumie.comfy.tokens`), encoded by Sumie's text encoders
+(:class:`~sumie.prompts.text_conditioning.TextConditioner`) and weighted as ComfyUI does
+(``sd1_clip.ClipTokenWeightEncoder``): a token of weight w != 1 becomes ``(z - z_empty) * w + z_empty``,
+``z_empty`` the encoding of the empty prompt at that position. Textual-inversion ``embedding:name`` words are not
+supported yet (they are tokenized as text).
 """
 
 from __future__ import annotations
@@ -17,16 +17,25 @@ import torch
 from torch import Tensor
 
 from sumie.comfy.nodes.base import MAX_RESOLUTION, InputTypes, Node, RunContext
+from sumie.comfy.tokens import comfy_chunks
 from sumie.comfy.values import ComfyClip, Conditioning, NodeOutput, applied
 from sumie.errors import ConfigError
-from sumie.prompts.text_conditioning import ConditioningOptions, TextConditioner
+from sumie.prompts.text_conditioning import ConditioningOptions, PromptChunk, TextConditioner
+
+
+class _ComfyConditioner(TextConditioner):
+    """Sumie's text encoders fed ComfyUI's chunks (:func:`sumie.comfy.tokens.comfy_chunks`), weights left out."""
+
+    def tokenize(self, text: str) -> tuple[list[PromptChunk], int]:
+        """ComfyUI's chunks of a prompt and their token count."""
+        chunks = comfy_chunks(text, self.tokenizer)
+        return chunks, sum(t not in (self.tokenizer.BOS, self.tokenizer.EOS) for c in chunks for t in c.tokens)
 
 
 def _conditioner(clip: ComfyClip) -> TextConditioner:
     m = clip.models
     skip = 1 if clip.layer is None else -clip.layer
-    options = ConditioningOptions(emphasis="Ignore", clip_skip=skip, comma_padding_backtrack=0)
-    return TextConditioner(m.config, m.text_encoders, None, options)
+    return _ComfyConditioner(m.config, m.text_encoders, None, ConditioningOptions(emphasis="Ignore", clip_skip=skip))
 
 
 def encode_text(clip: ComfyClip, text: str) -> tuple[Tensor, Tensor | None, int]:
