@@ -262,7 +262,8 @@ def _adm(model: ComfyModel, opts: dict[str, Any], latent_shape: Sequence[int], d
 
 
 class ComfyCFG:
-    """``model(x, sigma) -> x0``: both sides' active entries in one batched call, averaged, then CFG on x0."""
+    """``model(x, sigma) -> x0``: the active entries of both sides (batched per region), each side averaged with
+    its weights, then ``uncond + (cond - uncond) * cfg`` on x0 (ComfyUI ``sampling_function`` / ``cfg_function``)."""
 
     def __init__(self, model: ComfyModel, positive: Conditioning, negative: Conditioning, cfg: float,
                  latent_shape: Sequence[int]) -> None:
@@ -308,33 +309,32 @@ class ComfyCFG:
         s = float(sigma.reshape(-1)[0])
         pos = [e for e in self.positive if e.active(s)]
         neg = [e for e in self.negative if e.active(s)]
-        cond = self._side(pos, x, sigma)
+        cond, uncond = self._predict([pos, neg], x, sigma)
         if not self.negative and math.isclose(self.cfg, 1.0):
             return cond
-        uncond = self._side(neg, x, sigma)
         return uncond + (cond - uncond) * self.cfg
 
-    def _side(self, entries: list[_Entry], x: Tensor, sigma: Tensor) -> Tensor:
-        """``calc_cond_batch`` for one side: each entry's prediction on its region, weighted by its mult and
-        normalised by the summed weights (0 where no entry acts); entries of one region share a batched call."""
-        out = torch.zeros_like(x)
-        count = torch.full_like(x, 1e-37)
+    def _predict(self, sides: list[list[_Entry]], x: Tensor, sigma: Tensor) -> list[Tensor]:
+        """``calc_cond_batch``: per side, each entry's prediction on its region weighted by its mult, normalised
+        by the summed weights (0 where no entry acts); the entries of one region (both sides) share one call."""
+        outs = [torch.zeros_like(x) for _ in sides]
+        counts = [torch.full_like(x, 1e-37) for _ in sides]
         b = x.shape[0]
-        regions: dict[tuple[int, int, int, int] | None, list[_Entry]] = {}
-        for e in entries:
-            regions.setdefault(e.area, []).append(e)
+        regions: dict[tuple[int, int, int, int] | None, list[tuple[int, _Entry]]] = {}
+        for k, entries in enumerate(sides):
+            for e in entries:
+                regions.setdefault(e.area, []).append((k, e))
         for area, group in regions.items():
             h, w, y, x0 = area if area is not None else (x.shape[2], x.shape[3], 0, 0)
             part = x[:, :, y:y + h, x0:x0 + w]
-            conds = [_kwargs(e, area) for e in group]
-            kwargs = batch_conds(conds, b, repeat_context=True)
+            kwargs = batch_conds([_kwargs(e, area) for _, e in group], b, repeat_context=True)
             n = len(group)
             pred = self.denoiser(part.repeat(n, 1, 1, 1), sigma.expand(b).repeat(n), **kwargs)
-            for i, e in enumerate(group):
+            for i, (k, e) in enumerate(group):
                 mult = e.mult if e.mult is not None else torch.ones((), device=x.device, dtype=x.dtype)
-                out[:, :, y:y + h, x0:x0 + w] += pred[i * b:(i + 1) * b] * mult
-                count[:, :, y:y + h, x0:x0 + w] += mult
-        return out / count
+                outs[k][:, :, y:y + h, x0:x0 + w] += pred[i * b:(i + 1) * b] * mult
+                counts[k][:, :, y:y + h, x0:x0 + w] += mult
+        return [o / c for o, c in zip(outs, counts, strict=True)]
 
 
 def _kwargs(e: _Entry, area: tuple[int, int, int, int] | None) -> dict[str, Tensor]:
