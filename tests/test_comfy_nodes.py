@@ -3,11 +3,13 @@
 Each expected entry is written from ComfyUI's source, read for this (the commit the search index holds):
 ``nodes.py`` at e60e19b (the ``INPUT_TYPES`` / ``RETURN_TYPES`` / ``CATEGORY`` / ``DESCRIPTION`` /
 ``OUTPUT_TOOLTIPS`` of each class and ``NODE_DISPLAY_NAME_MAPPINGS``), ``comfy_extras/nodes_custom_sampler.py``
-(SamplerCustom, KSamplerSelect, BasicScheduler, KarrasScheduler, CFGGuider, RandomNoise, SamplerCustomAdvanced),
-``comfy_extras/nodes_clip_sdxl.py`` (CLIPTextEncodeSDXL) and ``server.py`` ``node_info`` (the keys and their
-order). Option lists that depend on files (checkpoints, LoRAs, VAEs, input images) come from the folders; the
-sampler and scheduler lists are ComfyUI's ``SAMPLER_NAMES`` / ``SCHEDULER_NAMES`` in ComfyUI's order, keeping
-the names Sumie runs (written out here, so dropping or reordering one fails).
+in its ``io.Schema`` form (SamplerCustom, KSamplerSelect, BasicScheduler, KarrasScheduler, CFGGuider, RandomNoise,
+SamplerCustomAdvanced: categories ``sampling/custom_sampling/...``, ``control_after_generate`` on the seeds),
+``comfy_extras/nodes_clip_sdxl.py`` (CLIPTextEncodeSDXL / Refiner, ``INPUT_TYPES`` style) and ``server.py``
+``node_info`` (the keys and their order). Option lists that depend on files (checkpoints, LoRAs, VAEs, input
+images) come from the folders; the sampler and scheduler lists are ComfyUI's ``SAMPLER_NAMES`` /
+``SCHEDULER_NAMES`` in ComfyUI's order, keeping the names Sumie runs (written out here, so dropping or reordering
+one fails).
 """
 
 from __future__ import annotations
