@@ -411,3 +411,15 @@ def test_batch_noise_is_comfyui_prepare_noise() -> None:
     picked = batch_noise((2, 4, 8, 8), 42, [2, 0])
     assert torch.equal(picked[0], whole[2]) and torch.equal(picked[1], whole[0])
     assert not torch.equal(whole[1], torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(43))[0])
+
+
+def test_a_broken_branch_outside_the_outputs_does_not_stop_the_run(env: ComfyEnvironment) -> None:
+    """Validation keeps the good output; the broken branch's LoadImage (missing file) is neither run nor able to
+    fail the prompt (ComfyUI treats a failing IS_CHANGED as NaN: never cached, never an error by itself)."""
+    prompt = example_prompt("tiny_sd1.safetensors")
+    prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": "missing.png"}}
+    prompt["21"] = {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}}
+    check = check_request({"prompt": prompt}, env)
+    assert check.ok and check.outputs == ["9"] and list(check.node_errors) == ["20"]
+    result = PromptExecutor(env).execute(check.prompt, "x", check.outputs)
+    assert result.success and "20" not in result.executed and list(result.outputs) == ["9"]

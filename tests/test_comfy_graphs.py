@@ -25,7 +25,7 @@ from test_comfy_execution import CFG, NEGATIVE, POSITIVE, SEED, SIZE, _context, 
 
 from sumie.checkpoints.manager import ModelFolders, ModelManager
 from sumie.checkpoints.save import random_single_file
-from sumie.comfy import ComfyEnvironment, ComfyFolders
+from sumie.comfy import ComfyEnvironment, ComfyFolders, PromptExecutor, check_request
 from sumie.comfy import sampler as cs
 from sumie.comfy.nodes.base import RunContext
 from sumie.comfy.nodes.conditioning import (
@@ -296,3 +296,16 @@ def test_sdxl_refiner_conditioning(env: ComfyEnvironment) -> None:
                                                                     "text": "a castle", "clip": ["4", 1]}}
     result, _ = run(env, p)
     assert result.success, result.error
+
+
+def test_load_image_reruns_when_the_file_changes(env: ComfyEnvironment) -> None:
+    """LoadImage's IS_CHANGED is the file's hash: the same graph re-runs from LoadImage when the file changed,
+    and is fully cached when it did not."""
+    executor = PromptExecutor(env)
+    check = check_request({"prompt": img2img_prompt()}, env)
+    first = executor.execute(copy.deepcopy(check.prompt), "a", check.outputs)
+    again = executor.execute(copy.deepcopy(check.prompt), "b", check.outputs)
+    Image.new("RGB", (SIZE, SIZE), (10, 200, 30)).save(env.folders.input / "init.png")
+    changed = executor.execute(copy.deepcopy(check.prompt), "c", check.outputs)
+    assert first.success and "10" in first.executed and again.executed == []
+    assert changed.executed == ["10", "5", "3", "8", "9"]

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -102,7 +103,10 @@ class PromptExecutor:
                     parts.append(f"{name}=<{key(str(v[0]), (*stack, node_id))}>[{v[1]}]")
                 else:
                     parts.append(f"{name}={_const_key(v)}")
-            changed = cls.is_changed(self.env, {k: v for k, v in inputs.items() if not is_link(v)})
+            try:
+                changed = cls.is_changed(self.env, {k: v for k, v in inputs.items() if not is_link(v)})
+            except Exception:  # noqa: BLE001 - ComfyUI: a failing IS_CHANGED is NaN, i.e. never the same
+                changed = f"nan-{secrets.token_hex(8)}"
             if changed is not None:
                 parts.append(f"is_changed={_const_key(changed)}")
             keys[node_id] = "(" + ",".join(parts) + ")"
