@@ -1,8 +1,9 @@
 """Running an upscaler model on a PIL image: tiled with overlap and feathered blending, then Lanczos to the target.
 
-Tiles of ``tile`` input pixels overlap by at least ``overlap``; each tile's output is weighted by a linear ramp
-across the overlap on its inner edges (zero weight at the tile's own border, where its receptive field is cut), so
-neighbouring tiles cross-fade instead of meeting at a seam. Tile starts are multiples of the model's grid (the
+Tiles of ``tile`` input pixels overlap by at least ``overlap``; on its inner edges each tile's output gets zero
+weight over the first quarter of the overlap (a margin whose receptive field is cut by the tile border, dropped as
+Real-ESRGAN's ``tile_pad`` is) and a linear ramp over the middle half, so neighbouring tiles cross-fade instead of
+meeting at a seam. Tile starts are multiples of the model's grid (the
 pixel-unshuffle factor of Real-ESRGAN x2 / x1, SwinIR's window size), so tiles see the same cells as a whole-image
 run. As AUTOMATIC1111's upscalers do, the model runs again while the image is smaller than the target (at most
 three passes) and the result is Lanczos-resized to the exact target size.
@@ -68,14 +69,18 @@ def tile_spans(n: int, tile: int, overlap: int, align: int = 1) -> list[tuple[in
 
 
 def _ramp(start: int, end: int, n: int, overlap: int, device: torch.device) -> Tensor:
-    """[end - start] weights: a linear ramp of ``overlap`` samples on each edge that is inside ``0..n``, else 1."""
+    """[end - start] weights along one axis of a tile: on each edge inside ``0..n``, zero for the first quarter of
+    the overlap (the discarded margin, where the tile's receptive field is cut), then a linear ramp over its middle
+    half to 1; neighbours' ramps sum to 1 where they overlap by exactly ``overlap``."""
     i = torch.arange(end - start, device=device, dtype=torch.float32)
     w = torch.ones_like(i)
     if overlap > 0:
+        margin = overlap // 4
+        length = overlap - 2 * margin
         if start > 0:
-            w = torch.minimum(w, (i + 0.5) / overlap)
+            w = torch.minimum(w, ((i - margin + 0.5) / length).clamp(0, 1))
         if end < n:
-            w = torch.minimum(w, (end - start - i - 0.5) / overlap)
+            w = torch.minimum(w, ((end - start - 1 - i - margin + 0.5) / length).clamp(0, 1))
     return w
 
 
