@@ -302,7 +302,9 @@ def swinir_keys(*, embed_dim: int, depths: list[int], heads: list[int], window_s
     resi("conv_after_body")
     if upsampler in ("pixelshuffle", "nearest+conv"):
         k["conv_before_upsample.0.weight"], k["conv_before_upsample.0.bias"] = (num_feat, c, 3, 3), (num_feat,)
-    if upsampler == "pixelshuffle":
+    if upsampler == "pixelshuffle" and upscale == 3:  # one conv to 9 * num_feat, PixelShuffle(3)
+        k["upsample.0.weight"], k["upsample.0.bias"] = (9 * num_feat, num_feat, 3, 3), (9 * num_feat,)
+    elif upsampler == "pixelshuffle":
         for u in range(int(math.log2(upscale))):
             k[f"upsample.{2 * u}.weight"], k[f"upsample.{2 * u}.bias"] = (4 * num_feat, num_feat, 3, 3), (4 * num_feat,)
     elif upsampler == "pixelshuffledirect":

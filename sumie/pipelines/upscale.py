@@ -166,16 +166,16 @@ def upscale(model: Upscaler | nn.Module, image: Image.Image, scale: float | None
         module = copy.deepcopy(module).to(device=device, dtype=dtype)
     channels = int(getattr(module, "in_ch", 3))
     alpha = image.getchannel("A") if "A" in image.getbands() else None
-    x = _to_tensor(image, channels).to(device)
     align = _align(module)
+    out = image
     with torch.inference_mode():
-        for n in range(MAX_PASSES):
-            if n and (x.shape[3] >= tw and x.shape[2] >= th):
+        for n in range(MAX_PASSES):  # each pass ends in a uint8 image, as A1111's passes do
+            if n and (out.width >= tw and out.height >= th):
                 break
-            x = run_tiled(lambda t: module(t.to(dtype)), x, model_scale, tile, overlap, align)
+            x = _to_tensor(out, channels).to(device)
+            out = _to_image(run_tiled(lambda t: module(t.to(dtype)), x, model_scale, tile, overlap, align))
             if model_scale == 1:
                 break
-    out = _to_image(x)
     if out.size != (tw, th):
         out = out.resize((tw, th), Image.Resampling.LANCZOS)
     if alpha is not None and out.mode == "RGB":

@@ -169,7 +169,8 @@ def _detect_srvgg(sd: dict[str, Tensor]) -> tuple[UpscalerSpec, dict[str, Tensor
     convs = [i for i in idx if sd[f"body.{i}.weight"].ndim == 4]
     if len(convs) < 2 or any(sd[f"body.{i}.weight"].ndim != 1 for i in idx if i not in convs):
         raise CheckpointError("SRVGGNetCompact layout with unexpected body layers")
-    if convs != list(range(0, 2 * len(convs) - 1, 2)):
+    prelus = [i for i in idx if i not in convs]
+    if convs != list(range(0, 2 * len(convs) - 1, 2)) or prelus != [i + 1 for i in convs[:-1]]:
         raise CheckpointError("SRVGGNetCompact without PReLU layers between its convs is not supported (the "
                               "activation cannot be told from the weights)")
     first, last = sd["body.0.weight"], sd[f"body.{convs[-1]}.weight"]
