@@ -194,6 +194,9 @@ def test_detection_errors(tmp_path: Path) -> None:
     vgg = ref.random_weights(ref.srvgg_keys(8, 2, 4, prefix=""), 0)
     with pytest.raises(CheckpointError, match="without PReLU"):
         detect_upscaler({k: v for k, v in vgg.items() if v.ndim != 1 or k.endswith("bias")})
+    swin = ref.random_weights(ref.swinir_keys(upscale=2, upsampler="nearest+conv", **SWIN_SMALL), 0, "meta")
+    with pytest.raises(CheckpointError, match="Swin2SR upscalers are not supported"):
+        detect_upscaler(swin | {"params.layers.0.residual_group.blocks.0.attn.cpb_mlp.0.weight": torch.zeros(1)})
     (tmp_path / "empty.pth").write_bytes(b"not a pickle")
     with pytest.raises(CheckpointError):
         load_upscaler(tmp_path / "empty.pth")

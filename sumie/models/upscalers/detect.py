@@ -186,6 +186,9 @@ def _detect_srvgg(sd: dict[str, Tensor]) -> tuple[UpscalerSpec, dict[str, Tensor
 
 
 def _detect_swinir(sd: dict[str, Tensor]) -> tuple[UpscalerSpec, dict[str, Tensor]]:
+    for marker, arch in ((".cpb_mlp.", "Swin2SR"), (".overlap_attn.", "HAT"), (".conv_block.", "HAT")):
+        if any(marker in k for k in sd):
+            raise CheckpointError(f"{arch} upscalers are not supported; supported: {', '.join(ARCHITECTURES)}")
     if "absolute_pos_embed" in sd:
         raise CheckpointError("SwinIR with an absolute position embedding (ape=True) is not supported")
     sd = {k: v for k, v in sd.items() if not k.endswith(("attn.relative_position_index", "attn_mask"))}
