@@ -442,6 +442,7 @@ CLI_ERRORS = {
     "bad scale": (["--upscaler", "{model}", "--scale", "0", "-o", "{tmp}/o.png"], "--scale 0"),
     "output exists": (["--upscaler", "{model}", "-o", "{tmp}/in.png"], "already exists"),
     "bad suffix": (["--upscaler", "{model}", "-o", "{tmp}/o.gif"], "unknown image type"),
+    "bad device": (["--upscaler", "{model}", "--device", "bogus", "-o", "{tmp}/o.png"], "--device bogus"),
 }
 
 

@@ -81,10 +81,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     path = resolve_upscaler(_manager(args.models_dir), args.upscaler)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"--device {args.device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is available to torch; use --device cpu")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"--device {args.device}: not usable here ({str(e).splitlines()[0]}); use --device cpu "
+                          "or an available GPU") from None
     dtype = getattr(torch, _DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "fp16")])
     model = load_upscaler(path, device=device, dtype=dtype)
     w, h = image.size
