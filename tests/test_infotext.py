@@ -364,9 +364,9 @@ def test_parse_edge_cases() -> None:
     assert d["Prompt"] == "" and "Model" not in d and d["Seed"] == "3"  # empty values are skipped, as in A1111
     with pytest.raises(ConfigError, match="Steps"):
         params_from_infotext("x\nSteps: many, Sampler: Euler, Seed: 1")
-    with pytest.raises(ConfigError, match="R-ESRGAN"):
+    with pytest.raises(ConfigError, match="Latent \\(bicubic\\)"):  # upscaler models are names; latent modes are not
         params_from_infotext("x\nSteps: 20, Sampler: Euler, Seed: 1, Denoising strength: 0.5, "
-                             "Hires upscaler: R-ESRGAN 4x+")
+                             "Hires upscaler: Latent (bicubic)")
     with pytest.raises(ConfigError, match="unknown sampler"):
         params_from_infotext("x\nSteps: 20, Sampler: DPM adaptive, Seed: 1")
 

@@ -11,7 +11,7 @@ lora        ``models/Lora``, ``models/LyCORIS``                      ``models/lo
 vae         ``models/VAE``                                           ``models/vae``
 embedding   ``embeddings`` (web UI root), ``models/embeddings``      ``models/embeddings``
 controlnet  ``models/ControlNet``                                    ``models/controlnet``
-upscaler    ``models/ESRGAN``                                        ``models/upscale_models``
+upscaler    ``models/ESRGAN``, ``models/RealESRGAN``, ``SwinIR``     ``models/upscale_models``
 ip_adapter  ``models/ControlNet`` (the ControlNet extension's)        ``models/ipadapter``
 clip_vision ``models/clip_vision``                                   ``models/clip_vision``
 =========== ======================================================== ==========================
@@ -54,7 +54,8 @@ MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
 _LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "a1111": {"checkpoint": ("Stable-diffusion",), "lora": ("Lora", "LyCORIS"), "vae": ("VAE",),
-              "embedding": ("embeddings",), "controlnet": ("ControlNet",), "upscaler": ("ESRGAN",),
+              "embedding": ("embeddings",), "controlnet": ("ControlNet",),
+              "upscaler": ("ESRGAN", "RealESRGAN", "SwinIR"),
               "ip_adapter": ("ControlNet",), "clip_vision": ("clip_vision",)},
     "comfyui": {"checkpoint": ("checkpoints",), "lora": ("loras",), "vae": ("vae",), "embedding": ("embeddings",),
                 "controlnet": ("controlnet",), "upscaler": ("upscale_models",), "ip_adapter": ("ipadapter",),
@@ -274,6 +275,8 @@ def _tensors(obj: object) -> Iterable[torch.Tensor]:
     elif isinstance(obj, StableDiffusionModels):
         for m in obj.modules().values():
             yield from _tensors(m)
+    elif isinstance(getattr(obj, "module", None), nn.Module):  # an Upscaler
+        yield from _tensors(obj.module)  # type: ignore[attr-defined]
     elif isinstance(obj, Mapping):
         for v in obj.values():
             yield from _tensors(v)
@@ -338,6 +341,14 @@ def _load_standalone_vae(req: LoadRequest) -> nn.Module:
                     fallback=req.options.get("fallback"))
 
 
+def _load_upscaler(req: LoadRequest) -> object:
+    from sumie.models.upscalers.detect import load_upscaler
+
+    up = load_upscaler(req.path, device=req.device, dtype=req.dtype.unet)
+    up.name = req.manager._display_name("upscaler", req.path)
+    return up
+
+
 class ModelManager:
     """Loads models by name on demand and keeps them in an LRU cache bounded by a memory budget; thread-safe.
 
@@ -349,7 +360,8 @@ class ModelManager:
     A caller that keeps a reference to an evicted model keeps its memory until it lets go.
 
     Loaders per kind: checkpoints -> :class:`~sumie.checkpoints.loader.StableDiffusionModels`, VAEs ->
-    :class:`~sumie.models.vae.AutoencoderKL`; other kinds give the resolved path until a loader is registered
+    :class:`~sumie.models.vae.AutoencoderKL`, upscalers -> :class:`~sumie.models.upscalers.detect.Upscaler`; other
+    kinds give the resolved path until a loader is registered
     (:meth:`register_loader`).
     """
 
@@ -368,7 +380,8 @@ class ModelManager:
         self.hashes = hashes if hashes is not None else FileHashes()
         self.warnings: list[str] = []
         self.loads = 0  # models loaded from disk so far (cache misses)
-        self._loaders: dict[str, Loader] = {"checkpoint": _load_checkpoint, "vae": _load_standalone_vae}
+        self._loaders: dict[str, Loader] = {"checkpoint": _load_checkpoint, "vae": _load_standalone_vae,
+                                            "upscaler": _load_upscaler}
         self._cache: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
         self._lock = threading.Lock()  # the cache and the counters
         self._load_lock = threading.RLock()  # one load at a time (a loader may get() what it needs)

@@ -15,6 +15,7 @@ from sumie.cli import control as control_cli
 from sumie.cli import ip_adapter as ip_cli
 from sumie.cli import lora as lora_cli
 from sumie.cli import preprocess as preprocess_cli
+from sumie.cli import upscale as upscale_cli
 from sumie.errors import SumieError
 
 if TYPE_CHECKING:
@@ -483,6 +484,7 @@ def _generate(args: argparse.Namespace) -> int:
     outputs = _Outputs(args.output, p.batch_size * p.n_iter, args.overwrite, args.format, args.quality)
     model, vae, embeddings, manager = _resolve_models(args, p, fields)
     _check_size(args, p, model=model, vae=vae)
+    upscale_cli.check_hires_upscaler(p, manager)
     import sumie
     from sumie.checkpoints.hashes import FileHashes, default_cache_path
 
@@ -557,6 +559,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hires_upscaler(text: str) -> str:
+    """--hires-upscaler: the built-in names in any letter case, anything else as given (a model)."""
+    return text.lower() if text.lower() in ("latent", "lanczos") else text
+
+
 def _none_default(help_text: str, default: object) -> str:
     return f"{help_text} (default: {default})"
 
@@ -615,7 +622,10 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
         h.add_argument("--hires-steps", type=int, metavar="N", help=_none_default("second-pass steps (0 = --steps)", 0))
         h.add_argument("--hires-denoise", type=float, metavar="X",
                        help=_none_default("second-pass denoising strength", 0.7))
-        h.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help=_none_default("upscaler", "latent"))
+        h.add_argument("--hires-upscaler", type=_hires_upscaler, metavar="NAME",
+                       help=_none_default("latent, lanczos, or an upscaler model (ESRGAN, Real-ESRGAN, SwinIR): a "
+                                          "file, or a name in --models-dir's ESRGAN / RealESRGAN / SwinIR / "
+                                          "upscale_models folder", "latent"))
     r = p.add_argument_group("SDXL refiner")
     r.add_argument("--refiner", metavar="PATH", help="refiner checkpoint that takes over at --refiner-switch-at "
                    "(a path, or a name in --models-dir)")
@@ -748,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_parsers(sub, model_arg)
     lora_cli.add_parsers(sub)
     preprocess_cli.add_parsers(sub)
+    upscale_cli.add_parsers(sub)
     return parser
 
 

@@ -62,6 +62,7 @@ from sumie.pipelines.job import Job, Progress, ProgressFn, SigmasFn
 from sumie.pipelines.modelset import ModelSet
 from sumie.pipelines.params import DEFAULT_CFG_SCALE, GenerationParams
 from sumie.pipelines.passes import Run
+from sumie.pipelines.upscale import resolve_upscaler
 from sumie.pipelines.variation import all_seeds, fixed_seed
 from sumie.prompts.embeddings import EmbeddingLibrary
 from sumie.prompts.parser import strip_comments
@@ -244,6 +245,8 @@ class Engine:
         plan = None
         if p.hires is not None:
             plan = hires_mod.plan_hires(width, height, p.hires, p.steps, self.models.vae.downscale)
+            if plan.upscaler not in hires_mod.PIXEL_UPSCALERS:  # a model: loaded once for every batch
+                run.upscaler = self.manager.get("upscaler", resolve_upscaler(self.manager, plan.upscaler))
         previewer = vae_io.Previewer(self.models.vae, self.taesd) if preview_every else None
         show = self.show_progress if show_progress is None else show_progress
         job.progress = Progress(run.planned_steps(plan, mode_img2img) * p.n_iter, p.n_iter, progress, job.control,

@@ -7,7 +7,10 @@ latent pixels: A1111's ``truncate_x/y``). Upscalers:
 
 * ``latent`` (A1111 "Latent"): ``F.interpolate(latent, size=(target_h // 8, target_w // 8), mode="bilinear",
   antialias=False)``;
-* ``lanczos``: decode, truncate to uint8 as A1111 does, PIL Lanczos resize, encode again.
+* ``lanczos``: decode, truncate to uint8 as A1111 does, PIL Lanczos resize, encode again;
+* any other name: an upscaler model (ESRGAN, Real-ESRGAN, SwinIR; a name in the upscaler folders or a path), as
+  A1111 runs non-latent upscalers: decode, truncate to uint8, upscale with the model (tiled, repeated while smaller
+  than the target), Lanczos to the target, encode.
 
 The second pass uses A1111's fix-steps rule (``img2img_sigmas(..., fix_steps=True)``: the last ``steps`` steps of an
 ``int(steps / min(strength, 0.999))``-step schedule), fresh noise at the new size from the same seeds (a new
@@ -16,6 +19,7 @@ The second pass uses A1111's fix-steps rule (``img2img_sigmas(..., fix_steps=Tru
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -24,8 +28,9 @@ from torch import Tensor
 from sumie.errors import ConfigError
 from sumie.pipelines.params import HiresParams
 
-__all__ = ["HiresPlan", "plan_hires", "truncate_latent", "upscale_latent"]
+__all__ = ["PIXEL_UPSCALERS", "HiresPlan", "plan_hires", "truncate_latent", "upscale_latent"]
 
+PIXEL_UPSCALERS = ("latent", "lanczos")  # built in; any other name is an upscaler model
 LATENT_MODE = {"mode": "bilinear", "antialias": False}  # A1111's "Latent" upscaler
 
 
@@ -59,8 +64,8 @@ class HiresPlan:
 
 def plan_hires(width: int, height: int, hires: HiresParams, steps: int, factor: int = 8) -> HiresPlan:
     """The second pass of a hires-fix request (A1111 ``calculate_target_resolution``); ``factor``: VAE downscale."""
-    if hires.upscaler not in ("latent", "lanczos"):
-        raise ConfigError(f"unknown hires upscaler {hires.upscaler!r}; use latent or lanczos")
+    if not isinstance(hires.upscaler, str | os.PathLike) or not str(hires.upscaler).strip():
+        raise ConfigError(f"hires upscaler {hires.upscaler!r} is empty; use latent, lanczos or an upscaler model name")
     if not 0.0 < hires.denoising_strength <= 1.0:
         raise ConfigError(f"hires denoising strength must be in (0, 1], got {hires.denoising_strength}")
     if hires.steps < 0:
@@ -86,7 +91,7 @@ def plan_hires(width: int, height: int, hires: HiresParams, steps: int, factor: 
     if ux < factor or uy < factor:
         raise ConfigError(f"hires target {ux}x{uy} is too small; use a scale or resize of at least {factor} pixels")
     return HiresPlan(width, height, ux, uy, tx, ty, hires.steps or steps, float(hires.denoising_strength),
-                     hires.upscaler, factor)
+                     str(hires.upscaler), factor)
 
 
 def upscale_latent(latent: Tensor, plan: HiresPlan) -> Tensor:

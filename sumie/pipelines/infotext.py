@@ -49,7 +49,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from sumie import __version__
@@ -213,8 +213,14 @@ def _init_fields(params: GenerationParams) -> dict[str, object]:
             out["Hires resize"] = f"{hr.resize_x}x{hr.resize_y}"
         if hr.steps:
             out["Hires steps"] = hr.steps
-        out["Hires upscaler"] = _UPSCALERS.get(hr.upscaler, hr.upscaler)
+        out["Hires upscaler"] = _UPSCALERS.get(str(hr.upscaler), _upscaler_name(str(hr.upscaler)))
     return out
+
+
+def _upscaler_name(name: str) -> str:
+    """A hires upscaler model as A1111 names it: a file's stem (a path or a file name), else the name as given."""
+    p = Path(name)
+    return p.stem if p.suffix.lower() in (".pth", ".pt", ".safetensors", ".sft", ".ckpt", ".bin") else name
 
 
 def _sampler_fields(params: GenerationParams, spec: registry.SamplerSpec, schedule: str) -> dict[str, object]:
@@ -494,9 +500,10 @@ def params_from_infotext(text: str | Mapping[str, Any],
     if hires:
         upscaler = str(d.get("Hires upscaler", "Latent"))
         found = {v.lower(): k for k, v in _UPSCALERS.items()}.get(upscaler.lower())
-        if found is None:
-            raise ConfigError(f"hires upscaler {upscaler!r} is not available in Sumie (it has Latent and Lanczos); "
-                              "change 'Hires upscaler' in the text to one of them")
+        if found is None and upscaler.lower().split(" (")[0] in ("latent", "none", "nearest"):
+            raise ConfigError(f"hires upscaler {upscaler!r} is not available in Sumie (it has Latent, Lanczos and "
+                              "upscaler models); change 'Hires upscaler' in the text to one of them")
+        found = found or upscaler  # an upscaler model's name, looked up when the job runs
         strength_key = "Hires denoising strength" if "Hires denoising strength" in d else "Denoising strength"
         p.hires = HiresParams(scale=_number(d, "Hires upscale", float, 2.0), upscaler=found,
                               steps=_number(d, "Hires steps", int, 0),

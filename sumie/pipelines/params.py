@@ -18,7 +18,9 @@ class HiresParams:
     """Hires fix: first pass at (width, height), upscale, then an img2img pass at the larger size."""
 
     scale: float = 2.0
-    upscaler: Literal["latent", "lanczos"] = "latent"  # A1111 "Latent" (bilinear on the latent) / "Lanczos"
+    # "latent" (A1111 "Latent": bilinear on the latent), "lanczos", or an upscaler model's name or path (ESRGAN,
+    # Real-ESRGAN, SwinIR: looked up in the model manager's upscaler folders)
+    upscaler: str = "latent"
     steps: int = 0  # 0 = same as the first pass
     denoising_strength: float = 0.7
     resize_x: int = 0  # explicit target size instead of scale (0 = use scale)

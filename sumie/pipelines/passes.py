@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from sumie.errors import ConfigError
+from sumie.models.upscalers.detect import Upscaler
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
 from sumie.pipelines import inpaint as inpaint_ops
@@ -28,6 +29,7 @@ from sumie.pipelines.denoise import GuidedModel, Stage, denoise, refiner_switch
 from sumie.pipelines.job import Job, StopBatch
 from sumie.pipelines.modelset import ModelSet
 from sumie.pipelines.scheduled_conds import PromptConds, SDXLSizes, total_steps
+from sumie.pipelines.upscale import upscale
 from sumie.pipelines.variation import VariationRNG
 from sumie.sampling import registry
 from sumie.sampling.guidance import masked_model
@@ -57,6 +59,7 @@ class Run:
     job: Job
     base: ModelSet
     refiner: Callable[[str], ModelSet]
+    upscaler: Upscaler | None = None  # the hires fix's upscaler model (None: latent / lanczos)
 
     # ---------------------------------------------------------------- shapes and schedules
     @property
@@ -210,9 +213,11 @@ class Run:
         f = self.vae.downscale
         if plan.upscaler == "latent":
             samples = hires_mod.upscale_latent(latent, plan)
-        else:  # decode, uint8 as A1111, Lanczos to the target (rounded down to whole latent pixels), encode
+        else:  # decode, uint8 as A1111, model and / or Lanczos to the target (whole latent pixels), encode
             ux, uy = plan.upscale_x // f * f, plan.upscale_y // f * f
             low = vae_io.decode_images(self.vae, latent, "truncate", self.job.warn)
+            if self.upscaler is not None:
+                low = [upscale(self.upscaler, im, size=(ux, uy), device=self.device) for im in low]
             big = torch.cat([img_ops.to_tensor(img_ops.resize_image(im, ux, uy, "just_resize")) for im in low])
             samples = vae_io.encode(self.vae, big)
         samples = hires_mod.truncate_latent(samples, plan)
