@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,16 +111,16 @@ class _SkipInit(TorchFunctionMode):
 
 
 def build_module(
-    cls: type[nn.Module],
+    cls: Callable[[Any], nn.Module],
     cfg: object,
     sd: Mapping[str, torch.Tensor],
     where: str,
     what: str,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
     """Construct on the meta device without initialising weights, take the tensors as they are (no second copy,
-    ``assign=True`` replaces every one), then cast to the run dtype."""
+    ``assign=True`` replaces every one), then cast to the run dtype (None: keep the file's device / dtype)."""
     with torch.device("meta"), _SkipInit():
         module = cls(cfg)
     problem = _describe_mismatch(module, sd)

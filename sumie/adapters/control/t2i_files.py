@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sumie.adapters.control.files import ControlFile
+from sumie.checkpoints.loader import build_module
 from sumie.configs import SD1, SDXL
 from sumie.errors import CheckpointError
 from sumie.models.t2i_adapter import T2IAdapterConfig, T2IAdapterModel, unet_sites
@@ -140,23 +141,7 @@ def load_t2i_adapter(path: Path, sd: Mapping[str, Tensor], *, device: torch.devi
                               "T2IAdapter file; the file is damaged or of another kind") from None
     except ValueError as e:
         raise CheckpointError(f"T2I-Adapter {path.name}: {e}") from None
-    with torch.device("meta"):
-        model = T2IAdapterModel(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"T2I-Adapter {path.name}: layout not understood (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); the file is damaged or a variant Sumie does not know")
-    wrong = [k for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"T2I-Adapter {path.name}: {k} has shape {tuple(sd[k].shape)}, expected "
-                              f"{tuple(expected[k].shape)}; the file is damaged or a variant Sumie does not know")
-    tensors = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-               for k, v in sd.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model = model.eval().requires_grad_(False)
+    model = build_module(T2IAdapterModel, cfg, sd, f"T2I-Adapter {path.name}", "T2I-Adapter", device, dtype)
     return ControlFile(path=path, name=path.stem, kind="t2i_adapter", family=family, model=model, hint_channels=3,
                        layout="t2i_adapter")
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from sumie.adapters.ip_adapter.projection import ImageProjection, Resampler
 from sumie.checkpoints.io import load_state_dict
+from sumie.checkpoints.loader import build_module
 from sumie.errors import CheckpointError
 from sumie.models.clip import ACTIVATIONS
 from sumie.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
@@ -130,13 +131,8 @@ def load_ip_adapter(path: str | os.PathLike[str], *, device: torch.device | str 
     p = Path(path)
     sd = flatten(load_state_dict(p))
     spec = spec_from_state_dict(sd, p.name)
-    with torch.device("meta"):
-        model = IPAdapterModel(spec)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"{p.name}: IP-Adapter keys do not fit a {spec.kind} adapter: missing "
-                              f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return build_module(IPAdapterModel, spec, sd, p.name, f"IP-Adapter ({spec.kind})", device,  # type: ignore
+                        dtype)
 
 
 def load_image_encoder(path: str | os.PathLike[str], *, device: torch.device | str | None = None,
