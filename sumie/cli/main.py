@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sumie.cli import lora as lora_cli
+from sumie.cli import serve as serve_cli
 from sumie.errors import SumieError
 
 if TYPE_CHECKING:
@@ -740,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure.add_parsers(sub, model_arg)
     lora_cli.add_parsers(sub)
+    serve_cli.add_parsers(sub)
     return parser
 
 
