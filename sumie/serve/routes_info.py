@@ -136,11 +136,13 @@ def schedulers() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
                                   "need_inner_model": False}]
     for canon, (a1111, comfy) in registry.SCHEDULE_ALIASES.items():
-        label = a1111[0] if a1111 else canon
-        name = canon.removesuffix("_a1111") if a1111 else canon
-        aliases = [n for n in dict.fromkeys((*a1111[1:], canon, *comfy)) if n not in (name, label)]
-        out.append({"name": name, "label": label, "aliases": aliases or None, "default_rho": _RHO.get(canon, -1.0),
-                    "need_inner_model": canon in _INNER})
+        # A1111 lists Uniform and Normal apart (Sumie runs both as "normal"); other extra labels are spellings
+        labels = [label for label in a1111 if canon == "normal" or label == a1111[0]] or [canon]
+        for label in labels:
+            name = label.lower().replace(" ", "_") if a1111 else canon
+            aliases = [n for n in dict.fromkeys((*a1111, canon, *comfy)) if n not in (name, label)]
+            out.append({"name": name, "label": label, "aliases": aliases or None,
+                        "default_rho": _RHO.get(canon, -1.0), "need_inner_model": canon in _INNER})
     return out
 
 
