@@ -13,8 +13,8 @@ import httpx
 import pytest
 import webuiapi
 from PIL import Image
-
 from serve_helpers import Running, from_b64, running_server
+
 from sumie.checkpoints.embedded import embedded_path
 from sumie.serve import ServeConfig
 
