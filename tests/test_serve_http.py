@@ -17,8 +17,8 @@ import httpx
 import pytest
 import webuiapi
 from PIL import Image
-
 from serve_helpers import Running, b64_png, from_b64, running_server
+
 from sumie.checkpoints.embedded import embedded_path
 from sumie.serve import Limits, ServeConfig
 from sumie.serve.models import Img2ImgRequest, Txt2ImgRequest
