@@ -193,6 +193,11 @@ def test_model_names_resolve_only_inside_the_folders(http: httpx.Client) -> None
         assert r.status_code == 400, name
         assert http.post("/txt2img", json={**FAST, "refiner_checkpoint": name}).status_code == 400
         assert http.post("/options", json={"sd_vae": name}).status_code == 400
+    for tag in ("<lora:../../etc/passwd:1>", "<lora:/etc/hostname>", f"<lora:{embedded_path()}:0.5>"):
+        r = http.post("/txt2img", json={**FAST, "prompt": f"a cat {tag}"})
+        assert r.status_code == 400 and r.json()["field"] == "prompt", tag
+        r = http.post("/txt2img", json={**FAST, "negative_prompt": tag})
+        assert r.status_code == 400 and r.json()["field"] == "negative_prompt", tag
     assert http.post("/options", json={"sd_model_checkpoint": "my-model"}).status_code == 200
     assert http.get("/options").json()["sd_model_checkpoint"].startswith("my-model.safetensors [")
 

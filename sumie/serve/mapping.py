@@ -22,11 +22,12 @@ from sumie.checkpoints.manager import ModelFile
 from sumie.errors import ConfigError
 from sumie.pipelines import validation
 from sumie.pipelines.engine import GenerationResult
+from sumie.pipelines.extra_networks import collect_tags, tag_text
 from sumie.pipelines.infotext import params_from_infotext, parse_infotext, sampler_labels
 from sumie.pipelines.masks import load_mask
 from sumie.pipelines.params import GenerationParams, HiresParams, InpaintParams, RefinerParams
 from sumie.sampling import registry
-from sumie.serve.catalog import Catalog
+from sumie.serve.catalog import Catalog, NameError_, check_name
 from sumie.serve.config import Limits
 from sumie.serve.decode import decode_image
 from sumie.serve.errors import ApiError
@@ -164,6 +165,22 @@ def _options_into(p: GenerationParams, spec: Any, opts: dict[str, Any], req: Any
             p.eta = float(want)
 
 
+def _check_lora_tags(p: GenerationParams) -> None:
+    """``<lora:NAME>`` tags name files inside the LoRA folders only: never a path (the library would open it)."""
+    for kind, tags in collect_tags(p.prompt, p.negative_prompt).items():
+        if kind not in ("lora", "lyco"):
+            continue
+        for tag in tags:
+            field = "prompt" if tag_text(tag) in p.prompt else "negative_prompt"
+            try:
+                check_name("LoRA", tag.name)
+            except NameError_ as e:
+                raise ApiError(400, f"{field}: {tag_text(tag)}: {e}", field=field) from None
+            if Path(tag.name).expanduser().is_file():
+                raise ApiError(400, f"{field}: {tag_text(tag)} names a file path; give the name of a LoRA in the "
+                                    "configured folders (GET /sdapi/v1/loras)", field=field)
+
+
 def build_plan(kind: str, req: Txt2ImgRequest | Img2ImgRequest, catalog: Catalog, options: dict[str, Any],
                limits: Limits) -> Plan:
     """The resolved request (see the module docstring); ApiError naming the field on anything wrong."""
@@ -199,6 +216,7 @@ def build_plan(kind: str, req: Txt2ImgRequest | Img2ImgRequest, catalog: Catalog
     else:
         _img2img(req, p, limits, warnings)
     _limits(p, limits)
+    _check_lora_tags(p)
     named: list[str] = []
 
     def namer(field: str) -> str:  # messages name the request's fields; the last one named is at fault
