@@ -329,3 +329,25 @@ def test_infotext_field_fills_unset_fields(http: httpx.Client) -> None:
     info = json.loads(r.json()["info"])
     assert (info["prompt"], info["negative_prompt"], info["steps"], info["seed"], info["sampler_name"]) == (
         "a lighthouse", "fog", 2, 77, "Euler a")
+
+
+@pytest.mark.parametrize("layout", ["a1111", "comfyui"])
+def test_models_dir_layouts(tmp_path: Path, layout: str) -> None:
+    kinds = {"a1111": ("Stable-diffusion", "Lora", "VAE"), "comfyui": ("checkpoints", "loras", "vae")}[layout]
+    models = tmp_path / "webui" / "models"
+    for k in kinds:
+        (models / k).mkdir(parents=True)
+    (models / kinds[0] / "sub").mkdir()
+    shutil.copyfile(embedded_path(), models / kinds[0] / "sub" / "model.safetensors")
+    (models / kinds[1] / "style.safetensors").write_bytes(b"\0" * 8)
+    (models / kinds[2] / "kl.safetensors").write_bytes(b"\0" * 8)
+    config = ServeConfig(models_dir=tmp_path / "webui", output_dir=tmp_path / "out")
+    with running_server(config) as s, httpx.Client(base_url=f"{s.url}/sdapi/v1", timeout=120) as c:
+        listed = c.get("/sd-models").json()
+        assert [(m["title"].split(" [")[0], m["model_name"]) for m in listed] == [("sub/model.safetensors",
+                                                                                  "sub_model")]
+        assert [x["name"] for x in c.get("/loras").json()] == ["style"]
+        assert [x["model_name"] for x in c.get("/sd-vae").json()] == ["kl.safetensors"]
+        r = c.post("/txt2img", json={**FAST, "override_settings": {"sd_model_checkpoint": "sub_model"}})
+        assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "model"
+        assert c.post("/options", json={"sd_vae": "nope"}).status_code == 422
