@@ -31,7 +31,7 @@ INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "all_negative_prompts",
              "extra_generation_params", "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip",
              "is_using_inpainting_conditioning", "version"}
 LIMITS = Limits(max_pixels=128 * 128, max_steps=500, max_images=8, max_b64_bytes=400_000,
-                max_image_pixels=256 * 256)
+                max_image_pixels=256 * 256, max_body_bytes=2_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,9 @@ def test_pydantic_type_errors_and_engine_errors_are_422(http: httpx.Client) -> N
     ({"init_images": [_png()], "mask": "%%%"}, 422, "mask", "base64"),
     ({"init_images": [_png()], "resize_mode": 7}, 422, "resize_mode", "just resize"),
     ({"init_images": [_png()], "mask": _png(), "inpainting_fill": 9}, 422, "inpainting_fill", "latent noise"),
+    ({"init_images": [_png()], "mask": _png(), "mask_blur": 5000}, 422, "mask_blur", "[0, 64]"),
+    ({"init_images": [_png()], "mask": _png(), "inpaint_full_res_padding": -1}, 422, "inpaint_full_res_padding",
+     "[0, 256]"),
 ])
 def test_img2img_bad_images_name_the_field(http: httpx.Client, body: dict, status: int, field: str,
                                            words: str) -> None:
@@ -171,6 +174,22 @@ def test_img2img_bad_images_name_the_field(http: httpx.Client, body: dict, statu
     assert r.status_code == status, r.text
     assert r.json()["field"] == field and words in r.json()["detail"]
     assert time.monotonic() - started < 10  # nothing decoded the bomb
+
+
+def test_request_bodies_over_the_limit_are_413(srv: Running, http: httpx.Client) -> None:
+    big = {**FAST, "prompt": "x" * 2_100_000}
+    r = http.post("/txt2img", json=big)
+    assert r.status_code == 413 and "limit of 2000000 bytes" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(30):
+            yield b"y" * 100_000
+        yield b'"}'
+
+    r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "PayloadTooLarge"
+    assert http.get("/progress").status_code == 200
 
 
 def test_img2img_data_url_and_include_init_images(http: httpx.Client) -> None:

@@ -14,6 +14,7 @@ from sumie.errors import ConfigError, SumieError
 from sumie.serve import routes_generate, routes_info
 from sumie.serve.config import ServeConfig
 from sumie.serve.errors import ApiError, error_body
+from sumie.serve.limits import BodyLimit
 from sumie.serve.server import Server
 
 __all__ = ["create_app"]
@@ -46,6 +47,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="Sumie", description="AUTOMATIC1111 1.10's /sdapi/v1 API on Sumie (plain-PyTorch Stable "
                   "Diffusion).", version="1.10-sumie", lifespan=lifespan)
     app.state.sumie = Server(config)
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
     for router in (routes_generate.router, routes_info.router):
         app.include_router(router, prefix="/sdapi/v1", dependencies=[Depends(_auth)])
 

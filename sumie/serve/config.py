@@ -18,6 +18,7 @@ class Limits:
     max_steps: int = 500
     max_images: int = 64  # batch_size x n_iter
     max_b64_bytes: int = 40 << 20  # length of one base64 image string
+    max_body_bytes: int = 128 << 20  # a request body (413 above)
     max_image_pixels: int = 4096 * 4096  # decoded input images (checked from the header, before decoding)
     max_queue: int = 32  # queued + running jobs; full -> 503 with Retry-After
 

@@ -287,11 +287,11 @@ def _img2img(req: Img2ImgRequest, p: GenerationParams, limits: Limits, warnings:
     fill = _FILLS.get(_value(req, "inpainting_fill", 0))
     if fill is None:
         raise _err("inpainting_fill", "use 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
-    if blur < 0:
-        raise _err("mask_blur", f"must be >= 0, got {blur}")
+    if not 0 <= blur <= 64:  # A1111's UI bounds; a huge blur is a huge convolution
+        raise _err("mask_blur", f"must be in [0, 64], got {blur}")
     padding = _value(req, "inpaint_full_res_padding", 0)
-    if padding < 0:
-        raise _err("inpaint_full_res_padding", f"must be >= 0, got {padding}")
+    if not 0 <= padding <= 256:
+        raise _err("inpaint_full_res_padding", f"must be in [0, 256], got {padding}")
     latent = image(req.latent_mask, "latent_mask") if req.latent_mask else None
     size = p.init_images[0].size
     try:
