@@ -370,3 +370,17 @@ def test_models_dir_layouts(tmp_path: Path, layout: str) -> None:
         r = c.post("/txt2img", json={**FAST, "override_settings": {"sd_model_checkpoint": "sub_model"}})
         assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "model"
         assert c.post("/options", json={"sd_vae": "nope"}).status_code == 422
+
+
+def test_a_checkpoint_that_fails_to_load_answers_its_error_and_another_can_be_chosen(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "a-broken.safetensors").write_bytes(b"this is not a safetensors file at all")
+    shutil.copyfile(embedded_path(), ckpt / "b-good.safetensors")
+    with running_server(ServeConfig(ckpt_dirs=(ckpt,), output_dir=tmp_path / "out"), load_ok=False) as s, \
+            httpx.Client(base_url=f"{s.url}/sdapi/v1", timeout=120) as c:
+        assert "a-broken.safetensors" in (s.server.queue.load_error or "")
+        r = c.post("/txt2img", json=FAST)
+        assert 400 <= r.status_code < 600 and r.status_code != 503 and "a-broken.safetensors" in r.json()["detail"]
+        assert c.post("/options", json={"sd_model_checkpoint": "b-good"}).status_code == 200
+        assert c.post("/txt2img", json=FAST).status_code == 200

@@ -118,8 +118,10 @@ class JobQueue:
 
         def done(_h: JobHandle) -> None:
             if all(h.done() for h in handles):
-                errors = [h.exception() for h in handles if h.exception() is not None]
-                self.load_error = f"{errors[0]}" if errors else None
+                errors = [str(h.exception()) for h in handles if h.state == "failed"]
+                if any(h.state == "cancelled" for h in handles):
+                    errors.append("the server stopped before the model was loaded")
+                self.load_error = errors[0] if errors else None
                 self.ready.set()
 
         for h in handles:

@@ -70,12 +70,11 @@ class Server:
 
     # ---------------------------------------------------------------- readiness
     def require_ready(self) -> None:
-        """503 with Retry-After until the first model is loaded (or with the reason it failed)."""
-        retry = {"Retry-After": str(self.config.retry_after_s)}
+        """503 with Retry-After while the first model loads. A failed load does not block: each job loads its
+        model again and answers the error, and another checkpoint can be chosen through /options."""
         if not self.queue.ready.is_set():
-            raise ApiError(503, "the model is still loading; retry shortly", headers=retry)
-        if self.queue.load_error is not None:
-            raise ApiError(503, f"the model failed to load: {self.queue.load_error}", headers=retry)
+            raise ApiError(503, "the model is still loading; retry shortly",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
 
     # ---------------------------------------------------------------- options
     def current_options(self) -> dict[str, Any]:
