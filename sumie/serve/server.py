@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sumie.checkpoints.hashes import FileHashes
 from sumie.checkpoints.manager import ModelManager
-from sumie.errors import ConfigError, SumieError
+from sumie.errors import CheckpointError, ConfigError, NaNError, SumieError
 from sumie.pipelines.images import ImageError
 from sumie.pipelines.vae_io import Previewer
 from sumie.pipelines.worker import JobHandle
@@ -128,6 +128,8 @@ class Server:
             raise ApiError(422, str(e)) from None
         except ConfigError as e:
             raise ApiError(422, str(e)) from None
+        except (CheckpointError, NaNError) as e:  # the server's model files or numerics, not the request
+            raise ApiError(500, str(e)) from None
         except SumieError as e:
             raise ApiError(400, str(e)) from None
 
