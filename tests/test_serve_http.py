@@ -16,10 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 import webuiapi
+from lora_testfiles import write_kohya
 from PIL import Image
 from serve_helpers import Running, b64_png, from_b64, running_server
 
 from sumie.checkpoints.embedded import embedded_path
+from sumie.checkpoints.loader import load_models
 from sumie.serve import Limits, ServeConfig
 from sumie.serve.models import Img2ImgRequest, Txt2ImgRequest
 
@@ -42,7 +44,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     loras.mkdir()
     shutil.copyfile(embedded_path(), ckpt / "my-model.safetensors")
     (ckpt / "escape.safetensors").symlink_to(embedded_path())  # points outside the folder: never listed
-    (loras / "detail.safetensors").write_bytes(b"\0" * 8)
+    write_kohya(loras / "detail.safetensors", load_models(embedded_path()),
+                metadata={"ss_output_name": "fine-detail", "ss_network_dim": "4"})
+    (loras / "broken.safetensors").write_bytes(b"\0" * 8)
     with running_server(ServeConfig(ckpt_dirs=(ckpt,), lora_dirs=(loras,), output_dir=root / "out",
                                     limits=LIMITS)) as running:
         yield running
@@ -76,7 +80,8 @@ def test_every_endpoint_answers_json_in_a1111_shapes(srv: Running, http: httpx.C
         r = http.get(f"/{path}")
         assert r.status_code == 200 and r.json() and all(set(e) == keys for e in r.json()), path
     assert [m["model_name"] for m in http.get("/sd-models").json()] == ["my-model"]  # no symlink escape
-    assert [x["name"] for x in http.get("/loras").json()] == ["detail"]
+    assert [(x["name"], x["alias"], x["metadata"].get("ss_network_dim")) for x in http.get("/loras").json()] == [
+        ("broken", "broken", None), ("detail", "fine-detail", "4")]
     for path in ("prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models", "sd-vae", "script-info"):
         assert http.get(f"/{path}").json() == [], path
     assert http.get("/scripts").json() == {"txt2img": [], "img2img": []}
@@ -217,6 +222,11 @@ def test_model_names_resolve_only_inside_the_folders(http: httpx.Client) -> None
         assert r.status_code == 400 and r.json()["field"] == "prompt", tag
         r = http.post("/txt2img", json={**FAST, "negative_prompt": tag})
         assert r.status_code == 400 and r.json()["field"] == "negative_prompt", tag
+    r = http.post("/txt2img", json={**FAST, "seed": 3, "prompt": "a cat <lora:detail:0.9>"})  # in the folder: used
+    assert r.status_code == 200 and "<lora:detail:0.9>" in json.loads(r.json()["info"])["infotexts"][0]
+    plain = http.post("/txt2img", json={**FAST, "seed": 3, "prompt": "a cat"})
+    assert from_b64(r.json()["images"][0]).tobytes() != from_b64(plain.json()["images"][0]).tobytes()
+    assert http.post("/txt2img", json={**FAST, "prompt": "<lora:nope:1>"}).status_code == 422
     assert http.post("/options", json={"sd_model_checkpoint": "my-model"}).status_code == 200
     assert http.get("/options").json()["sd_model_checkpoint"].startswith("my-model.safetensors [")
 

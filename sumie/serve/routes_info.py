@@ -9,6 +9,8 @@ import torch
 from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
+from sumie.checkpoints.io import file_metadata
+from sumie.errors import CheckpointError
 from sumie.pipelines.infotext import parse_infotext
 from sumie.sampling import registry
 from sumie.serve.decode import decode_image, encode_png
@@ -76,8 +78,15 @@ def sd_vae(request: Request) -> list[dict[str, Any]]:
 @router.get("/loras")
 def loras(request: Request) -> list[dict[str, Any]]:
     """LoRAs of the configured folders (name, alias, path, metadata)."""
-    return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": {}}
-            for f in _server(request).folders.list("lora")]
+    out = []
+    for f in _server(request).folders.list("lora"):
+        try:
+            meta: dict[str, Any] = file_metadata(f.path)
+        except CheckpointError:
+            meta = {}  # unreadable header: listed by name, loading it says what is wrong
+        out.append({"name": f.stem, "alias": meta.get("ss_output_name") or f.stem, "path": str(f.path),
+                    "metadata": meta})
+    return out
 
 
 @router.get("/embeddings")
