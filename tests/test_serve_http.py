@@ -15,9 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import webuiapi
 from lora_testfiles import write_kohya
 from PIL import Image
+from safetensors.torch import save_file
 from serve_helpers import Running, b64_png, from_b64, running_server
 
 from sumie.checkpoints.embedded import embedded_path
@@ -47,8 +49,13 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     write_kohya(loras / "detail.safetensors", load_models(embedded_path()),
                 metadata={"ss_output_name": "fine-detail", "ss_network_dim": "4"})
     (loras / "broken.safetensors").write_bytes(b"\0" * 8)
-    with running_server(ServeConfig(ckpt_dirs=(ckpt,), lora_dirs=(loras,), output_dir=root / "out",
-                                    limits=LIMITS)) as running:
+    emb1, emb2 = root / "emb1", root / "emb2"
+    emb1.mkdir()
+    emb2.mkdir()
+    save_file({"emb_params": torch.randn(2, 64)}, str(emb1 / "shiny-style.safetensors"))
+    save_file({"emb_params": torch.randn(1, 768)}, str(emb2 / "sd15-only.safetensors"))  # another model's width
+    with running_server(ServeConfig(ckpt_dirs=(ckpt,), lora_dirs=(loras,), embeddings_dirs=(emb1, emb2),
+                                    output_dir=root / "out", limits=LIMITS)) as running:
         yield running
 
 
@@ -85,7 +92,9 @@ def test_every_endpoint_answers_json_in_a1111_shapes(srv: Running, http: httpx.C
     for path in ("prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models", "sd-vae", "script-info"):
         assert http.get(f"/{path}").json() == [], path
     assert http.get("/scripts").json() == {"txt2img": [], "img2img": []}
-    assert set(http.get("/embeddings").json()) == {"loaded", "skipped"}
+    emb = http.get("/embeddings").json()
+    assert {k: (v["shape"], v["vectors"]) for k, v in emb["loaded"].items()} == {"shiny-style": (64, 2)}
+    assert list(emb["skipped"]) == ["sd15-only"]
     mem = http.get("/memory").json()
     assert set(mem) == {"ram", "cuda"} and mem["ram"]["total"] >= mem["ram"]["free"] > 0
     assert http.get("/cmd-flags").json()["api"] is True

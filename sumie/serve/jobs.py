@@ -86,8 +86,8 @@ class JobQueue:
                          for d in config.devices]
         self.workers = [Worker(m, d, name=f"sumie-serve-{d}") for m, d in zip(self.managers, config.devices,
                                                                               strict=True)]
-        emb = folders.dirs("embedding")
-        self.embeddings_dir: Path | None = emb[0] if emb else None
+        self.embeddings_dirs = folders.dirs("embedding")
+        self.embeddings_dir: Path | None = self.embeddings_dirs[0] if self.embeddings_dirs else None
         self._lock = threading.Lock()
         self._handles: dict[str, JobHandle] = {}
         self.live: dict[str, LiveState] = {}
@@ -100,7 +100,12 @@ class JobQueue:
     def engine(self, manager: ModelManager, checkpoint: Path, vae: Path | None) -> Engine:
         """The engine of a checkpoint (+ VAE), cached with the model in the device's manager."""
         def build(models: Any) -> Engine:
-            engine = Engine(models, embeddings_dir=self.embeddings_dir, manager=manager)
+            library = None
+            if self.embeddings_dirs:  # every configured folder, in order (the engine alone reads one)
+                library = EmbeddingLibrary(models.config)
+                for folder in self.embeddings_dirs:
+                    library.load_folder(folder)
+            engine = Engine(models, embeddings=library, embeddings_dir=self.embeddings_dir, manager=manager)
             engine.show_progress = False
             return engine
 
