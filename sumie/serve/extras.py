@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from sumie.serve.errors import ApiError
-from sumie.serve.models import _ExtrasBase
+from sumie.serve.models import ExtrasRequest
 
 __all__ = ["UPSCALERS", "postprocess"]
 
@@ -22,7 +22,7 @@ def _filter(name: str | None, field: str) -> Image.Resampling | None:
     return UPSCALERS[key]
 
 
-def _target(req: _ExtrasBase, w: int, h: int, max_pixels: int) -> tuple[int, int, float]:
+def _target(req: ExtrasRequest, w: int, h: int, max_pixels: int) -> tuple[int, int, float]:
     """(width, height, scale) of the upscale."""
     if req.resize_mode == 1:
         tw, th = int(req.upscaling_resize_w or 0), int(req.upscaling_resize_h or 0)
@@ -43,7 +43,7 @@ def _target(req: _ExtrasBase, w: int, h: int, max_pixels: int) -> tuple[int, int
     return tw, th, scale
 
 
-def postprocess(image: Image.Image, req: _ExtrasBase, max_pixels: int) -> tuple[Image.Image, str]:
+def postprocess(image: Image.Image, req: ExtrasRequest, max_pixels: int) -> tuple[Image.Image, str]:
     """One image through A1111's "Extras" upscale: (result, info text)."""
     if req.gfpgan_visibility or req.codeformer_visibility:
         raise ApiError(422, "gfpgan_visibility / codeformer_visibility: this server has no face restorers; send 0",

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ExtraBatchRequest", "ExtraSingleRequest", "GenerationResponse", "Img2ImgRequest", "PngInfoRequest",
+__all__ = ["ExtraBatchRequest", "ExtraSingleRequest", "ExtrasRequest", "GenerationResponse", "Img2ImgRequest", "PngInfoRequest",
            "ProgressResponse", "Txt2ImgRequest"]
 
 
@@ -141,7 +141,9 @@ class PngInfoRequest(_Request):
     image: str | None = None
 
 
-class _ExtrasBase(_Request):
+class ExtrasRequest(_Request):
+    """The upscale settings of both extras endpoints."""
+
     resize_mode: int | None = 0  # 0: scale by upscaling_resize, 1: to upscaling_resize_w x _h
     show_extras_results: bool | None = True
     gfpgan_visibility: float | None = 0.0
@@ -157,7 +159,7 @@ class _ExtrasBase(_Request):
     upscale_first: bool | None = False
 
 
-class ExtraSingleRequest(_ExtrasBase):
+class ExtraSingleRequest(ExtrasRequest):
     """``POST /sdapi/v1/extra-single-image``."""
 
     image: str | None = ""
@@ -170,7 +172,7 @@ class FileData(BaseModel):
     name: str
 
 
-class ExtraBatchRequest(_ExtrasBase):
+class ExtraBatchRequest(ExtrasRequest):
     """``POST /sdapi/v1/extra-batch-images``."""
 
     imageList: list[FileData] | None = None  # noqa: N815 - A1111's field name
