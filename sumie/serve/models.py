@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ExtraBatchRequest", "ExtraSingleRequest", "ExtrasRequest", "GenerationResponse", "Img2ImgRequest", "PngInfoRequest",
-           "ProgressResponse", "Txt2ImgRequest"]
+__all__ = ["ExtraBatchRequest", "ExtraSingleRequest", "ExtrasRequest", "GenerationResponse", "Img2ImgRequest",
+           "PngInfoRequest", "ProgressResponse", "Txt2ImgRequest"]
 
 
 class _Request(BaseModel):
