@@ -29,6 +29,15 @@ class UNetConfig:
     # LCM-distilled UNets (Luo et al. 2023): width of the guidance-scale embedding added to the timestep embedding
     # through ``time_embedding.cond_proj`` (diffusers' ``time_cond_proj_dim``, 256 for LCM); None = no such input
     guidance_embed_dim: int | None = None
+    # Levels that have a SpatialTransformer; None: those with transformer_depth > 0. diffusers' SDXL "mid"/"small"
+    # ControlNets have CrossAttn levels of 0 transformer layers (norm, proj_in, proj_out only): True there, depth 0.
+    attention_levels: tuple[bool, ...] | None = None
+
+    def attends(self, level: int) -> bool:
+        """Whether resolution level ``level`` has a SpatialTransformer after each ResBlock."""
+        if self.attention_levels is None:
+            return self.transformer_depth[level] > 0
+        return self.attention_levels[level]
 
 
 @dataclass(frozen=True)
@@ -160,11 +169,11 @@ def config_from_dict(data: dict[str, object]) -> ModelConfig:
     d = dict(data)
 
     def tup(sub: dict, *keys: str) -> dict:
-        return {k: (tuple(v) if k in keys else v) for k, v in sub.items()}
+        return {k: (tuple(v) if k in keys and v is not None else v) for k, v in sub.items()}
 
     return ModelConfig(
         family=str(d["family"]),
-        unet=UNetConfig(**tup(d["unet"], "channel_mult", "transformer_depth")),  # type: ignore[arg-type]
+        unet=UNetConfig(**tup(d["unet"], "channel_mult", "transformer_depth", "attention_levels")),  # type: ignore[arg-type]
         vae=VAEConfig(**tup(d["vae"], "ch_mult")),  # type: ignore[arg-type]
         text_encoders=tuple(TextEncoderConfig(**t) for t in d["text_encoders"]),  # type: ignore[union-attr]
         prediction=d.get("prediction", "eps"),  # type: ignore[arg-type]

@@ -413,3 +413,25 @@ def test_config_checks() -> None:
     cfg, family = adapter_config(sd)
     assert (cfg.kind, cfg.nums_rb, cfg.channels, family) == ("light", 4, tuple(TINY_CH), "sd1")
     assert cfg.downs == (False, True, True, True) and cfg.sites == (2, 5, 8, 11)
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_load_controlnet_dispatches_t2i_files(tmp_path: Path, layout: str) -> None:
+    """A T2I-Adapter in the ControlNet folder loads through the one entry point, ``load_controlnet``."""
+    from safetensors.torch import save_file
+
+    from sumie.adapters.control.files import load_controlnet
+
+    ref = _ref_adapter("sd1_rgb")
+    sd = ref.state_dict()
+    if layout == "original":
+        sd = _original_keys_from_diffusers(sd, light=False)
+    path = tmp_path / "t2i.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    control = load_controlnet(path)
+    assert (control.kind, control.layout, control.name) == ("t2i_adapter", "t2i_adapter", "t2i")
+    hint = _hint(8)
+    with torch.no_grad():
+        ours_all = control.model.features(hint)
+    for ours, want in zip(ours_all, _ref_features(ref, hint), strict=True):
+        assert torch.equal(ours, want)

@@ -138,7 +138,8 @@ def _load_pickle(path: Path) -> dict[str, object]:
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of a model file, keys as stored (a .ckpt's nested ``state_dict`` is unwrapped)."""
+    """All tensors of a model file, keys as stored (a .ckpt's nested ``state_dict`` is unwrapped; a pickle whose
+    tensors all sit one level down in named groups gives ``group.key``)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file; check the path")
@@ -153,6 +154,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if isinstance(inner, dict):
             obj = inner
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not tensors:  # tensors grouped one level down (IP-Adapter .bin: {"image_proj": {...}, ...}): "group.key"
+            tensors = {f"{g}.{k}": v for g, d in obj.items() if isinstance(d, dict)
+                       for k, v in d.items() if isinstance(v, torch.Tensor)}
         if not tensors:
             raise CheckpointError(f"{p}: contains no tensors")
         return tensors

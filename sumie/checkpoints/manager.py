@@ -1,7 +1,7 @@
 """Model folders (A1111 and ComfyUI layouts) and the model manager: names -> files -> loaded models, LRU-cached.
 
-:class:`ModelFolders` finds the files of each kind (checkpoint, lora, vae, embedding, controlnet, upscaler) in
-either layout, whether it is given the web UI / ComfyUI folder or its ``models/`` folder:
+:class:`ModelFolders` finds the files of each kind (checkpoint, lora, vae, embedding, controlnet, upscaler, ip_adapter,
+clip_vision) in either layout, whether it is given the web UI / ComfyUI folder or its ``models/`` folder:
 
 =========== ======================================================== ==========================
 kind        AUTOMATIC1111                                            ComfyUI
@@ -12,6 +12,8 @@ vae         ``models/VAE``                                           ``models/va
 embedding   ``embeddings`` (web UI root), ``models/embeddings``      ``models/embeddings``
 controlnet  ``models/ControlNet``                                    ``models/controlnet``
 upscaler    ``models/ESRGAN``                                        ``models/upscale_models``
+ip_adapter  ``models/ControlNet`` (the ControlNet extension's)        ``models/ipadapter``
+clip_vision ``models/clip_vision``                                   ``models/clip_vision``
 =========== ======================================================== ==========================
 
 A model is named by its path relative to its folder (``sdxl/juggernaut.safetensors``, A1111's checkpoint name),
@@ -47,14 +49,16 @@ from sumie.errors import CheckpointError, ConfigError
 __all__ = ["KINDS", "LoadRequest", "LoadedModel", "ModelFile", "ModelFolders", "ModelManager", "held_bytes",
            "split_title"]
 
-KINDS = ("checkpoint", "lora", "vae", "embedding", "controlnet", "upscaler")
+KINDS = ("checkpoint", "lora", "vae", "embedding", "controlnet", "upscaler", "ip_adapter", "clip_vision")
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
 _LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "a1111": {"checkpoint": ("Stable-diffusion",), "lora": ("Lora", "LyCORIS"), "vae": ("VAE",),
-              "embedding": ("embeddings",), "controlnet": ("ControlNet",), "upscaler": ("ESRGAN",)},
+              "embedding": ("embeddings",), "controlnet": ("ControlNet",), "upscaler": ("ESRGAN",),
+              "ip_adapter": ("ControlNet",), "clip_vision": ("clip_vision",)},
     "comfyui": {"checkpoint": ("checkpoints",), "lora": ("loras",), "vae": ("vae",), "embedding": ("embeddings",),
-                "controlnet": ("controlnet",), "upscaler": ("upscale_models",)},
+                "controlnet": ("controlnet",), "upscaler": ("upscale_models",), "ip_adapter": ("ipadapter",),
+                "clip_vision": ("clip_vision",)},
 }
 _LAYOUT_NAMES = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI"}
 _TITLE = re.compile(r"(.+?)\s*\[([0-9a-fA-F]{8,64})\]")
@@ -153,7 +157,8 @@ class ModelFolders:
         return out
 
     def list(self, kind: str) -> list[ModelFile]:
-        """Every model file of ``kind`` (recursively; diffusers folders count as checkpoints), sorted per folder."""
+        """Every model file of ``kind`` (recursively; diffusers folders count as checkpoints, transformers folders
+        as clip_vision models), sorted per folder."""
         out: list[ModelFile] = []
         for base in self.dirs(kind):
             found: list[ModelFile] = []
@@ -166,8 +171,9 @@ class ModelFolders:
                     continue
                 visited.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                if kind == "checkpoint":
-                    pipelines = [d for d in dirnames if (here / d / "model_index.json").is_file()]
+                folder_marker = {"checkpoint": "model_index.json", "clip_vision": "config.json"}.get(kind)
+                if folder_marker is not None:  # diffusers pipelines / transformers image_encoder folders
+                    pipelines = [d for d in dirnames if (here / d / folder_marker).is_file()]
                     found.extend(ModelFile(kind, (here / d).relative_to(base).as_posix(), here / d) for d in pipelines)
                     dirnames[:] = [d for d in dirnames if d not in pipelines]
                 for fn in sorted(filenames):

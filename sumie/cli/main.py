@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sumie.cli import control as control_cli
+from sumie.cli import ip_adapter as ip_cli
 from sumie.cli import lora as lora_cli
+from sumie.cli import preprocess as preprocess_cli
 from sumie.cli import serve as serve_cli
 from sumie.errors import SumieError
 
@@ -486,6 +489,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     hashes = manager.hashes if manager is not None else FileHashes(default_cache_path())  # type: ignore[attr-defined]
     loras = lora_cli.prepare(args, p, manager, hashes)  # type: ignore[arg-type]
+    ip_cli.prepare(args, p, manager)  # type: ignore[arg-type]
+    control_cli.prepare(args, p, manager)  # type: ignore[arg-type]
     times = {"load_start": time.time()}
     engine = sumie.load(model, dtype=dtype, device=device, vae=vae, prediction=args.prediction,  # type: ignore
                         embeddings_dir=embeddings, taesd=args.taesd, file_hash=hashes.model_hash,
@@ -635,6 +640,8 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
     lora_cli.add_generation_args(p)
+    ip_cli.add_generation_args(p)
+    control_cli.add_generation_args(p)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="OUT",
                    help="folder (numbered 00000-<seed>.png) or, for one image, a .png, .jpg or .webp file "
@@ -742,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_parsers(sub, model_arg)
     lora_cli.add_parsers(sub)
     serve_cli.add_parsers(sub)
+    preprocess_cli.add_parsers(sub)
     return parser
 
 

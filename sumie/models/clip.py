@@ -9,6 +9,8 @@ checkpoints and diffusers folders store; OpenCLIP-layout weights go through
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,26 +32,27 @@ def _activation(x: Tensor, kind: str) -> Tensor:
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with separate q/k/v projections: [B, T, C] -> [B, T, C]."""
+    """Multi-head self-attention with separate q/k/v projections: [B, T, C] -> [B, T, C] (causal for text)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         if width % heads != 0:
-            raise ConfigError(f"text encoder width {width} is not divisible by heads {heads}")
+            raise ConfigError(f"CLIP width {width} is not divisible by heads {heads}")
         self.heads = heads
+        self.causal = causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, T, C] -> [B, T, C], each token attending to itself and earlier tokens."""
+        """x: [B, T, C] -> [B, T, C]; causal: each token attends to itself and earlier tokens only."""
         b, t, c = x.shape
         shape = (b, t, self.heads, c // self.heads)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -69,12 +72,27 @@ class CLIPMLP(nn.Module):
         return self.fc2(_activation(self.fc1(x), self.activation))
 
 
+class TowerConfig(Protocol):
+    """What the shared transformer layers read from a text or an image tower config."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def layers(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def intermediate(self) -> int: ...
+    @property
+    def activation(self) -> str: ...
+
+
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then + mlp(ln2(x)); [B, T, C] -> [B, T, C]."""
 
-    def __init__(self, cfg: TextEncoderConfig) -> None:
+    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
         self.mlp = CLIPMLP(cfg.width, cfg.intermediate, cfg.activation)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
@@ -106,11 +124,11 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of transformer layers (holds ``layers.N``)."""
+    """The stack of transformer layers (holds ``layers.N``); causal for text, bidirectional for images."""
 
-    def __init__(self, cfg: TextEncoderConfig) -> None:
+    def __init__(self, cfg: TowerConfig, causal: bool = True) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.layers))
 
 
 class CLIPTextTransformer(nn.Module):

@@ -174,7 +174,7 @@ class UNetEncoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(cur, emb_ch, mult * ch, groups)]
                 cur = mult * ch
-                if cfg.transformer_depth[level] > 0:
+                if cfg.attends(level):
                     layers.append(self._attn(cur, cfg.transformer_depth[level]))
                 self.input_blocks.append(UNetBlock(layers))
                 self.skip_channels.append(cur)
@@ -242,7 +242,7 @@ class UNetModel(UNetEncoder):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(cur + skip_chs.pop(), emb_ch, mult * ch, groups)]
                 cur = mult * ch
-                if cfg.transformer_depth[level] > 0:
+                if cfg.attends(level):
                     layers.append(self._attn(cur, cfg.transformer_depth[level]))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(cur))

@@ -19,7 +19,12 @@ functions that compute a reference's formula (:func:`sumie.pipelines.images.to_t
 * CFG rescale: A1111's extension rescales x0, diffusers the model's own output (eps or v);
 * CFG scales at or below 1: diffusers runs the cond alone (``do_classifier_free_guidance`` is ``scale > 1``; SD-Turbo's
   ``guidance_scale=0.0``), A1111 and ComfyUI compute ``uncond + scale * (cond - uncond)`` for every scale but 1;
-* the LCM sampler: diffusers' LCMScheduler gives the UNet integer timesteps (rounded here).
+* the LCM sampler: diffusers' LCMScheduler gives the UNet integer timesteps (rounded here);
+* ControlNet step range (``control_steps``): A1111's extension stops a unit when ``sampling_step / steps`` is
+  outside [start, end], with ``sampling_step`` the index of the last finished step (0 before the first, so the
+  first two steps both read 0); diffusers keeps it at step i when ``i / N >= start`` and ``(i + 1) / N <= end``;
+  the control image (``control_resample``): A1111's extension resizes with OpenCV (nearest for maps of 3-199
+  colours, area when shrinking, cubic when enlarging), diffusers with PIL's Lanczos.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class PipelineConvention:
     overlay: bool  # paste the original pixels back outside the mask after decoding
     noise_start_at_full_strength: bool  # inpainting at strength 1 starts from pure noise (with the mask blend on)
     cfg_above_one_only: bool  # a CFG scale <= 1 runs the cond alone (diffusers) instead of uncond + s (cond - uncond)
+    control_steps: ConventionName = "a1111"  # the ControlNet start/end rule (see the module docstring)
+    control_resample: Literal["opencv", "lanczos"] = "opencv"  # control-image interpolation
 
     @property
     def img2img_steps(self) -> ConventionName:
@@ -91,7 +98,8 @@ A1111_PIPELINE = PipelineConvention("a1111", sample_posterior=False, rounding="t
                                     overlay=True, noise_start_at_full_strength=False, cfg_above_one_only=False)
 DIFFUSERS_PIPELINE = PipelineConvention("diffusers", sample_posterior=True, rounding="round",
                                         latent_mask="binary_nearest", blend_input=True, blend_nine_channel=False,
-                                        overlay=False, noise_start_at_full_strength=True, cfg_above_one_only=True)
+                                        overlay=False, noise_start_at_full_strength=True, cfg_above_one_only=True,
+                                        control_steps="diffusers", control_resample="lanczos")
 
 
 def pipeline_convention(name: str) -> PipelineConvention:

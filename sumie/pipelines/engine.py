@@ -121,6 +121,8 @@ class Engine:
         self.show_progress: bool | None = None
         self.extra_networks: dict[str, ExtraNetworkHandler] = {}
         self._patcher: ModelPatcher | None = None
+        # the control models of the last request, by (path, mtime, size): the next request with them reuses them
+        self._controls: dict[tuple[str, int, int], torch.nn.Module] = {}
         # refiners come from the model manager, with the base model's dtypes; without a shared manager the engine
         # keeps its last refiner only
         te = next(models.text_encoders[0].parameters()).dtype if models.text_encoders else None
@@ -230,8 +232,14 @@ class Engine:
             if p.cfg_rescale:
                 job.warn("CFG rescale was ignored: this UNet (LCM-distilled, with a guidance embedding) runs no "
                          "CFG to rescale")
+        if p.ip_adapters:  # image prompts: loaded, checked and encoded before any step
+            from sumie.adapters.ip_adapter.units import attach_ip_adapters
+
+            attach_ip_adapters(self, job, p.ip_adapters)
         if p.eta_noise_seed_delta and validation.uses_white_noise(spec, p.eta):
             job.extra["ENSD"] = p.eta_noise_seed_delta
+        if p.controlnets:  # every unit's file, family and image checked, models loaded, before any step
+            self._attach_controlnets(job)
         run = Run(job, self.base, self.refiner)
         plan = None
         if p.hires is not None:
@@ -303,6 +311,68 @@ class Engine:
                 handler.deactivate(self, job)
             raise
         return active
+
+    def _attach_controlnets(self, job: Job) -> None:
+        """Add the request's ControlNet units (``params.controlnets``) to the job's hooks and infotext."""
+        from sumie.adapters.control.units import request_units
+        from sumie.pipelines import masks as mask_ops
+
+        dtype = next(self.models.unet.parameters()).dtype
+
+        def progress() -> tuple[int, int]:
+            return (0, 0) if job.progress is None else (job.progress.pass_done, job.progress.pass_steps)
+
+        p = job.params
+        init = (p.init_images[0], p.resize_mode) if p.init_images else None
+        crop = None
+        if p.inpaint is not None and p.inpaint.full_res and p.init_images:  # "only masked": the mask's crop region
+            mask = mask_ops.prepare_mask(p.inpaint.mask, p.inpaint.mask_blur, p.inpaint.invert)
+            region = mask_ops.get_crop_region(mask, p.inpaint.full_res_padding)
+            if region is not None:
+                region = mask_ops.expand_crop_region(region, job.width, job.height, mask.width, mask.height)
+                crop = (region, mask.size, (job.width, job.height))
+        used: dict[tuple[str, int, int], torch.nn.Module] = {}
+
+        def load(path: Path) -> torch.nn.Module:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+            if key not in used:
+                kept = self._controls.get(key)
+                used[key] = kept if kept is not None else self._load_control(path, dtype)
+            return used[key]
+
+        fn, fields = request_units(
+            p.controlnets, resolve=lambda name: self.manager.resolve("controlnet", name), load=load,
+            progress=progress, rule=job.convention.control_steps, resample=job.convention.control_resample,
+            init=init, crop=crop)
+        self._controls = used
+        job.hooks = dataclasses.replace(job.hooks, residuals=[*job.hooks.residuals, fn])
+        job.extra.update(fields)
+
+    def _load_control(self, path: Path, dtype: torch.dtype) -> torch.nn.Module:
+        """A ControlNet / T2I-Adapter file for this model: family and context width checked before any step."""
+        from sumie.adapters.control.files import check_family, load_controlnet
+
+        cfg = self.models.config
+        control = load_controlnet(path, base=self.models.unet, device=self.device, dtype=dtype)
+        check_family(control, cfg.family)
+        width = getattr(getattr(control.model, "config", None), "context_dim", cfg.unet.context_dim)
+        if control.kind == "controlnet" and width != cfg.unet.context_dim:
+            raise ConfigError(f"ControlNet {control.name} has context width {width}; the model ({cfg.family}) has "
+                              f"{cfg.unet.context_dim}: pick a ControlNet made for {cfg.family}")
+        if control.kind == "t2i_adapter":  # its features go where this UNet's levels end (diffusers' rule)
+            from sumie.models.t2i_adapter import unet_sites
+
+            adapter = control.model
+            sites = unet_sites(cfg.unet, len(adapter.config.sites))
+            widths = self.models.unet.skip_channels
+            wanted = [widths[-1] if s == "middle" else widths[s] for s in sites]
+            have = list(adapter.config.channels)
+            if have != wanted:
+                raise ConfigError(f"T2I-Adapter {control.name} makes features of widths {have}; this UNet needs "
+                                  f"{wanted}: pick an adapter made for {cfg.family}")
+            adapter.config = dataclasses.replace(adapter.config, sites=sites)
+        return control.model
 
     # ---------------------------------------------------------------- validation and size
     def _size(self, p: GenerationParams) -> tuple[int, int]:

@@ -518,6 +518,7 @@ def params_from_infotext(text: str | Mapping[str, Any],
         raise ConfigError(f"infotext field 'Convention' is {convention!r}; use a1111 or diffusers")
     p.convention = convention
     p.pad_conds = str(d.get("Pad conds", "False")) == "True"
+    p.controlnets = controlnets_from_infotext(d)
     notes = unsupported_fields(d)
     if notes:
         message = "the image will differ: Sumie cannot apply " + "; ".join(notes)
@@ -526,6 +527,27 @@ def params_from_infotext(text: str | Mapping[str, Any],
         else:
             warnings.warn(message, UserWarning, stacklevel=2)
     return p
+
+
+def controlnets_from_infotext(d: Mapping[str, Any]) -> list[Any]:
+    """The ``ControlNet N`` units of a parsed infotext (A1111's extension format), in order, without their images
+    (the PNG does not hold them: give them again); the model stays ``name [hash]`` (found by name, else by hash)."""
+    from sumie.adapters.control.units import parse_infotext_value
+    from sumie.pipelines.params import ControlUnit
+
+    units: list[ControlUnit] = []
+    keys = sorted((int(m.group(1)), k) for k in d if (m := re.fullmatch(r"ControlNet (\d+)", str(k))))
+    for _, key in keys:
+        f = parse_infotext_value(str(d[key]))
+        units.append(ControlUnit(
+            model=str(f.get("model", "")), image=None, weight=float(f.get("weight", 1.0)),
+            start=float(f.get("guidance_start", 0.0)), end=float(f.get("guidance_end", 1.0)),
+            mode=str(f.get("control_mode", "Balanced")),  # type: ignore[arg-type]
+            resize_mode=str(f.get("resize_mode", "Crop and Resize")),  # type: ignore[arg-type]
+            module=str(f.get("module", "none")), processor_res=int(f.get("processor_res", -1)),
+            threshold_a=float(f.get("threshold_a", -1.0)), threshold_b=float(f.get("threshold_b", -1.0)),
+            pixel_perfect=bool(f.get("pixel_perfect", False))))
+    return units
 
 
 def inpaint_from_infotext(text: str | Mapping[str, Any], mask: Image.Image) -> InpaintParams:

@@ -46,6 +46,9 @@ class Progress:
         self.preview_every = max(int(preview_every), 0)
         self.start = time.monotonic()
         self.last: Tensor | None = None
+        # the running pass: its sampler steps and how many have finished (callbacks so far), for hooks that act
+        # on a step range (ControlNet start / end)
+        self.pass_steps, self.pass_done = 0, 0
         self.bar = None
         if show is not False:
             from tqdm.auto import tqdm
@@ -57,6 +60,7 @@ class Progress:
         """A sampler callback for a pass of ``steps`` steps (``stage()`` names the pass when a refiner took over)."""
         start, seen = self.done, [0]
         self.last = None
+        self.pass_steps, self.pass_done = steps, 0
 
         def cb(d: dict[str, Any]) -> None:
             denoised = d["denoised"]
@@ -66,6 +70,7 @@ class Progress:
                                "half precision overflowed or the model is broken; run the UNet in float32 "
                                "(--dtype fp32) or bfloat16, or lower the CFG scale")
             self.last = denoised
+            self.pass_done = max(self.pass_done, int(d["i"]) + 1)
             if i > seen[0]:
                 if self.bar is not None:
                     self.bar.update(i - seen[0])

@@ -64,6 +64,56 @@ class LoraSpec:
         return self.te if self.unet is None else self.unet
 
 
+@dataclass
+class IPAdapterUnit:
+    """An IP-Adapter (Ye et al. 2023) with its reference image(s): a name in the IP-Adapter folders or a path.
+
+    ``weight`` scales the image attention; ``start`` / ``end`` are fractions of the noise schedule (0 = the first
+    step, 1 = the last) where it acts; ``encoder`` is the CLIP vision file (None: found next to the adapter or in the
+    clip_vision folder by its width). Several images: their tokens are concatenated (diffusers).
+    """
+
+    model: str | os.PathLike[str]
+    images: list[Image.Image] = field(default_factory=list)
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    encoder: str | os.PathLike[str] | None = None
+
+
+ControlMode = Literal["Balanced", "My prompt is more important", "ControlNet is more important"]
+ControlResize = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet (or T2I-Adapter) of a request, with A1111's ControlNet-extension fields and defaults.
+
+    ``model``: a name in the ControlNet folders or a path; ``image``: the control image (None: img2img takes the
+    init image with the img2img resize mode, as the extension does; txt2img needs one); ``weight``; ``start`` /
+    ``end``: the fraction of the pass's steps where it acts; ``mode``: A1111's control mode (ints 0/1/2 accepted, as
+    the extension's API does); ``resize_mode``: how the image is fitted to the pass's size (ints 0/1/2); ``module``:
+    the preprocessor run on the image first ("none": the image is the control map); ``processor_res`` /
+    ``threshold_a`` / ``threshold_b``: the preprocessor's settings (-1: its default); ``pixel_perfect``: A1111's
+    flag, kept for the infotext; ``guess_mode``: diffusers' guess mode (cond rows only, scales
+    ``logspace(-1, 0, n)``).
+    """
+
+    model: str | os.PathLike[str]
+    image: Image.Image | None = None
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: ControlMode | int = "Balanced"
+    resize_mode: ControlResize | int = "Crop and Resize"
+    module: str = "none"
+    guess_mode: bool = False
+    processor_res: int = -1
+    threshold_a: float = -1.0
+    threshold_b: float = -1.0
+    pixel_perfect: bool = False
+
+
 DEFAULT_CFG_SCALE = 7.0  # A1111's default: for a model whose file recommends no scale, and for infotexts
 
 
@@ -107,3 +157,6 @@ class GenerationParams:
     # nothing in the model is an error instead of a warning
     loras: list[LoraSpec] = field(default_factory=list)
     strict_lora: bool = False
+    ip_adapters: list[IPAdapterUnit] = field(default_factory=list)  # image prompts (IP-Adapter units)
+    # ControlNets / T2I-Adapters (several add their residuals)
+    controlnets: list[ControlUnit] = field(default_factory=list)

@@ -8,6 +8,7 @@ the pass at the next step and returns the newest prediction, as A1111 does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -139,7 +140,11 @@ class Run:
         stages = []
         for ms in sets:
             cond, uncond = self.pass_conds(ms, planned, planned_hr, size)
-            stages.append(Stage(ms.denoiser(job.sampling, sigmas, job.hooks, spec.consistency), cond, uncond,
+            hooks = job.hooks
+            if ms is not self.base:  # residual functions made for the base UNet (ControlNets) skip the refiner
+                hooks = dataclasses.replace(hooks, residuals=[r for r in hooks.residuals
+                                                              if not getattr(r, "base_only", False)])
+            stages.append(Stage(ms.denoiser(job.sampling, sigmas, hooks, spec.consistency), cond, uncond,
                                 image_cond, embedded_guidance=ms.embedded_guidance))
         pad = self.base.empty_chunk(p.clip_skip) if p.pad_conds else None
         guided = GuidedModel(stages, p.cfg_scale, p.cfg_rescale,  # type: ignore[arg-type]

@@ -66,3 +66,18 @@ class BrownianNoise:
         qhi = min(max(float(torch.tensor(hi)), self.t0), self.t1)
         w = torch.stack([tree(qlo, qhi) for tree in self.trees]) * sign
         return (w / abs(hi - lo) ** 0.5).to(device=self.device, dtype=self.dtype)
+
+
+def batch_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int] | None = None) -> Tensor:
+    """Initial noise of a whole batch from one CPU generator (ComfyUI ``comfy.sample.prepare_noise``) [B, ...].
+
+    Image i of a batch continues the stream of image i - 1 (not seed + i, unlike :class:`ImageRNG`). With
+    ``batch_index`` (a latent taken from a larger batch) one draw of shape [1, ...] is made per index up to the
+    largest and each image gets the draw of its index, so a picked image keeps the noise it had in its batch.
+    """
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    if batch_index is None:
+        return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    one = (1, *tuple(shape)[1:])
+    draws = [torch.randn(one, generator=gen, dtype=torch.float32) for _ in range(max(batch_index) + 1)]
+    return torch.cat([draws[i] for i in batch_index])

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from sumie.adapters.control.files import ControlFile
 from sumie.configs import SD1, SDXL
 from sumie.errors import CheckpointError
 from sumie.models.t2i_adapter import T2IAdapterConfig, T2IAdapterModel, unet_sites
@@ -34,18 +34,6 @@ LEVELS = 4  # every released adapter has four feature levels (SD1: four UNet lev
 _CIN = {64: (1, 8, "sd1"), 192: (3, 8, "sd1"), 256: (1, 16, "sdxl"), 768: (3, 16, "sdxl")}
 _DOWNS = {"sd1": (False, True, True, True), "sdxl": (False, False, True, False)}
 _UNETS = {"sd1": SD1.unet, "sdxl": SDXL.unet}
-
-
-@dataclass
-class ControlFile:
-    """A loaded control model (local copy of the contract's ``sumie.adapters.control.files.ControlFile``)."""
-
-    path: Path
-    name: str
-    kind: Literal["controlnet", "t2i_adapter"]
-    family: str  # "sd1" | "sd2" | "sdxl"
-    model: nn.Module
-    hint_channels: int
 
 
 def _layout(keys: Iterable[str]) -> str | None:
@@ -169,5 +157,6 @@ def load_t2i_adapter(path: Path, sd: Mapping[str, Tensor], *, device: torch.devi
                for k, v in sd.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     model = model.eval().requires_grad_(False)
-    return ControlFile(path=path, name=path.stem, kind="t2i_adapter", family=family, model=model, hint_channels=3)
+    return ControlFile(path=path, name=path.stem, kind="t2i_adapter", family=family, model=model, hint_channels=3,
+                       layout="t2i_adapter")
 
