@@ -46,7 +46,9 @@ def build_config(args: argparse.Namespace) -> Any:
                        ckpt_dirs=tuple(Path(d) for d in args.ckpt_dir), lora_dirs=tuple(Path(d) for d in args.lora_dir),
                        embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
                        vae_dirs=tuple(Path(d) for d in args.vae_dir), output_dir=Path(args.output_dir),
-                       devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth))
+                       devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth),
+                       input_dir=Path(args.input_dir) if args.input_dir else None,
+                       preview_method=args.preview_method)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sumie.serve import create_app
 
     app = create_app(config)
-    print(f"sumie: serving AUTOMATIC1111's API on http://{host}:{args.port}/sdapi/v1 (docs: /docs)", file=sys.stderr)
+    print(f"sumie: serving AUTOMATIC1111's API on http://{host}:{args.port}/sdapi/v1 and ComfyUI's on "
+          f"http://{host}:{args.port}/prompt, /ws (docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -86,6 +89,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--output-dir", default="outputs", metavar="DIR",
                    help="where save_images writes (txt2img-images/DATE/00000-SEED.png) and the job records live "
                         "(default: outputs)")
+    p.add_argument("--input-dir", metavar="DIR", help="ComfyUI's input folder (uploads, LoadImage; default: "
+                                                      "OUTPUT_DIR/../input)")
+    p.add_argument("--preview-method", choices=["none", "auto", "latent2rgb"], default="none",
+                   help="ComfyUI WebSocket preview frames while sampling (default: none, as ComfyUI)")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic auth (A1111's flag)")
     p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
                                     "(default: cuda if available, else cpu)")

@@ -41,6 +41,8 @@ class ServeConfig:
     db_path: Path | None = None  # job records (default: OUTPUT_DIR/sumie-jobs.sqlite3)
     preload: bool = True  # load the default checkpoint at start (endpoints answer 503 until it is loaded)
     retry_after_s: int = 5
+    input_dir: Path | None = None  # ComfyUI's input folder (default: OUTPUT_DIR/../input)
+    preview_method: str = "none"  # ComfyUI's --preview-method: none, auto or latent2rgb (binary WebSocket frames)
 
     def __post_init__(self) -> None:
         if not self.devices:

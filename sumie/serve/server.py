@@ -21,6 +21,7 @@ from sumie.pipelines.images import ImageError
 from sumie.pipelines.vae_io import Previewer
 from sumie.pipelines.worker import JobHandle
 from sumie.serve.catalog import Catalog, ServeFolders
+from sumie.serve.comfy_service import ComfyService
 from sumie.serve.config import ServeConfig
 from sumie.serve.decode import encode_png
 from sumie.serve.errors import ApiError
@@ -56,6 +57,7 @@ class Server:
         self.records = JobRecords(config.database)
         self.recovered = self.records.recover()
         self.queue = JobQueue(config, self.folders, self.hashes, self.records)
+        self.comfy = ComfyService(self, config.input_dir, config.preview_method)  # ComfyUI's API (comfy_routes)
         default = self.catalog.checkpoints()[0]
         self.options.update({"sd_model_checkpoint": self.catalog.title(default)})
         if config.preload:
