@@ -31,7 +31,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from sumie.checkpoints.manager import ModelManager
+from sumie.cli.main import build_parser
+from sumie.cli.serve import build_config
 from sumie.comfy import ComfyEnvironment, ComfyFolders, PromptExecutor, check_request
+from sumie.errors import ConfigError
 from sumie.serve import ServeConfig
 
 SIZE, STEPS = 32, 3
@@ -311,7 +314,8 @@ def test_queue_delete_and_clear_while_a_long_job_runs(srv: Running) -> None:
         while remaining[-1:] != [1]:
             m = _wait_for(ws, "status", timeout=30)[-1]
             remaining.append(m["data"]["status"]["exec_info"]["queue_remaining"])
-        assert remaining == [2, 3, 4, 3, 2, 1]  # three queued, one deleted, two cleared
+        deduplicated = [r for k, r in enumerate(remaining) if k == 0 or r != remaining[k - 1]]
+        assert deduplicated == [2, 3, 4, 3, 2, 1]  # three queued, one deleted, two cleared
 
         assert _post(srv, "/interrupt", {}) == (200, None)
         msgs = _read_until_done(ws, long_id)
@@ -449,9 +453,12 @@ def test_a1111_job_and_comfy_prompt_share_the_queue_in_order(srv: Running) -> No
         progress = http.get("/sdapi/v1/progress").json()
         assert progress["state"]["job"] == "comfyui" and progress["state"]["sampling_steps"] == 30
         assert progress["current_image"]  # the running prompt's live preview
-        _read_until_done(ws, pid)
+        msgs = _read_until_done(ws, pid)
         thread.join(120)
     assert answer["r"].status_code == 200 and len(answer["r"].json()["images"]) == 1
+    statuses = [m["data"]["status"]["exec_info"]["queue_remaining"] for m in msgs
+                if isinstance(m, dict) and m["type"] == "status"]
+    assert 2 in statuses  # the A1111 job queued behind the prompt is announced as ComfyUI's status
     records = srv.server.records
     comfy, a1111 = records.get(pid), records.get(task)
     assert comfy.state == "done" and a1111.state == "done"
@@ -488,6 +495,8 @@ def test_other_routes_answer_in_comfyuis_shapes(srv: Running) -> None:
         entry = _wait_history(srv, pid)
         assert entry["outputs"]["2"]["images"][0]["type"] == "temp"
         done.append(pid)
+    status, body = _post(srv, "/prompt", {"prompt": prompt, "prompt_id": done[0]})
+    assert status == 409 and body["field"] == "prompt_id"
     newest = _get(srv, "/history?max_items=1")
     assert list(newest) == [done[-1]]
     assert _post(srv, "/api/history", {"delete": [done[0]]}) == (200, None)
@@ -511,3 +520,17 @@ def test_auth_covers_the_comfy_routes_and_the_websocket(tmp_path: Path) -> None:
         with connect(f"ws://{s.host}:{s.port}/api/ws?clientId=x",
                      additional_headers={"Authorization": f"Basic {token}"}) as ws:
             assert json.loads(ws.recv(timeout=10))["data"]["sid"] == "x"
+
+
+def test_cli_flags_for_the_comfy_folders_and_previews(srv: Running, tmp_path: Path) -> None:
+    """--input-dir (default OUTPUT_DIR/../input) and --preview-method (default none, as ComfyUI's)."""
+    parse = build_parser().parse_args
+    config = build_config(parse(["serve", "--output-dir", str(tmp_path / "o"), "--input-dir", str(tmp_path / "in"),
+                                 "--preview-method", "auto"]))
+    assert config.input_dir == tmp_path / "in" and config.preview_method == "auto"
+    assert build_config(parse(["serve"])).preview_method == "none"
+    folders = srv.server.comfy.folders
+    out = srv.server.config.output_dir.resolve()
+    assert (folders.output, folders.input, folders.temp) == (out, out.parent / "input", out.parent / "temp")
+    with pytest.raises(ConfigError, match="preview method"):
+        ServeConfig(preview_method="taesd")

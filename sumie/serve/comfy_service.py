@@ -32,6 +32,8 @@ from sumie.pipelines.control import JobControl
 from sumie.pipelines.vae_io import Previewer, cheap_factors
 from sumie.pipelines.worker import JobHandle
 from sumie.serve.comfy_ws import PREVIEW_IMAGE, Hub
+from sumie.serve.config import PREVIEW_METHODS
+from sumie.serve.errors import ApiError
 from sumie.serve.jobs import LiveState
 
 if TYPE_CHECKING:
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["PREVIEW_METHODS", "ComfyService", "QueuedPrompt", "comfy_folders"]
 
 MAXIMUM_HISTORY_SIZE = 10000  # execution.py
-PREVIEW_METHODS = ("none", "auto", "latent2rgb")  # ComfyUI's --preview-method choices Sumie has (no TAESD here)
 PREVIEW_SIZE = 512  # ComfyUI's --preview-size
 # Events ComfyUI sends with sid None (to every socket) when the prompt has no client id: the progress hook and
 # previews (main.py), and execution_interrupted (execution.py add_message(..., broadcast=True)).
@@ -116,7 +117,8 @@ class ComfyService:
         check = check_request(body, self.env)
         if not check.ok:
             return 400, check.body or {}
-        extra_data = dict(body.get("extra_data") or {})
+        extra = body.get("extra_data")
+        extra_data = dict(extra) if isinstance(extra, dict) else {}
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
         with self._lock:
@@ -135,9 +137,12 @@ class ComfyService:
         try:
             queued.handle = self.server.queue.submit("comfyui", summary, lambda m, live: self._run(queued, m, live),
                                                      job_id=prompt_id)
-        except BaseException:
+        except BaseException as e:
             with self._lock:
                 self._prompts.pop(prompt_id, None)
+            if isinstance(e, ApiError) and e.status == 409:
+                raise ApiError(409, f"prompt_id: a job with id {prompt_id!r} already exists; use another id",
+                               field="prompt_id") from None
             raise
         queued.handle.add_done_callback(self._job_done)
         self.hub.broadcast_status()

@@ -10,8 +10,9 @@ on every queue change, and for prompts queued without a client id only what Comf
 
 Messages come from the event loop and from the engine workers' threads; :class:`Hub` hands them to the loop with
 ``call_soon_threadsafe``, so each socket sees them in the order they were sent. One task per socket writes; while
-idle it also watches the queue length and sends ``status`` when it changed without a ComfyUI prompt saying so (an
-A1111 job queued or finished).
+every half second it also looks at the queue length and sends ``status`` when it changed without a ComfyUI
+prompt saying so (an A1111 job queued or finished; a status may then come twice with the same length, as ComfyUI's
+also can).
 """
 
 from __future__ import annotations
@@ -137,20 +138,23 @@ class Hub:
             self._disconnect(client)
 
     async def _write(self, ws: WebSocket, client: _Client) -> None:
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + _IDLE_CHECK_S
         while True:
+            message: str | bytes | None = None
             try:
-                message = await asyncio.wait_for(client.queue.get(), _IDLE_CHECK_S)
+                message = await asyncio.wait_for(client.queue.get(), max(0.0, next_check - loop.time()))
             except TimeoutError:
+                pass
+            if message is not None:
+                await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_text(message))
+            if loop.time() >= next_check:  # the queue changed without a broadcast (an A1111 job): tell this client
+                next_check = loop.time() + _IDLE_CHECK_S
                 remaining = self._remaining()
-                if remaining == client.last_remaining:
-                    continue
-                client.last_remaining = remaining
-                message = json.dumps({"type": "status", "data": {"status": {"exec_info": {
-                    "queue_remaining": remaining}}}})
-            if isinstance(message, bytes):
-                await ws.send_bytes(message)
-            else:
-                await ws.send_text(message)
+                if remaining != client.last_remaining:
+                    client.last_remaining = remaining
+                    await ws.send_text(json.dumps({"type": "status", "data": {"status": {"exec_info": {
+                        "queue_remaining": remaining}}}}))
 
 
 def basic_auth_ok(users: dict[str, str], header: str | None) -> bool:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from sumie.errors import ConfigError
 
-__all__ = ["Limits", "ServeConfig", "parse_auth"]
+__all__ = ["PREVIEW_METHODS", "Limits", "ServeConfig", "parse_auth"]
+
+PREVIEW_METHODS = ("none", "auto", "latent2rgb")  # ComfyUI's --preview-method choices Sumie has (no TAESD)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.devices:
             raise ConfigError("a server needs at least one device; give e.g. devices=('cpu',)")
+        if self.preview_method not in PREVIEW_METHODS:
+            raise ConfigError(f"unknown preview method {self.preview_method!r}; use one of: "
+                              f"{', '.join(PREVIEW_METHODS)}")
         for name, folders in (("--ckpt-dir", self.ckpt_dirs), ("--lora-dir", self.lora_dirs),
                               ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs)):
             for f in folders:
