@@ -221,6 +221,9 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
         cached = next(m for m in json_msgs if m["type"] == "execution_cached")["data"]["nodes"]
         assert sorted(cached + executed_nodes) == sorted(api_prompt())
         assert "3" in executed_nodes and "9" in executed_nodes  # the new seed re-runs the sampler and what follows
+        kinds = ["binary" if isinstance(m, bytes) else m["type"] for m in msgs]
+        assert kinds.count("binary") == STEPS
+        assert all(kinds[k - 1] == "progress" for k, t in enumerate(kinds) if t == "binary")  # as main.py's hook
         assert types == ["execution_start", "execution_cached", *["executing"] * executed_nodes.index("3"),
                          "executing", *["progress"] * STEPS, *["executing"] * (len(executed_nodes)
                                                                               - executed_nodes.index("3") - 1),

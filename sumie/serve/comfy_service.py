@@ -8,8 +8,16 @@ API queued it; ``/progress`` shows a running prompt (steps, live preview) and ``
 Folders: ComfyUI's ``output`` is the server's ``--output-dir``; ``input`` is ``--input-dir`` (default
 ``<output-dir>/../input``); ``temp`` is ``<output-dir>/../temp`` (ComfyUI's side-by-side layout; it is not emptied).
 
+Previews (``--preview-method``, default ``none`` as ComfyUI's): with ``auto`` or ``latent2rgb`` each sampler step's
+``progress`` message is followed by a binary frame ``>I 1`` + ``>I 1`` + JPEG (quality 95, fitted in 512 x 512) of
+the first image's prediction through Sumie's latent-to-RGB factors (A1111's "Approx cheap"; the VAE for a model
+without them). There is no TAESD in the server, so ``auto`` is ``latent2rgb``.
+
 Differences from ComfyUI (``server.py`` / ``main.py`` v0.3.64): the queue is first in, first out, so ``number`` and
-``front`` are answered but do not reorder it; ``partial_execution_targets`` is not supported (every valid output runs).
+``front`` are answered but do not reorder it; ``partial_execution_targets`` is not supported (every valid output
+runs); no ``progress_state`` messages and no metadata preview frames (type 4); ``/queue`` also lists A1111 jobs as
+``[number, id, {}, {"sumie_job": {"kind": ...}}, []]`` (number given when first listed), which delete / clear leave
+alone (their HTTP callers are waiting on them); a ``prompt_id`` that is already a job's id is refused with 409.
 """
 
 from __future__ import annotations
@@ -266,6 +274,7 @@ class ComfyService:
         self.hub.broadcast_status()  # ComfyUI: PromptQueue.get -> queue_updated
         final: dict[str, Any] = {}
         previewers: dict[int, Previewer] = {}
+        frame: list[bytes] = []  # the newest step's preview, sent after that step's progress
 
         def send(event: str, data: dict[str, Any]) -> None:
             if event == "executing":
@@ -278,6 +287,8 @@ class ComfyService:
                 live.sampling_step, live.sampling_steps = int(data["value"]), int(data["max"])
             if sid is not None or event in _SENT_WITHOUT_CLIENT:
                 self.hub.send(event, data, sid)
+            if event == "progress" and frame:  # main.py's hook: the progress message, then the step's preview
+                self.hub.send_bytes(PREVIEW_IMAGE, frame.pop(), sid)
 
         def preview(node_id: str, x0: Any, vae: Any) -> None:
             previewer = previewers.get(id(vae))
@@ -285,8 +296,9 @@ class ComfyService:
                 method = "cheap" if cheap_factors(vae.config) is not None else "vae"
                 previewer = previewers[id(vae)] = Previewer(vae, None, method)  # type: ignore[arg-type]
             live.latent, live.previewer = x0, previewer  # A1111's /progress current_image
+            frame.clear()
             if self.preview_method != "none" and (sid is None or self.hub.connected(sid)):
-                self.hub.send_bytes(PREVIEW_IMAGE, preview_frame(previewer, x0), sid)
+                frame.append(preview_frame(previewer, x0))
 
         result = executor.execute(queued.prompt, queued.prompt_id, queued.outputs, extra_data=queued.extra_data,
                                   send=send, control=live.control, preview=preview)

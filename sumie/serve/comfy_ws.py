@@ -6,7 +6,7 @@ Events of a prompt go to the socket of the ``client_id`` it was queued with (Com
 client_id)``); a message addressed to no client (``sid`` None) goes to every socket, as ComfyUI's does: ``status``
 on every queue change, and for prompts queued without a client id only what ComfyUI sends with ``sid`` None
 (``progress``, preview frames, ``execution_interrupted``). Binary frames are ``>I`` event type + payload (type 1:
-``>I`` image format, 1 = JPEG, + the image).
+``>I`` image format, 1 = JPEG, + the image), each after the ``progress`` message of its step.
 
 Messages come from the event loop and from the engine workers' threads; :class:`Hub` hands them to the loop with
 ``call_soon_threadsafe``, so each socket sees them in the order they were sent. One task per socket writes; while
