@@ -537,3 +537,21 @@ def test_cli_flags_for_the_comfy_folders_and_previews(srv: Running, tmp_path: Pa
     assert (folders.output, folders.input, folders.temp) == (out, out.parent / "input", out.parent / "temp")
     with pytest.raises(ConfigError, match="preview method"):
         ServeConfig(preview_method="taesd")
+
+
+def test_a_prompt_without_client_id_broadcasts_only_what_comfyui_does(srv: Running) -> None:
+    """main.py / execution.py with ``server.client_id`` None: ``progress`` and preview frames go to every socket
+    (sid None), ``executing`` / ``executed`` / ``execution_success`` to none."""
+    with _ws(srv, uuid.uuid4().hex) as ws:
+        ws.recv(timeout=10)
+        status, body = _post(srv, "/prompt", {"prompt": api_prompt(seed=51)})
+        assert status == 200
+        _wait_history(srv, body["prompt_id"])
+        kinds: list[str] = []
+        while True:
+            try:
+                m = ws.recv(timeout=0.5)
+            except TimeoutError:
+                break
+            kinds.append("binary" if isinstance(m, bytes) else json.loads(m)["type"])
+    assert [k for k in kinds if k != "status"] == ["progress", "binary"] * STEPS
