@@ -15,6 +15,7 @@ from sumie.cli import control as control_cli
 from sumie.cli import ip_adapter as ip_cli
 from sumie.cli import lora as lora_cli
 from sumie.cli import preprocess as preprocess_cli
+from sumie.cli import serve as serve_cli
 from sumie.cli import upscale as upscale_cli
 from sumie.errors import SumieError
 
@@ -757,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure.add_parsers(sub, model_arg)
     lora_cli.add_parsers(sub)
+    serve_cli.add_parsers(sub)
     preprocess_cli.add_parsers(sub)
     upscale_cli.add_parsers(sub)
     return parser

@@ -1,0 +1,108 @@
+"""``sumie serve``: AUTOMATIC1111 1.10's ``/sdapi/v1`` API over HTTP (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from sumie.errors import ConfigError
+
+_LOCAL = ("127.0.0.1", "localhost", "::1")
+
+
+def _host(args: argparse.Namespace) -> str:
+    """--host wins; else --listen binds every interface; else localhost only."""
+    if args.host is not None:
+        return args.host
+    return "0.0.0.0" if args.listen else "127.0.0.1"
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error instead of uvicorn's exit when the port is taken or the address is not ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or "
+                              "--host") from None
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The ServeConfig of the command line."""
+    import torch
+
+    from sumie.serve.config import Limits, ServeConfig, parse_auth
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    devices = tuple(d.strip() for d in device.split(",") if d.strip())
+    dtype = args.dtype or ("fp32" if all(d == "cpu" for d in devices) else "fp16")
+    limits = Limits(max_queue=args.max_queue, max_pixels=args.max_pixels, max_steps=args.max_steps)
+    return ServeConfig(models_dir=Path(args.models_dir) if args.models_dir else None,
+                       ckpt_dirs=tuple(Path(d) for d in args.ckpt_dir), lora_dirs=tuple(Path(d) for d in args.lora_dir),
+                       embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
+                       vae_dirs=tuple(Path(d) for d in args.vae_dir), output_dir=Path(args.output_dir),
+                       devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth),
+                       input_dir=Path(args.input_dir) if args.input_dir else None,
+                       preview_method=args.preview_method)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the server and block until Ctrl-C."""
+    host = _host(args)
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    config = build_config(args)
+    _check_port(host, args.port)
+    if host not in _LOCAL and not config.auth:
+        bar = "!" * 78
+        print(f"{bar}\nsumie: WARNING: listening on {host}:{args.port} WITHOUT authentication: anyone who can reach "
+              f"this machine can generate images and change settings. Pass --api-auth user:password.\n{bar}",
+              file=sys.stderr)
+    import uvicorn
+
+    from sumie.serve import create_app
+
+    app = create_app(config)
+    print(f"sumie: serving AUTOMATIC1111's API on http://{host}:{args.port}/sdapi/v1 and ComfyUI's on "
+          f"http://{host}:{args.port}/prompt, /ws (docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``sumie serve``."""
+    p = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API (for webuiapi and other A1111 clients)")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 with --listen)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860, A1111's)")
+    p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0), as A1111's --listen")
+    p.add_argument("--models-dir", metavar="DIR", help="AUTOMATIC1111 or ComfyUI folder (or its models/ folder)")
+    p.add_argument("--ckpt-dir", action="append", default=[], metavar="DIR", help="more checkpoints (repeatable)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="more LoRAs (repeatable)")
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="more textual-inversion embeddings (repeatable)")
+    p.add_argument("--vae-dir", action="append", default=[], metavar="DIR", help="more standalone VAEs (repeatable)")
+    p.add_argument("--output-dir", default="outputs", metavar="DIR",
+                   help="where save_images writes (txt2img-images/DATE/00000-SEED.png) and the job records live "
+                        "(default: outputs)")
+    p.add_argument("--input-dir", metavar="DIR", help="ComfyUI's input folder (uploads, LoadImage; default: "
+                                                      "OUTPUT_DIR/../input)")
+    p.add_argument("--preview-method", choices=["none", "auto", "latent2rgb"], default="none",
+                   help="ComfyUI WebSocket preview frames while sampling (default: none, as ComfyUI)")
+    p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic auth (A1111's flag)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
+                                    "(default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "
+                                                                      "on the CPU)")
+    p.add_argument("--max-queue", type=int, default=32, metavar="N", help="jobs queued or running before 503 "
+                                                                         "(default: 32)")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N",
+                   help="largest width x height of a request (default: 2048x2048)")
+    p.add_argument("--max-steps", type=int, default=500, metavar="N", help="most sampling steps (default: 500)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
+    p.set_defaults(func=cmd_serve)

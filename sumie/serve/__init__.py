@@ -1,0 +1,15 @@
+"""``sumie serve``: AUTOMATIC1111 1.10's ``/sdapi/v1`` API on Sumie's engine, for the clients that speak it.
+
+One process: FastAPI + uvicorn in front, one engine worker thread per device behind a bounded FIFO queue, so HTTP
+never waits on sampling. Files: :mod:`~sumie.serve.config` (what a server is built from),
+:mod:`~sumie.serve.catalog` (names -> files inside the configured folders only), :mod:`~sumie.serve.models` (A1111's
+request / response bodies), :mod:`~sumie.serve.mapping` (requests -> ``GenerationParams``, results -> ``info``),
+:mod:`~sumie.serve.jobs` (queue, workers, live progress), :mod:`~sumie.serve.store` (outputs, SQLite job records),
+:mod:`~sumie.serve.options` (``/options``), :mod:`~sumie.serve.server` (one app's state),
+:mod:`~sumie.serve.app` (``create_app``) and the routes.
+"""
+
+from sumie.serve.app import create_app
+from sumie.serve.config import Limits, ServeConfig
+
+__all__ = ["Limits", "ServeConfig", "create_app"]

@@ -1,0 +1,74 @@
+"""``create_app(config) -> FastAPI``: A1111 1.10's ``/sdapi/v1`` API on Sumie's engine (see :mod:`sumie.serve`)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from sumie.errors import ConfigError, SumieError
+from sumie.serve import comfy_routes, comfy_ws, routes_generate, routes_info
+from sumie.serve.config import ServeConfig
+from sumie.serve.errors import ApiError, error_body
+from sumie.serve.limits import BodyLimit
+from sumie.serve.server import Server
+
+__all__ = ["create_app"]
+
+_basic = HTTPBasic(auto_error=False)
+
+
+def _auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:  # noqa: B008
+    """HTTP Basic against ``--api-auth`` (no credentials configured: open)."""
+    users = request.app.state.sumie.config.auth
+    if not users:
+        return
+    if credentials is not None:
+        want = users.get(credentials.username)
+        if want is not None and secrets.compare_digest(want.encode(), credentials.password.encode()):
+            return
+    raise ApiError(401, "incorrect or missing credentials; this server needs HTTP Basic auth (--api-auth)",
+                   headers={"WWW-Authenticate": "Basic"})
+
+
+def create_app(config: ServeConfig | None = None) -> FastAPI:
+    """A FastAPI app with its own :class:`Server` (workers start now; the default model loads in the background)."""
+    config = config or ServeConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.sumie.close()
+
+    app = FastAPI(title="Sumie", description="AUTOMATIC1111 1.10's /sdapi/v1 API on Sumie (plain-PyTorch Stable "
+                  "Diffusion).", version="1.10-sumie", lifespan=lifespan)
+    app.state.sumie = Server(config)
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
+    for router in (routes_generate.router, routes_info.router):
+        app.include_router(router, prefix="/sdapi/v1", dependencies=[Depends(_auth)])
+    for prefix in ("", "/api"):  # ComfyUI's routes, served with and without /api as ComfyUI does
+        app.include_router(comfy_routes.router, prefix=prefix, dependencies=[Depends(_auth)])
+        app.include_router(comfy_ws.router, prefix=prefix)  # checks --api-auth itself
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(type(e).__name__, e.message, e.field), status_code=e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(ConfigError)
+    async def config_error(_request: Request, e: ConfigError) -> JSONResponse:
+        return JSONResponse(error_body(type(e).__name__, str(e)), status_code=422)
+
+    @app.exception_handler(SumieError)
+    async def sumie_error(_request: Request, e: SumieError) -> JSONResponse:
+        return JSONResponse(error_body(type(e).__name__, str(e)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def any_error(_request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(type(e).__name__, str(e) or type(e).__name__), status_code=500)
+
+    return app

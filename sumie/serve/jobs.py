@@ -1,0 +1,226 @@
+"""The job queue: a bounded FIFO in front of one engine :class:`~sumie.pipelines.worker.Worker` per device.
+
+HTTP handlers submit a job and ``await`` it; the sampling runs in the worker's thread, so the event loop keeps
+answering (``/progress``, ``/interrupt``) while a job runs. A full queue is refused with 503 and Retry-After, never
+dropped. Each job gets a :class:`LiveState` (A1111's ``shared.state``: job number, sampling step, the newest
+prediction for a live preview) while it runs, and a row in the SQLite job records from queued to finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sumie.checkpoints.hashes import FileHashes
+from sumie.checkpoints.manager import ModelManager
+from sumie.checkpoints.precision import Precision
+from sumie.pipelines.control import JobControl, ProgressEvent
+from sumie.pipelines.engine import Engine
+from sumie.pipelines.worker import JobHandle, Worker
+from sumie.prompts.embeddings import EmbeddingLibrary
+from sumie.serve.catalog import ServeFolders
+from sumie.serve.config import ServeConfig
+from sumie.serve.errors import ApiError
+from sumie.serve.store import JobRecords
+
+__all__ = ["JobQueue", "LiveState"]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LiveState:
+    """What ``/progress`` reports of a running job (A1111 ``shared.state``)."""
+
+    job_id: str
+    kind: str
+    job_count: int = 1
+    started: float = field(default_factory=time.time)
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    textinfo: str | None = None
+    latent: Tensor | None = None  # the newest prediction x0 [B, C, h, w]
+    previewer: Callable[[Tensor], list[Any]] | None = None
+    control: JobControl | None = None
+
+    @property
+    def timestamp(self) -> str:
+        """A1111's job_timestamp."""
+        return time.strftime("%Y%m%d%H%M%S", time.localtime(self.started))
+
+    def on_progress(self, ev: ProgressEvent) -> None:
+        """The engine's progress callback (worker thread)."""
+        self.job_no, self.job_count = ev.batch, ev.batches
+        self.sampling_step, self.sampling_steps = ev.step, ev.steps
+        self.latent = ev.denoised
+        self.textinfo = None
+
+    def progress(self) -> tuple[float, float]:
+        """(progress, eta_relative) by A1111's formula."""
+        p = 0.01
+        if self.job_count > 0:
+            p += self.job_no / self.job_count
+            if self.sampling_steps > 0:
+                p += self.sampling_step / self.sampling_steps / self.job_count
+        elapsed = time.time() - self.started
+        return min(p, 1.0), elapsed / p - elapsed
+
+
+class JobQueue:
+    """Workers (one per configured device), their model managers, the queue bound and the live job states."""
+
+    def __init__(self, config: ServeConfig, folders: ServeFolders, hashes: FileHashes, records: JobRecords) -> None:
+        self.config, self.folders, self.records = config, folders, records
+        precision = Precision.of(_DTYPES[config.dtype])
+        self.managers = [ModelManager(folders, device=d, dtype=precision, max_models=2, hashes=hashes)
+                         for d in config.devices]
+        self.workers = [Worker(m, d, name=f"sumie-serve-{d}") for m, d in zip(self.managers, config.devices,
+                                                                              strict=True)]
+        self.embeddings_dirs = folders.dirs("embedding")
+        self.embeddings_dir: Path | None = self.embeddings_dirs[0] if self.embeddings_dirs else None
+        self._lock = threading.Lock()
+        self._handles: dict[str, JobHandle] = {}
+        self.live: dict[str, LiveState] = {}
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.finished = 0
+        self._last: Engine | None = None
+
+    # ---------------------------------------------------------------- engines (worker thread)
+    def engine(self, manager: ModelManager, checkpoint: Path, vae: Path | None) -> Engine:
+        """The engine of a checkpoint (+ VAE), cached with the model in the device's manager."""
+        def build(models: Any) -> Engine:
+            library = None
+            if self.embeddings_dirs:  # every configured folder, in order (the engine alone reads one)
+                library = EmbeddingLibrary(models.config)
+                for folder in self.embeddings_dirs:
+                    library.load_folder(folder)
+            engine = Engine(models, embeddings=library, embeddings_dir=self.embeddings_dir, manager=manager)
+            engine.show_progress = False
+            return engine
+
+        self._last = manager.derived("checkpoint", checkpoint, ("sumie.serve engine", str(self.embeddings_dir)), build,
+                               vae=str(vae) if vae is not None else None)
+        return self._last
+
+    def last_embeddings(self) -> EmbeddingLibrary | None:
+        """The embeddings of the engine used last (None before the first load)."""
+        return self._last.embeddings if self._last is not None else None
+
+    def preload(self, checkpoint: Path, vae: Path | None) -> None:
+        """Load the default checkpoint on every device in the background; :attr:`ready` is set when all are."""
+        handles = [w.submit(lambda m, c: self.engine(m, checkpoint, vae)) for w in self.workers]
+
+        def done(_h: JobHandle) -> None:
+            if all(h.done() for h in handles):
+                errors = [str(h.exception()) for h in handles if h.state == "failed"]
+                if any(h.state == "cancelled" for h in handles):
+                    errors.append("the server stopped before the model was loaded")
+                self.load_error = errors[0] if errors else None
+                self.ready.set()
+
+        for h in handles:
+            h.add_done_callback(done)
+
+    # ---------------------------------------------------------------- the queue
+    def depth(self) -> int:
+        """Jobs queued or running."""
+        with self._lock:
+            return len(self._handles)
+
+    def submit(self, kind: str, summary: dict[str, Any], fn: Callable[[ModelManager, LiveState], Any],
+               job_id: str | None = None) -> JobHandle:
+        """Queue ``fn(manager, live)`` on the least busy worker; 503 with Retry-After when the queue is full."""
+        retry = {"Retry-After": str(self.config.retry_after_s)}
+        jid = job_id or uuid.uuid4().hex
+        with self._lock:
+            if len(self._handles) >= self.config.limits.max_queue:
+                raise ApiError(503, f"the queue is full ({self.config.limits.max_queue} jobs queued or running); "
+                                    "retry later", headers=retry)
+            if jid in self._handles or self.records.exists(jid):
+                raise ApiError(409, f"force_task_id: a job with id {jid!r} already exists; use another id",
+                               field="force_task_id")
+            worker = min(self.workers, key=lambda w: len(w.status().pending) + (w.status().running is not None))
+            self.records.add(jid, kind, summary)
+
+            def run(manager: ModelManager, control: JobControl) -> Any:
+                live = LiveState(jid, kind, control=control, textinfo="starting")
+                self.records.start(jid)
+                with self._lock:
+                    self.live[jid] = live
+                try:
+                    return fn(manager, live)
+                finally:
+                    with self._lock:
+                        self.live.pop(jid, None)
+
+            handle = worker.submit(run, job_id=jid)
+            self._handles[jid] = handle
+        handle.add_done_callback(self._finished)
+        return handle
+
+    def _finished(self, handle: JobHandle) -> None:
+        with self._lock:
+            self._handles.pop(handle.id, None)
+            self.finished += 1
+        if handle.state == "cancelled":
+            self.records.finish(handle.id, "cancelled")
+        elif handle.state == "failed":
+            self.records.finish(handle.id, "failed", error=str(handle.exception()))
+        else:
+            result = handle.result()
+            interrupted = bool(getattr(result, "interrupted", False))
+            self.records.finish(handle.id, "interrupted" if interrupted else "done",
+                                outputs=[str(p) for p in getattr(result, "paths", [])])
+
+    @staticmethod
+    async def wait(handle: JobHandle) -> Any:
+        """The job's result, awaited without blocking the event loop (its exception is raised here)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(_h: JobHandle) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+        handle.add_done_callback(wake)
+        await fut
+        return handle.result()
+
+    def running(self) -> LiveState | None:
+        """The live state of the oldest running job, or None when idle."""
+        with self._lock:
+            states = sorted(self.live.values(), key=lambda s: s.started)
+        return states[0] if states else None
+
+    def interrupt(self) -> int:
+        """Interrupt every running job (A1111's /interrupt: queued jobs stay); returns how many."""
+        with self._lock:
+            states = list(self.live.values())
+        for s in states:
+            if s.control is not None:
+                s.control.interrupt()
+        return len(states)
+
+    def skip(self) -> int:
+        """Skip the current batch of every running job."""
+        with self._lock:
+            states = list(self.live.values())
+        for s in states:
+            if s.control is not None:
+                s.control.skip()
+        return len(states)
+
+    def close(self) -> None:
+        """Cancel queued jobs, interrupt running ones, stop the workers."""
+        for w in self.workers:
+            w.close(cancel_pending=True, interrupt=True, timeout=30)

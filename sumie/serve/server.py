@@ -1,0 +1,200 @@
+"""One server's state: folders, options, the job queue, outputs and records, and how a generation runs.
+
+:class:`Server` is what :func:`sumie.serve.app.create_app` builds and the routes use (``request.app.state.sumie``);
+nothing here is module-level, so two apps in one process share nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from sumie.checkpoints.hashes import FileHashes
+from sumie.checkpoints.manager import ModelManager
+from sumie.errors import CheckpointError, ConfigError, NaNError, SumieError
+from sumie.pipelines.images import ImageError
+from sumie.pipelines.vae_io import Previewer
+from sumie.pipelines.worker import JobHandle
+from sumie.serve.catalog import Catalog, ServeFolders
+from sumie.serve.comfy_service import ComfyService
+from sumie.serve.config import ServeConfig
+from sumie.serve.decode import encode_png
+from sumie.serve.errors import ApiError
+from sumie.serve.jobs import JobQueue, LiveState
+from sumie.serve.mapping import Plan, build_info, build_plan
+from sumie.serve.models import GenerationResponse, Img2ImgRequest, Txt2ImgRequest
+from sumie.serve.options import Options
+from sumie.serve.store import JobRecords, OutputStore
+
+__all__ = ["Outcome", "Server"]
+
+
+@dataclass
+class Outcome:
+    """What a generation job hands back to its HTTP handler."""
+
+    images: list[str]
+    info: str
+    interrupted: bool
+    paths: list[Path] = field(default_factory=list)
+
+
+class Server:
+    """Everything one app holds (see the module docstring)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.folders = ServeFolders(config)
+        self.hashes = FileHashes()
+        self.catalog = Catalog(self.folders, self.hashes)
+        self.options = Options()
+        self.outputs = OutputStore(config.output_dir)
+        self.records = JobRecords(config.database)
+        self.recovered = self.records.recover()
+        self.queue = JobQueue(config, self.folders, self.hashes, self.records)
+        self.comfy = ComfyService(self, config.input_dir, config.preview_method)  # ComfyUI's API (comfy_routes)
+        default = self.catalog.checkpoints()[0]
+        self.options.update({"sd_model_checkpoint": self.catalog.title(default)})
+        if config.preload:
+            self.queue.preload(default.path, None)
+        else:
+            self.queue.ready.set()
+
+    def close(self) -> None:
+        """Stop the workers and close the records."""
+        self.queue.close()
+        self.records.close()
+
+    # ---------------------------------------------------------------- readiness
+    def require_ready(self) -> None:
+        """503 with Retry-After while the first model loads. A failed load does not block: each job loads its
+        model again and answers the error, and another checkpoint can be chosen through /options."""
+        if not self.queue.ready.is_set():
+            raise ApiError(503, "the model is still loading; retry shortly",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+
+    # ---------------------------------------------------------------- options
+    def current_options(self) -> dict[str, Any]:
+        """The options as GET /options shows them (the checkpoint's title with its hash once known)."""
+        opts = self.options.snapshot()
+        try:
+            f = self.catalog.checkpoint(opts["sd_model_checkpoint"], "sd_model_checkpoint")
+        except ApiError:
+            return opts
+        opts["sd_model_checkpoint"] = self.catalog.title(f)
+        opts["sd_checkpoint_hash"] = (self.hashes.cached(f.path) or "") if f.path.is_file() else ""
+        return opts
+
+    async def set_options(self, values: dict[str, Any]) -> None:
+        """POST /options: check everything first, load a newly named checkpoint (4xx listing close matches)."""
+        checked = self.options.checked(values)
+        load = None
+        if "sd_model_checkpoint" in checked:
+            f = self.catalog.checkpoint(checked["sd_model_checkpoint"], "sd_model_checkpoint")
+            checked["sd_model_checkpoint"] = f.name
+            load = f
+        vae_name = checked.get("sd_vae", self.options["sd_vae"])
+        vae = self.catalog.vae(vae_name, "sd_vae")
+        if load is not None or "sd_vae" in checked:
+            self.require_ready()
+            target = load or self.catalog.checkpoint(self.options["sd_model_checkpoint"], "sd_model_checkpoint")
+            handles = [w.submit(lambda m, c: self.queue.engine(m, target.path, vae)) for w in self.queue.workers]
+            for h in handles:
+                await self._await(h)
+        self.options.update(checked)
+
+    # ---------------------------------------------------------------- generation
+    async def generate(self, kind: str, req: Txt2ImgRequest | Img2ImgRequest) -> GenerationResponse:
+        """txt2img / img2img: plan (422s), queue (503 when full), run in the worker, answer A1111's response."""
+        self.require_ready()
+        opts = self.options.merged(req.override_settings)
+        plan = await run_in_threadpool(build_plan, kind, req, self.catalog, opts, self.config.limits)
+        if req.override_settings and req.override_settings_restore_afterwards is False:
+            self.options.update(self.options.checked(req.override_settings))
+        summary = {k: v for k, v in plan.parameters.items() if k not in ("init_images", "mask", "latent_mask")}
+        handle = self.queue.submit(kind, summary, lambda m, live: self._run(plan, m, live), job_id=req.force_task_id)
+        outcome: Outcome = await self._await(handle)
+        return GenerationResponse(images=outcome.images, parameters=plan.parameters, info=outcome.info)
+
+    async def _await(self, handle: JobHandle) -> Any:
+        try:
+            return await self.queue.wait(handle)
+        except ApiError:
+            raise
+        except ImageError as e:
+            raise ApiError(422, str(e)) from None
+        except ConfigError as e:
+            raise ApiError(422, str(e)) from None
+        except (CheckpointError, NaNError) as e:  # the server's model files or numerics, not the request
+            raise ApiError(500, str(e)) from None
+        except SumieError as e:
+            raise ApiError(400, str(e)) from None
+
+    def _run(self, plan: Plan, manager: ModelManager, live: LiveState) -> Outcome:
+        """The job (worker thread): load or reuse the engine, generate, save, encode."""
+        p = plan.params
+        live.job_count, live.textinfo = p.n_iter, "loading model"
+        engine = self.queue.engine(manager, plan.checkpoint.path, plan.vae)
+        if plan.options.get("live_previews_enable", True):
+            live.previewer = Previewer(engine.models.vae, engine.taesd)
+        live.textinfo = None
+        result = engine.generate(p, progress=live.on_progress, control=live.control)
+        warnings = list(plan.warnings) + [w for w in result.warnings if w not in plan.warnings]
+        pnginfo = bool(plan.options.get("enable_pnginfo", True))
+        paths: list[Path] = []
+        if plan.save:
+            fmt, quality = str(plan.options.get("samples_format", "png")), int(plan.options.get("jpeg_quality", 80))
+            for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
+                paths.append(self.outputs.save(plan.kind, image, seed, text if pnginfo else None, fmt=fmt,
+                                               quality=quality, when=plan.created))
+        info = build_info(plan, result, model_name=engine.base.name, model_hash=engine.models.hash,
+                          vae_name=plan.vae.name if plan.vae else None, warnings=warnings)
+        images = [encode_png(im, text if pnginfo else None) for im, text in zip(result.images, result.infotexts,
+                                                                                strict=True)] \
+            if plan.send_images else []
+        return Outcome(images, info, result.interrupted, paths)
+
+    # ---------------------------------------------------------------- progress
+    def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        """GET /progress: A1111's formula; the live preview (a strip of the batch) unless skipped."""
+        live = self.queue.running()
+        if live is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": _state(None), "current_image": None,
+                    "textinfo": None}
+        progress, eta = live.progress()
+        current = None
+        latent, previewer = live.latent, live.previewer
+        if not skip_current_image and latent is not None and previewer is not None:
+            with torch.inference_mode():
+                images = previewer(latent)
+            current = encode_png(_strip(images))
+        return {"progress": progress, "eta_relative": eta, "state": _state(live), "current_image": current,
+                "textinfo": live.textinfo}
+
+
+def _state(live: LiveState | None) -> dict[str, Any]:
+    """A1111's ``shared.state.dict()``."""
+    if live is None:
+        return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+                "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    control = live.control
+    return {"skipped": bool(control and control.skipped), "interrupted": bool(control and control.interrupted),
+            "stopping_generation": False, "job": live.kind, "job_count": live.job_count,
+            "job_timestamp": live.timestamp, "job_no": live.job_no, "sampling_step": live.sampling_step,
+            "sampling_steps": live.sampling_steps}
+
+
+def _strip(images: list[Image.Image]) -> Image.Image:
+    if len(images) == 1:
+        return images[0]
+    w, h = images[0].size
+    out = Image.new("RGB", (w * len(images), h))
+    for k, im in enumerate(images):
+        out.paste(im.convert("RGB"), (k * w, 0))
+    return out
+
