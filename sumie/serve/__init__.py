@@ -1,4 +1,4 @@
-"""``sumie serve``: AUTOMATIC1111 1.10's ``/sdapi/v1`` API on Sumie's engine, for the clients that speak it.
+"""``sumie serve``: AUTOMATIC1111 1.10's ``/sdapi/v1`` API and ComfyUI's server API on Sumie's engine.
 
 One process: FastAPI + uvicorn in front, one engine worker thread per device behind a bounded FIFO queue, so HTTP
 never waits on sampling. Files: :mod:`~sumie.serve.config` (what a server is built from),
@@ -6,7 +6,8 @@ never waits on sampling. Files: :mod:`~sumie.serve.config` (what a server is bui
 request / response bodies), :mod:`~sumie.serve.mapping` (requests -> ``GenerationParams``, results -> ``info``),
 :mod:`~sumie.serve.jobs` (queue, workers, live progress), :mod:`~sumie.serve.store` (outputs, SQLite job records),
 :mod:`~sumie.serve.options` (``/options``), :mod:`~sumie.serve.server` (one app's state),
-:mod:`~sumie.serve.app` (``create_app``) and the routes.
+:mod:`~sumie.serve.app` (``create_app``) and the routes; ComfyUI's: :mod:`~sumie.serve.comfy_service` (graph prompts
+on the same queue, history), :mod:`~sumie.serve.comfy_routes` and :mod:`~sumie.serve.comfy_ws` (the WebSocket).
 """
 
 from sumie.serve.app import create_app
