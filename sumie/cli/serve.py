@@ -45,7 +45,8 @@ def build_config(args: argparse.Namespace) -> Any:
     return ServeConfig(models_dir=Path(args.models_dir) if args.models_dir else None,
                        ckpt_dirs=tuple(Path(d) for d in args.ckpt_dir), lora_dirs=tuple(Path(d) for d in args.lora_dir),
                        embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
-                       vae_dirs=tuple(Path(d) for d in args.vae_dir), output_dir=Path(args.output_dir),
+                       vae_dirs=tuple(Path(d) for d in args.vae_dir),
+                       controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir), output_dir=Path(args.output_dir),
                        devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth))
 
 
@@ -83,6 +84,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
                    help="more textual-inversion embeddings (repeatable)")
     p.add_argument("--vae-dir", action="append", default=[], metavar="DIR", help="more standalone VAEs (repeatable)")
+    p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                   help="more ControlNet / T2I-Adapter models (repeatable; the extension's flag)")
     p.add_argument("--output-dir", default="outputs", metavar="DIR",
                    help="where save_images writes (txt2img-images/DATE/00000-SEED.png) and the job records live "
                         "(default: outputs)")

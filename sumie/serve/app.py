@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from sumie.errors import ConfigError, SumieError
-from sumie.serve import routes_generate, routes_info
+from sumie.serve import controlnet_api, routes_generate, routes_info
 from sumie.serve.config import ServeConfig
 from sumie.serve.errors import ApiError, error_body
 from sumie.serve.limits import BodyLimit
@@ -50,6 +50,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
     for router in (routes_generate.router, routes_info.router):
         app.include_router(router, prefix="/sdapi/v1", dependencies=[Depends(_auth)])
+    app.include_router(controlnet_api.router, prefix="/controlnet", dependencies=[Depends(_auth)])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:

@@ -33,6 +33,7 @@ class ServeConfig:
     lora_dirs: tuple[Path, ...] = ()
     embeddings_dirs: tuple[Path, ...] = ()
     vae_dirs: tuple[Path, ...] = ()
+    controlnet_dirs: tuple[Path, ...] = ()
     output_dir: Path = Path("outputs")
     devices: tuple[str, ...] = ("cpu",)
     dtype: str = "fp32"
@@ -46,7 +47,8 @@ class ServeConfig:
         if not self.devices:
             raise ConfigError("a server needs at least one device; give e.g. devices=('cpu',)")
         for name, folders in (("--ckpt-dir", self.ckpt_dirs), ("--lora-dir", self.lora_dirs),
-                              ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs)):
+                              ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs),
+                              ("--controlnet-dir", self.controlnet_dirs)):
             for f in folders:
                 if not Path(f).is_dir():
                     raise ConfigError(f"{name} {f}: no such folder; create it or fix the path")
