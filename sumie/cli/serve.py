@@ -47,7 +47,8 @@ def build_config(args: argparse.Namespace) -> Any:
                        embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
                        vae_dirs=tuple(Path(d) for d in args.vae_dir),
                        controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir), output_dir=Path(args.output_dir),
-                       devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth))
+                       devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth),
+                       api_tokens=tuple(args.api_token))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,10 +58,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     config = build_config(args)
     _check_port(host, args.port)
-    if host not in _LOCAL and not config.auth:
+    if host not in _LOCAL and not config.auth and not config.api_tokens:
         bar = "!" * 78
         print(f"{bar}\nsumie: WARNING: listening on {host}:{args.port} WITHOUT authentication: anyone who can reach "
-              f"this machine can generate images and change settings. Pass --api-auth user:password.\n{bar}",
+              "this machine can generate images and change settings. Pass --api-auth user:password or "
+              f"--api-token TOKEN.\n{bar}",
               file=sys.stderr)
     import uvicorn
 
@@ -90,6 +92,8 @@ def add_parsers(sub: Any) -> None:
                    help="where save_images writes (txt2img-images/DATE/00000-SEED.png) and the job records live "
                         "(default: outputs)")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic auth (A1111's flag)")
+    p.add_argument("--api-token", action="append", default=[], metavar="TOKEN",
+                   help="accept 'Authorization: Bearer TOKEN' (repeatable; besides --api-auth)")
     p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
                                     "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "

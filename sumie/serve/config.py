@@ -39,6 +39,7 @@ class ServeConfig:
     dtype: str = "fp32"
     limits: Limits = field(default_factory=Limits)
     auth: dict[str, str] = field(default_factory=dict)
+    api_tokens: tuple[str, ...] = ()  # bearer tokens (--api-token), accepted besides --api-auth
     db_path: Path | None = None  # job records (default: OUTPUT_DIR/sumie-jobs.sqlite3)
     preload: bool = True  # load the default checkpoint at start (endpoints answer 503 until it is loaded)
     retry_after_s: int = 5
@@ -46,6 +47,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.devices:
             raise ConfigError("a server needs at least one device; give e.g. devices=('cpu',)")
+        if any(not t or any(c.isspace() for c in t) for t in self.api_tokens):
+            raise ConfigError("--api-token must be a non-empty token without spaces")
         for name, folders in (("--ckpt-dir", self.ckpt_dirs), ("--lora-dir", self.lora_dirs),
                               ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs),
                               ("--controlnet-dir", self.controlnet_dirs)):
