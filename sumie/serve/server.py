@@ -55,6 +55,7 @@ class Server:
         self.catalog = Catalog(self.folders, self.hashes)
         self.options = Options()
         self.outputs = OutputStore(config.output_dir)
+        self.cleaned = self.outputs.clean_temp()  # writes a killed process left half done
         self.records = JobRecords(config.database)
         self.recovered = self.records.recover()
         self.queue = JobQueue(config, self.folders, self.hashes, self.records)

@@ -9,6 +9,7 @@ record; at start, jobs a previous process left queued or running are marked fail
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from sumie.pipelines.output import next_free_path, save_image
 
 __all__ = ["JobRecord", "JobRecords", "OutputStore"]
 
+_TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # sumie.pipelines.output._write_tmp's names
 _EXT = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 
 
@@ -32,6 +34,21 @@ class OutputStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+
+    def clean_temp(self) -> list[Path]:
+        """Remove the temporary files of writes a killed process left (``.NAME.HEX.tmp`` in the image folders;
+        a finished image is renamed into place, so a temporary one is never a result); returns them."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for folder in self.root.iterdir():
+            if not folder.is_dir() or not folder.name.endswith("-images"):
+                continue
+            for tmp in folder.rglob(".*.tmp"):
+                if _TEMP.fullmatch(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+        return removed
 
     def save(self, kind: str, image: Image.Image, seed: int, infotext: str | None, *, fmt: str = "png",
              quality: int = 80, when: float | None = None) -> Path:
@@ -74,11 +91,15 @@ class JobRecords:
                              "outputs TEXT NOT NULL DEFAULT '[]', request TEXT NOT NULL DEFAULT '{}')")
 
     def recover(self) -> int:
-        """Mark jobs left queued or running by a previous process as failed; returns how many."""
+        """Mark jobs left queued or running by a previous process as failed, with the reason; returns how many.
+        Queued jobs are not resumed: their clients (an A1111 client waits on its HTTP answer) are gone."""
+        now = time.time()
         with self._lock:
-            cur = self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE state IN "
-                                   "('queued', 'running')", (time.time(), "the server stopped before the job ended"))
-            return cur.rowcount
+            ran = self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE state='running'",
+                                   (now, "the server stopped while the job ran"))
+            queued = self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE state='queued'",
+                                      (now, "the server stopped before the job started; submit it again"))
+            return ran.rowcount + queued.rowcount
 
     def add(self, job_id: str, kind: str, request: dict[str, Any]) -> None:
         """A new queued job."""
