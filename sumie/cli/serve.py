@@ -74,12 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    """Register ``sumie serve``."""
-    p = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API (for webuiapi and other A1111 clients)")
-    p.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 with --listen)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860, A1111's)")
-    p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0), as A1111's --listen")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The model folders and devices of ``serve`` and ``batch``."""
     p.add_argument("--models-dir", metavar="DIR", help="AUTOMATIC1111 or ComfyUI folder (or its models/ folder)")
     p.add_argument("--ckpt-dir", action="append", default=[], metavar="DIR", help="more checkpoints (repeatable)")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="more LoRAs (repeatable)")
@@ -88,16 +84,45 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--vae-dir", action="append", default=[], metavar="DIR", help="more standalone VAEs (repeatable)")
     p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
                    help="more ControlNet / T2I-Adapter models (repeatable; the extension's flag)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
+                                    "(default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "
+                                                                      "on the CPU)")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run a JSON-lines file of native-API request bodies; exit 1 when a line failed."""
+    from sumie.serve.batch import run_batch
+
+    args.api_auth, args.api_token, args.max_queue = None, [], 1 << 30
+    report = run_batch(Path(args.file), build_config(args), log=lambda line: print(line, file=sys.stderr))
+    print(f"sumie batch: {len(report.done)} done, {len(report.skipped)} skipped (done before), "
+          f"{len(report.failed)} failed", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``sumie serve`` and ``sumie batch``."""
+    b = sub.add_parser("batch", help="run a JSON-lines file of request bodies (resumable)")
+    b.add_argument("file", help="JSON lines: one native-API request body per line ({\"task\": \"txt2img\", ...})")
+    b.add_argument("-o", "--output-dir", required=True, metavar="DIR",
+                   help="outputs (txt2img-images/DATE/00000-SEED.png) and the job records that make a rerun skip "
+                        "finished lines")
+    _model_args(b)
+    b.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N", help="largest width x height")
+    b.add_argument("--max-steps", type=int, default=500, metavar="N", help="most sampling steps")
+    b.set_defaults(func=cmd_batch)
+    p = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API (for webuiapi and other A1111 clients)")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 with --listen)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860, A1111's)")
+    p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0), as A1111's --listen")
+    _model_args(p)
     p.add_argument("--output-dir", default="outputs", metavar="DIR",
                    help="where save_images writes (txt2img-images/DATE/00000-SEED.png) and the job records live "
                         "(default: outputs)")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic auth (A1111's flag)")
     p.add_argument("--api-token", action="append", default=[], metavar="TOKEN",
                    help="accept 'Authorization: Bearer TOKEN' (repeatable; besides --api-auth)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
-                                    "(default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "
-                                                                      "on the CPU)")
     p.add_argument("--max-queue", type=int, default=32, metavar="N", help="jobs queued or running before 503 "
                                                                          "(default: 32)")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N",
