@@ -6,7 +6,9 @@ never waits on sampling. Files: :mod:`~sumie.serve.config` (what a server is bui
 request / response bodies), :mod:`~sumie.serve.mapping` (requests -> ``GenerationParams``, results -> ``info``),
 :mod:`~sumie.serve.jobs` (queue, workers, live progress), :mod:`~sumie.serve.store` (outputs, SQLite job records),
 :mod:`~sumie.serve.options` (``/options``), :mod:`~sumie.serve.server` (one app's state),
-:mod:`~sumie.serve.app` (``create_app``) and the routes.
+:mod:`~sumie.serve.app` (``create_app``) and the routes: A1111's (``routes_generate``, ``routes_info``), the
+ControlNet extension's (:mod:`~sumie.serve.controlnet_api`, also the units in ``alwayson_scripts``) and Sumie's native
+jobs API (:mod:`~sumie.serve.routes_jobs`); :mod:`~sumie.serve.batch` runs a JSON-lines file without HTTP.
 """
 
 from sumie.serve.app import create_app

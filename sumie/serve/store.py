@@ -3,7 +3,8 @@
 Images go to ``OUTPUT_DIR/txt2img-images/YYYY-MM-DD/00000-SEED.png`` (``img2img-images`` for img2img), numbered as
 A1111 numbers them, written atomically with their infotext (:func:`sumie.pipelines.output.save_image`). Job records
 (id, kind, state, times, error, output paths) live in one SQLite file in WAL mode, so a crash loses no finished
-record; at start, jobs a previous process left queued or running are marked failed with the reason.
+record; at start, jobs a previous process left queued or running are marked failed with the reason (queued jobs
+are not resumed) and the temporary files of writes it left unfinished are removed (:meth:`OutputStore.clean_temp`).
 """
 
 from __future__ import annotations
