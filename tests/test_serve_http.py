@@ -116,7 +116,7 @@ def test_every_endpoint_answers_json_in_a1111_shapes(srv: Running, http: httpx.C
 
 def test_txt2img_response_matches_a1111_models(http: httpx.Client) -> None:
     body = {**FAST, "prompt": "a cat", "seed": None, "cfg_scale": None, "batch_size": 2, "no_such_field": [1, 2],
-            "alwayson_scripts": {"controlnet": {"args": []}}, "restore_faces": True}
+            "alwayson_scripts": {"adetailer": {"args": []}}, "restore_faces": True}
     r = http.post("/txt2img", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -126,7 +126,7 @@ def test_txt2img_response_matches_a1111_models(http: httpx.Client) -> None:
     info = json.loads(out["info"])
     assert INFO_KEYS <= set(info)
     assert info["cfg_scale"] == 7.0 and info["seed"] >= 0 and info["all_seeds"] == [info["seed"], info["seed"] + 1]
-    assert any("controlnet" in w for w in info["warnings"]) and any("restore_faces" in w for w in info["warnings"])
+    assert any("adetailer" in w for w in info["warnings"]) and any("restore_faces" in w for w in info["warnings"])
     for b64, text in zip(out["images"], info["infotexts"], strict=True):
         assert not b64.startswith("data:") and from_b64(b64).info["parameters"] == text
 

@@ -45,8 +45,10 @@ def build_config(args: argparse.Namespace) -> Any:
     return ServeConfig(models_dir=Path(args.models_dir) if args.models_dir else None,
                        ckpt_dirs=tuple(Path(d) for d in args.ckpt_dir), lora_dirs=tuple(Path(d) for d in args.lora_dir),
                        embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
-                       vae_dirs=tuple(Path(d) for d in args.vae_dir), output_dir=Path(args.output_dir),
+                       vae_dirs=tuple(Path(d) for d in args.vae_dir),
+                       controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir), output_dir=Path(args.output_dir),
                        devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth),
+                       api_tokens=tuple(args.api_token),
                        input_dir=Path(args.input_dir) if args.input_dir else None,
                        preview_method=args.preview_method)
 
@@ -58,10 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     config = build_config(args)
     _check_port(host, args.port)
-    if host not in _LOCAL and not config.auth:
+    if host not in _LOCAL and not config.auth and not config.api_tokens:
         bar = "!" * 78
         print(f"{bar}\nsumie: WARNING: listening on {host}:{args.port} WITHOUT authentication: anyone who can reach "
-              f"this machine can generate images and change settings. Pass --api-auth user:password.\n{bar}",
+              "this machine can generate images and change settings. Pass --api-auth user:password or "
+              f"--api-token TOKEN.\n{bar}",
               file=sys.stderr)
     import uvicorn
 
@@ -74,18 +77,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    """Register ``sumie serve``."""
-    p = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API (for webuiapi and other A1111 clients)")
-    p.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 with --listen)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860, A1111's)")
-    p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0), as A1111's --listen")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The model folders and devices of ``serve`` and ``batch``."""
     p.add_argument("--models-dir", metavar="DIR", help="AUTOMATIC1111 or ComfyUI folder (or its models/ folder)")
     p.add_argument("--ckpt-dir", action="append", default=[], metavar="DIR", help="more checkpoints (repeatable)")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="more LoRAs (repeatable)")
     p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
                    help="more textual-inversion embeddings (repeatable)")
     p.add_argument("--vae-dir", action="append", default=[], metavar="DIR", help="more standalone VAEs (repeatable)")
+    p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                   help="more ControlNet / T2I-Adapter models (repeatable; the extension's flag)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
+                                    "(default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "
+                                                                      "on the CPU)")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run a JSON-lines file of native-API request bodies; exit 1 when a line failed."""
+    from sumie.serve.batch import run_batch
+
+    args.api_auth, args.api_token, args.max_queue = None, [], 1 << 30
+    args.input_dir, args.preview_method = None, "none"  # the server's ComfyUI side is not used
+    report = run_batch(Path(args.file), build_config(args), log=lambda line: print(line, file=sys.stderr))
+    print(f"sumie batch: {len(report.done)} done, {len(report.skipped)} skipped (done before), "
+          f"{len(report.failed)} failed", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``sumie serve`` and ``sumie batch``."""
+    b = sub.add_parser("batch", help="run a JSON-lines file of request bodies (resumable)")
+    b.add_argument("file", help="JSON lines: one native-API request body per line ({\"task\": \"txt2img\", ...})")
+    b.add_argument("-o", "--output-dir", required=True, metavar="DIR",
+                   help="outputs (txt2img-images/DATE/00000-SEED.png) and the job records that make a rerun skip "
+                        "finished lines")
+    _model_args(b)
+    b.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N", help="largest width x height")
+    b.add_argument("--max-steps", type=int, default=500, metavar="N", help="most sampling steps")
+    b.set_defaults(func=cmd_batch)
+    p = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API and ComfyUI's API")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 with --listen)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860, A1111's)")
+    p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0), as A1111's --listen")
+    _model_args(p)
     p.add_argument("--output-dir", default="outputs", metavar="DIR",
                    help="where save_images writes (txt2img-images/DATE/00000-SEED.png) and the job records live "
                         "(default: outputs)")
@@ -94,10 +129,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--preview-method", choices=["none", "auto", "latent2rgb"], default="none",
                    help="ComfyUI WebSocket preview frames while sampling (default: none, as ComfyUI)")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic auth (A1111's flag)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
-                                    "(default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "
-                                                                      "on the CPU)")
+    p.add_argument("--api-token", action="append", default=[], metavar="TOKEN",
+                   help="accept 'Authorization: Bearer TOKEN' (repeatable; besides --api-auth)")
     p.add_argument("--max-queue", type=int, default=32, metavar="N", help="jobs queued or running before 503 "
                                                                          "(default: 32)")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N",

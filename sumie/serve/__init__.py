@@ -6,8 +6,11 @@ never waits on sampling. Files: :mod:`~sumie.serve.config` (what a server is bui
 request / response bodies), :mod:`~sumie.serve.mapping` (requests -> ``GenerationParams``, results -> ``info``),
 :mod:`~sumie.serve.jobs` (queue, workers, live progress), :mod:`~sumie.serve.store` (outputs, SQLite job records),
 :mod:`~sumie.serve.options` (``/options``), :mod:`~sumie.serve.server` (one app's state),
-:mod:`~sumie.serve.app` (``create_app``) and the routes; ComfyUI's: :mod:`~sumie.serve.comfy_service` (graph prompts
-on the same queue, history), :mod:`~sumie.serve.comfy_routes` and :mod:`~sumie.serve.comfy_ws` (the WebSocket).
+:mod:`~sumie.serve.app` (``create_app``) and the routes: A1111's (``routes_generate``, ``routes_info``), the
+ControlNet extension's (:mod:`~sumie.serve.controlnet_api`, also the units in ``alwayson_scripts``), Sumie's native
+jobs API (:mod:`~sumie.serve.routes_jobs`) and ComfyUI's (:mod:`~sumie.serve.comfy_service`: graph prompts on the
+same queue, history; :mod:`~sumie.serve.comfy_routes`, :mod:`~sumie.serve.comfy_ws`: the WebSocket);
+:mod:`~sumie.serve.batch` runs a JSON-lines file without HTTP.
 """
 
 from sumie.serve.app import create_app

@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
 from sumie.errors import ConfigError, SumieError
-from sumie.serve import comfy_routes, comfy_ws, routes_generate, routes_info
+from sumie.serve import comfy_routes, comfy_ws, controlnet_api, routes_generate, routes_info, routes_jobs
 from sumie.serve.config import ServeConfig
 from sumie.serve.errors import ApiError, error_body
 from sumie.serve.limits import BodyLimit
@@ -20,19 +20,29 @@ from sumie.serve.server import Server
 __all__ = ["create_app"]
 
 _basic = HTTPBasic(auto_error=False)
+_bearer = HTTPBearer(auto_error=False)
 
 
-def _auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:  # noqa: B008
-    """HTTP Basic against ``--api-auth`` (no credentials configured: open)."""
-    users = request.app.state.sumie.config.auth
-    if not users:
+def _auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic),  # noqa: B008
+          bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:  # noqa: B008
+    """HTTP Basic against ``--api-auth`` or a bearer token against ``--api-token`` (neither configured: open)."""
+    config = request.app.state.sumie.config
+    users, tokens = config.auth, config.api_tokens
+    if not users and not tokens:
         return
-    if credentials is not None:
+    if credentials is not None and users:
         want = users.get(credentials.username)
         if want is not None and secrets.compare_digest(want.encode(), credentials.password.encode()):
             return
-    raise ApiError(401, "incorrect or missing credentials; this server needs HTTP Basic auth (--api-auth)",
-                   headers={"WWW-Authenticate": "Basic"})
+    if bearer is not None and tokens:
+        given = bearer.credentials.encode()
+        if any(secrets.compare_digest(t.encode(), given) for t in tokens):
+            return
+    schemes = ["Basic"] * bool(users) + ["Bearer"] * bool(tokens)
+    raise ApiError(401, "incorrect or missing credentials; this server needs "
+                        + " or ".join({"Basic": "HTTP Basic auth (--api-auth)",
+                                       "Bearer": "a bearer token (--api-token)"}[s] for s in schemes),
+                   headers={"WWW-Authenticate": ", ".join(schemes)})
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -53,6 +63,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     for prefix in ("", "/api"):  # ComfyUI's routes, served with and without /api as ComfyUI does
         app.include_router(comfy_routes.router, prefix=prefix, dependencies=[Depends(_auth)])
         app.include_router(comfy_ws.router, prefix=prefix)  # checks --api-auth itself
+    app.include_router(controlnet_api.router, prefix="/controlnet", dependencies=[Depends(_auth)])
+    app.state.sumie_jobs = routes_jobs.NativeJobs(app.state.sumie)
+    app.include_router(routes_jobs.router, prefix="/api/v1", dependencies=[Depends(_auth)], tags=["native"])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:

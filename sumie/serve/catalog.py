@@ -45,7 +45,7 @@ class ServeFolders(ModelFolders):
         self.models_dir = base.models_dir if base is not None else Path(".")
         self.layout = base.layout if base is not None else "a1111"
         extra = {"checkpoint": config.ckpt_dirs, "lora": config.lora_dirs, "embedding": config.embeddings_dirs,
-                 "vae": config.vae_dirs}
+                 "vae": config.vae_dirs, "controlnet": config.controlnet_dirs}
         self._dirs: dict[str, list[Path]] = {}
         for kind in KINDS:
             found = base.dirs(kind) if base is not None else []
@@ -124,6 +124,10 @@ class Catalog:
         if name is None or str(name).strip() in ("", "Automatic", "None"):
             return None
         return self._resolve("vae", name, field).path
+
+    def model(self, kind: str, name: str, field: str) -> Path:
+        """The file of a ``kind`` model called ``name`` in the configured folders (4xx naming ``field``)."""
+        return self._resolve(kind, name, field).path
 
     def _guard(self, kind: str, name: str, field: str) -> None:
         try:

@@ -35,11 +35,13 @@ class ServeConfig:
     lora_dirs: tuple[Path, ...] = ()
     embeddings_dirs: tuple[Path, ...] = ()
     vae_dirs: tuple[Path, ...] = ()
+    controlnet_dirs: tuple[Path, ...] = ()
     output_dir: Path = Path("outputs")
     devices: tuple[str, ...] = ("cpu",)
     dtype: str = "fp32"
     limits: Limits = field(default_factory=Limits)
     auth: dict[str, str] = field(default_factory=dict)
+    api_tokens: tuple[str, ...] = ()  # bearer tokens (--api-token), accepted besides --api-auth
     db_path: Path | None = None  # job records (default: OUTPUT_DIR/sumie-jobs.sqlite3)
     preload: bool = True  # load the default checkpoint at start (endpoints answer 503 until it is loaded)
     retry_after_s: int = 5
@@ -52,8 +54,11 @@ class ServeConfig:
         if self.preview_method not in PREVIEW_METHODS:
             raise ConfigError(f"unknown preview method {self.preview_method!r}; use one of: "
                               f"{', '.join(PREVIEW_METHODS)}")
+        if any(not t or any(c.isspace() for c in t) for t in self.api_tokens):
+            raise ConfigError("--api-token must be a non-empty token without spaces")
         for name, folders in (("--ckpt-dir", self.ckpt_dirs), ("--lora-dir", self.lora_dirs),
-                              ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs)):
+                              ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs),
+                              ("--controlnet-dir", self.controlnet_dirs)):
             for f in folders:
                 if not Path(f).is_dir():
                     raise ConfigError(f"{name} {f}: no such folder; create it or fix the path")

@@ -32,9 +32,16 @@ from sumie.serve.config import ServeConfig
 from sumie.serve.errors import ApiError
 from sumie.serve.store import JobRecords
 
-__all__ = ["JobQueue", "LiveState"]
+__all__ = ["JobCancelled", "JobQueue", "LiveState"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class JobCancelled(ApiError):
+    """A running job cancelled (``DELETE /api/v1/jobs/{id}``): it ends without saving anything."""
+
+    def __init__(self) -> None:
+        super().__init__(409, "the job was cancelled")
 
 
 @dataclass
@@ -52,6 +59,8 @@ class LiveState:
     latent: Tensor | None = None  # the newest prediction x0 [B, C, h, w]
     previewer: Callable[[Tensor], list[Any]] | None = None
     control: JobControl | None = None
+    cancelled: bool = False  # DELETE /api/v1/jobs/{id}: stop and save nothing
+    listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
 
     @property
     def timestamp(self) -> str:
@@ -64,6 +73,8 @@ class LiveState:
         self.sampling_step, self.sampling_steps = ev.step, ev.steps
         self.latent = ev.denoised
         self.textinfo = None
+        for listener in self.listeners:
+            listener(ev)
 
     def progress(self) -> tuple[float, float]:
         """(progress, eta_relative) by A1111's formula."""
@@ -90,6 +101,7 @@ class JobQueue:
         self.embeddings_dir: Path | None = self.embeddings_dirs[0] if self.embeddings_dirs else None
         self._lock = threading.Lock()
         self._handles: dict[str, JobHandle] = {}
+        self._cancelled: set[str] = set()
         self.live: dict[str, LiveState] = {}
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -155,6 +167,8 @@ class JobQueue:
 
             def run(manager: ModelManager, control: JobControl) -> Any:
                 live = LiveState(jid, kind, control=control, textinfo="starting")
+                with self._lock:
+                    live.cancelled = jid in self._cancelled
                 self.records.start(jid)
                 with self._lock:
                     self.live[jid] = live
@@ -172,9 +186,11 @@ class JobQueue:
     def _finished(self, handle: JobHandle) -> None:
         with self._lock:
             self._handles.pop(handle.id, None)
+            self._cancelled.discard(handle.id)
             self.finished += 1
-        if handle.state == "cancelled":
-            self.records.finish(handle.id, "cancelled")
+        if handle.state == "cancelled" or isinstance(handle.exception() if handle.state == "failed" else None,
+                                                     JobCancelled):
+            self.records.finish(handle.id, "cancelled", error="cancelled by the client")
         elif handle.state == "failed":
             self.records.finish(handle.id, "failed", error=str(handle.exception()))
         else:
@@ -201,6 +217,25 @@ class JobQueue:
         with self._lock:
             states = sorted(self.live.values(), key=lambda s: s.started)
         return states[0] if states else None
+
+    def handle(self, job_id: str) -> JobHandle | None:
+        """The handle of a queued or running job, or None."""
+        with self._lock:
+            return self._handles.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job, or stop a running one at its next step without saving; False when not active."""
+        with self._lock:
+            handle, live = self._handles.get(job_id), self.live.get(job_id)
+            if handle is None:
+                return False
+            self._cancelled.add(job_id)
+        if handle.cancel():
+            return True
+        if live is not None:
+            live.cancelled = True
+        handle.control.interrupt()
+        return True
 
     def interrupt(self) -> int:
         """Interrupt every running job (A1111's /interrupt: queued jobs stay); returns how many."""

@@ -27,6 +27,7 @@ from sumie.pipelines.infotext import params_from_infotext, parse_infotext, sampl
 from sumie.pipelines.masks import load_mask
 from sumie.pipelines.params import GenerationParams, HiresParams, InpaintParams, RefinerParams
 from sumie.sampling import registry
+from sumie.serve import controlnet_api
 from sumie.serve.catalog import Catalog, NameError_, check_name
 from sumie.serve.config import Limits
 from sumie.serve.decode import decode_image
@@ -151,6 +152,8 @@ def _ignored(req: Any, warnings: list[str]) -> None:
     if req.firstpass_image:
         warnings.append("firstpass_image is not supported by Sumie and was ignored")
     for name in sorted(req.alwayson_scripts or {}):
+        if name.lower() == controlnet_api.SCRIPT:
+            continue
         warnings.append(f"alwayson_scripts: {name!r} is not available in Sumie and was ignored")
 
 
@@ -215,6 +218,7 @@ def build_plan(kind: str, req: Txt2ImgRequest | Img2ImgRequest, catalog: Catalog
         _hires(req, p, warnings)
     else:
         _img2img(req, p, limits, warnings)
+    p.controlnets = controlnet_api.control_units(req.alwayson_scripts, p, catalog, limits, warnings)
     _limits(p, limits)
     _check_lora_tags(p)
     named: list[str] = []

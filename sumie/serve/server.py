@@ -6,6 +6,7 @@ nothing here is module-level, so two apps in one process share nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from sumie.checkpoints.hashes import FileHashes
 from sumie.checkpoints.manager import ModelManager
 from sumie.errors import CheckpointError, ConfigError, NaNError, SumieError
+from sumie.pipelines.control import ProgressEvent
 from sumie.pipelines.images import ImageError
 from sumie.pipelines.vae_io import Previewer
 from sumie.pipelines.worker import JobHandle
@@ -25,7 +27,7 @@ from sumie.serve.comfy_service import ComfyService
 from sumie.serve.config import ServeConfig
 from sumie.serve.decode import encode_png
 from sumie.serve.errors import ApiError
-from sumie.serve.jobs import JobQueue, LiveState
+from sumie.serve.jobs import JobCancelled, JobQueue, LiveState
 from sumie.serve.mapping import Plan, build_info, build_plan
 from sumie.serve.models import GenerationResponse, Img2ImgRequest, Txt2ImgRequest
 from sumie.serve.options import Options
@@ -54,6 +56,7 @@ class Server:
         self.catalog = Catalog(self.folders, self.hashes)
         self.options = Options()
         self.outputs = OutputStore(config.output_dir)
+        self.cleaned = self.outputs.clean_temp()  # writes a killed process left half done
         self.records = JobRecords(config.database)
         self.recovered = self.records.recover()
         self.queue = JobQueue(config, self.folders, self.hashes, self.records)
@@ -111,15 +114,31 @@ class Server:
     # ---------------------------------------------------------------- generation
     async def generate(self, kind: str, req: Txt2ImgRequest | Img2ImgRequest) -> GenerationResponse:
         """txt2img / img2img: plan (422s), queue (503 when full), run in the worker, answer A1111's response."""
+        plan = await self.plan(kind, req)
+        handle = self.submit(plan, req.force_task_id)
+        outcome: Outcome = await self._await(handle)
+        return GenerationResponse(images=outcome.images, parameters=plan.parameters, info=outcome.info)
+
+    async def plan(self, kind: str, req: Txt2ImgRequest | Img2ImgRequest) -> Plan:
+        """A request checked and resolved (503 while loading, 422s naming fields); applies lasting overrides."""
         self.require_ready()
         opts = self.options.merged(req.override_settings)
         plan = await run_in_threadpool(build_plan, kind, req, self.catalog, opts, self.config.limits)
         if req.override_settings and req.override_settings_restore_afterwards is False:
             self.options.update(self.options.checked(req.override_settings))
+        return plan
+
+    def submit(self, plan: Plan, job_id: str | None = None,
+               listener: Callable[[ProgressEvent], None] | None = None) -> JobHandle:
+        """Queue a planned job (503 when full); ``listener`` gets its progress events (worker thread)."""
         summary = {k: v for k, v in plan.parameters.items() if k not in ("init_images", "mask", "latent_mask")}
-        handle = self.queue.submit(kind, summary, lambda m, live: self._run(plan, m, live), job_id=req.force_task_id)
-        outcome: Outcome = await self._await(handle)
-        return GenerationResponse(images=outcome.images, parameters=plan.parameters, info=outcome.info)
+
+        def run(manager: ModelManager, live: LiveState) -> Outcome:
+            if listener is not None:
+                live.listeners.append(listener)
+            return self._run(plan, manager, live)
+
+        return self.queue.submit(plan.kind, summary, run, job_id=job_id)
 
     async def _await(self, handle: JobHandle) -> Any:
         try:
@@ -144,6 +163,8 @@ class Server:
             live.previewer = Previewer(engine.models.vae, engine.taesd)
         live.textinfo = None
         result = engine.generate(p, progress=live.on_progress, control=live.control)
+        if live.cancelled:
+            raise JobCancelled()
         warnings = list(plan.warnings) + [w for w in result.warnings if w not in plan.warnings]
         pnginfo = bool(plan.options.get("enable_pnginfo", True))
         paths: list[Path] = []
@@ -160,6 +181,16 @@ class Server:
         return Outcome(images, info, result.interrupted, paths)
 
     # ---------------------------------------------------------------- progress
+    @staticmethod
+    def preview(live: LiveState) -> str | None:
+        """The running job's newest prediction as a base64 PNG (a strip of the batch), or None."""
+        latent, previewer = live.latent, live.previewer
+        if latent is None or previewer is None:
+            return None
+        with torch.inference_mode():
+            images = previewer(latent)
+        return encode_png(_strip(images))
+
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
         """GET /progress: A1111's formula; the live preview (a strip of the batch) unless skipped."""
         live = self.queue.running()
@@ -167,12 +198,7 @@ class Server:
             return {"progress": 0.0, "eta_relative": 0.0, "state": _state(None), "current_image": None,
                     "textinfo": None}
         progress, eta = live.progress()
-        current = None
-        latent, previewer = live.latent, live.previewer
-        if not skip_current_image and latent is not None and previewer is not None:
-            with torch.inference_mode():
-                images = previewer(latent)
-            current = encode_png(_strip(images))
+        current = None if skip_current_image else self.preview(live)
         return {"progress": progress, "eta_relative": eta, "state": _state(live), "current_image": current,
                 "textinfo": live.textinfo}
 

@@ -3,12 +3,14 @@
 Images go to ``OUTPUT_DIR/txt2img-images/YYYY-MM-DD/00000-SEED.png`` (``img2img-images`` for img2img), numbered as
 A1111 numbers them, written atomically with their infotext (:func:`sumie.pipelines.output.save_image`). Job records
 (id, kind, state, times, error, output paths) live in one SQLite file in WAL mode, so a crash loses no finished
-record; at start, jobs a previous process left queued or running are marked failed with the reason.
+record; at start, jobs a previous process left queued or running are marked failed with the reason (queued jobs
+are not resumed) and the temporary files of writes it left unfinished are removed (:meth:`OutputStore.clean_temp`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -23,6 +25,7 @@ from sumie.pipelines.output import next_free_path, save_image
 
 __all__ = ["JobRecord", "JobRecords", "OutputStore"]
 
+_TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # sumie.pipelines.output._write_tmp's names
 _EXT = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 
 
@@ -32,6 +35,21 @@ class OutputStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+
+    def clean_temp(self) -> list[Path]:
+        """Remove the temporary files of writes a killed process left (``.NAME.HEX.tmp`` in the image folders;
+        a finished image is renamed into place, so a temporary one is never a result); returns them."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for folder in self.root.iterdir():
+            if not folder.is_dir() or not folder.name.endswith("-images"):
+                continue
+            for tmp in folder.rglob(".*.tmp"):
+                if _TEMP.fullmatch(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+        return removed
 
     def save(self, kind: str, image: Image.Image, seed: int, infotext: str | None, *, fmt: str = "png",
              quality: int = 80, when: float | None = None) -> Path:
@@ -74,11 +92,15 @@ class JobRecords:
                              "outputs TEXT NOT NULL DEFAULT '[]', request TEXT NOT NULL DEFAULT '{}')")
 
     def recover(self) -> int:
-        """Mark jobs left queued or running by a previous process as failed; returns how many."""
+        """Mark jobs left queued or running by a previous process as failed, with the reason; returns how many.
+        Queued jobs are not resumed: their clients (an A1111 client waits on its HTTP answer) are gone."""
+        now = time.time()
         with self._lock:
-            cur = self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE state IN "
-                                   "('queued', 'running')", (time.time(), "the server stopped before the job ended"))
-            return cur.rowcount
+            ran = self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE state='running'",
+                                   (now, "the server stopped while the job ran"))
+            queued = self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE state='queued'",
+                                      (now, "the server stopped before the job started; submit it again"))
+            return ran.rowcount + queued.rowcount
 
     def add(self, job_id: str, kind: str, request: dict[str, Any]) -> None:
         """A new queued job."""
