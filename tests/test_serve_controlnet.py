@@ -127,3 +127,9 @@ def test_other_scripts_are_reported_ignored_and_old_keys_work(srv: Running) -> N
     info = json.loads(r.json()["info"])
     assert "Guidance End: 0.5" in info["infotexts"][0]
     assert info["warnings"] == ["alwayson_scripts: 'Dynamic Prompts' is not available in Sumie and was ignored"]
+
+
+def test_webuiapi_detects_the_extension_so_a_request_without_units_has_none(api: webuiapi.WebUIApi) -> None:
+    """webuiapi keeps units in its shared default ``alwayson_scripts`` dict; it clears them (``{"args": []}``) only
+    when ``/scripts`` shows the ControlNet extension, as A1111 with the extension does."""
+    assert api.has_controlnet

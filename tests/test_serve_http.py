@@ -91,7 +91,8 @@ def test_every_endpoint_answers_json_in_a1111_shapes(srv: Running, http: httpx.C
         ("broken", "broken", None), ("detail", "fine-detail", "4")]
     for path in ("prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models", "sd-vae", "script-info"):
         assert http.get(f"/{path}").json() == [], path
-    assert http.get("/scripts").json() == {"txt2img": [], "img2img": []}
+    assert http.get("/scripts").json() == {"txt2img": ["controlnet", "controlnet m2m"],
+                                           "img2img": ["controlnet", "controlnet m2m"]}
     emb = http.get("/embeddings").json()
     assert {k: (v["shape"], v["vectors"]) for k, v in emb["loaded"].items()} == {"shiny-style": (64, 2)}
     assert list(emb["skipped"]) == ["sd15-only"]

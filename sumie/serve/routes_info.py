@@ -168,10 +168,17 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": "Latent"}]
 
 
+# The ControlNet extension's two script names, as A1111 lists them with it installed: its units work through
+# ``alwayson_scripts``; "controlnet m2m" (a selectable script) is refused as a ``script_name`` like every script, and
+# is listed because clients detect the extension by it (webuiapi then sends ``{"args": []}`` when a request has no
+# units; without it, webuiapi's shared default ``alwayson_scripts`` dict carries the last units into later calls).
+CONTROLNET_SCRIPTS = ["controlnet", "controlnet m2m"]
+
+
 @router.get("/scripts")
 def scripts() -> dict[str, list[str]]:
-    """No scripts: ``script_name`` is refused with 422."""
-    return {"txt2img": [], "img2img": []}
+    """The ControlNet extension's names (see above); ``script_name`` is refused with 422."""
+    return {"txt2img": list(CONTROLNET_SCRIPTS), "img2img": list(CONTROLNET_SCRIPTS)}
 
 
 @router.get("/script-info")
