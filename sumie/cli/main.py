@@ -187,6 +187,7 @@ _PARAM_FIELDS = {
     "width": "width", "height": "height", "batch_size": "batch_size", "n_iter": "n_iter", "clip_skip": "clip_skip",
     "cfg_rescale": "cfg_rescale", "eta": "eta", "s_noise": "s_noise", "ensd": "eta_noise_seed_delta",
     "convention": "convention", "denoising_strength": "denoising_strength", "resize_mode": "resize_mode",
+    "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
 }
 _INPAINT_FIELDS = {"mask_blur": "mask_blur", "invert_mask": "invert", "inpainting_fill": "fill",
                    "only_masked": "full_res", "only_masked_padding": "full_res_padding"}
@@ -645,6 +646,9 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
                    help="the VAE's dtype (default: --dtype; fp32 for SDXL under fp16; an fp16 VAE that overflows is "
                         "switched to fp32 with a warning)")
     m.add_argument("--text-encoder-dtype", choices=list(_DTYPES), help="the text encoders' dtype (default: --dtype)")
+    m.add_argument("--vae-tiling", choices=["auto", "on", "off"], help=_none_default(
+        "VAE decode/encode in overlapping tiles for big images; auto: only when the whole image would not fit", "auto"))
+    m.add_argument("--vae-tile-size", type=int, metavar="PX", help=_none_default("VAE tile size in pixels", 512))
     m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")
     m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
