@@ -15,6 +15,7 @@ from sumie.cli import control as control_cli
 from sumie.cli import ip_adapter as ip_cli
 from sumie.cli import lora as lora_cli
 from sumie.cli import preprocess as preprocess_cli
+from sumie.cli import sd_upscale as sd_upscale_cli
 from sumie.cli import upscale as upscale_cli
 from sumie.errors import SumieError
 
@@ -194,7 +195,8 @@ _INPAINT_FIELDS = {"mask_blur": "mask_blur", "invert_mask": "invert", "inpaintin
 _HIRES_FIELDS = {"hires_scale": "scale", "hires_steps": "steps", "hires_denoise": "denoising_strength",
                  "hires_upscaler": "upscaler"}
 # defaults that differ from GenerationParams' for a mode
-_MODE_DEFAULTS: dict[str, dict[str, object]] = {"outpaint": {"denoising_strength": 0.8}}
+_MODE_DEFAULTS: dict[str, dict[str, object]] = {"outpaint": {"denoising_strength": 0.8},
+                                                "upscale_sd": {"denoising_strength": 0.3}}
 _OUTPAINT_INPAINT_DEFAULTS = {"fill": "fill"}
 _OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif")  # images Sumie reads but does not write
 
@@ -763,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_cli.add_parsers(sub)
     preprocess_cli.add_parsers(sub)
     upscale_cli.add_parsers(sub)
+    sd_upscale_cli.add_parsers(sub, _add_generation_args)
     return parser
 
 
