@@ -61,7 +61,8 @@ class Grid:
     def with_tiles(self, tiles: list[Image.Image]) -> Grid:
         """The same grid holding ``tiles`` (row by row) instead."""
         it = iter(tiles)
-        return dataclasses.replace(self, rows=[(y, h, [(x, w, next(it)) for x, w, _ in row]) for y, h, row in self.rows])
+        rows = [(y, h, [(x, w, next(it)) for x, w, _ in row]) for y, h, row in self.rows]
+        return dataclasses.replace(self, rows=rows)
 
 
 def _starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -80,7 +81,7 @@ def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap
     return Grid(rows, tile_w, tile_h, w, h, overlap)
 
 
-def _ramp(overlap: int, along: int, axis: int, size: int) -> Image.Image:
+def _ramp(overlap: int, axis: int, size: int) -> Image.Image:
     """The seam mask: ``uint8(i * 255 / overlap)`` for i in 0..overlap-1 along ``axis`` (1: columns), ``size`` long
     the other way."""
     r = (np.arange(overlap, dtype=np.float32) * 255 / overlap).astype(np.uint8)
@@ -95,15 +96,15 @@ def combine_grid(grid: Grid) -> Image.Image:
     for y, h, row in grid.rows:
         line = Image.new("RGB", (grid.image_w, h))
         for x, w, tile in row:
-            if x == 0:
-                line.paste(tile, (0, 0))
+            if x == 0 or o == 0:
+                line.paste(tile, (x, 0))
                 continue
-            line.paste(tile.crop((0, 0, o, h)), (x, 0), mask=_ramp(o, o, 1, h))
+            line.paste(tile.crop((0, 0, o, h)), (x, 0), mask=_ramp(o, 1, h))
             line.paste(tile.crop((o, 0, w, h)), (x + o, 0))
-        if y == 0:
-            out.paste(line, (0, 0))
+        if y == 0 or o == 0:
+            out.paste(line, (0, y))
             continue
-        out.paste(line.crop((0, 0, grid.image_w, o)), (0, y), mask=_ramp(o, o, 0, grid.image_w))
+        out.paste(line.crop((0, 0, grid.image_w, o)), (0, y), mask=_ramp(o, 0, grid.image_w))
         out.paste(line.crop((0, o, grid.image_w, h)), (0, y + o))
     return out
 
