@@ -219,6 +219,24 @@ def test_sd_upscale_with_a_tile_controlnet(engine: sumie.Engine, tmp_path: Path)
     assert result.images[0].size == (96, 96)
 
 
+def test_sd_upscale_with_an_upscaler_model(engine: sumie.Engine, tmp_path: Path) -> None:
+    from test_upscalers import _tiny_file
+
+    from sumie.pipelines.upscale import upscale
+
+    path = _tiny_file(tmp_path / "tiny_x2.pth", seed=3)
+    image = source().resize((40, 36))
+    big = upscale_image(image, 2, str(path), engine)  # the model (x2) reaches 80 x 72: no Lanczos after it
+    assert big.size == target_size(40, 36, 2) == (80, 72)
+    assert np.array_equal(np.asarray(big), np.asarray(upscale(engine.manager.get("upscaler", path), image,
+                                                              size=(80, 72))))
+    spy = Spy(engine)
+    result = sd_upscale(spy, image, dataclasses.replace(BASE, steps=2), scale=2, upscaler=str(path),  # type: ignore
+                        overlap=16)
+    assert result.images[0].size == (80, 72) and "SD upscale upscaler: tiny_x2" in result.infotexts[0]
+    assert np.array_equal(np.asarray(spy.calls[0][0].init_images[0]), np.asarray(big.crop((0, 0, 64, 64))))
+
+
 def test_sd_upscale_errors(engine: sumie.Engine) -> None:
     with pytest.raises(ConfigError, match="smaller than a 512x512 tile"):
         sd_upscale(engine, source(), dataclasses.replace(BASE, width=None, height=None), scale=2)

@@ -152,7 +152,10 @@ def test_auto_tiles_only_when_the_whole_pass_does_not_fit() -> None:
     vae = random_vae("2lvl-g8")
     h, w = 256, 384
     whole = vt.decode_bytes(vae.config, h, w, torch.float32)
-    tiled_need = vt.decode_bytes(vae.config, 64 + 2, 64 + 2, torch.float32) + 4 * h * w * 4
+    # one tile (64 px, the last one up to a grid cell longer), the mid block whole (4 maps of 64 channels at latent
+    # size), the float32 image and weights
+    tiled_need = (vt.decode_bytes(vae.config, 64 + 2, 64 + 2, torch.float32) + 4 * 64 * (h // 2) * (w // 2) * 4
+                  + 4 * h * w * 4)
     assert tiled_need < whole
     between = vt.VAETiling("auto", 64, 16, budget=(whole + tiled_need) // 2)
     assert vt.plan_tiles("decode", vae, h, w, dataclasses.replace(between, budget=whole)) is None
@@ -164,7 +167,8 @@ def test_auto_tiles_only_when_the_whole_pass_does_not_fit() -> None:
         assert torch.equal(vae_io.decode(vae, z, tiling=between),
                            vt.decode_tiled(vae, vae.unscale_latents(z), 64, 16))
     with pytest.raises(ConfigError, match=r"needs about .* GiB whole and .* GiB in 64-pixel tiles"):
-        vt.plan_tiles("decode", vae, h, w, dataclasses.replace(between, budget=tiled_need // 2))
+        vt.plan_tiles("decode", vae, h, w, dataclasses.replace(between, budget=tiled_need - 1))
+    assert vt.plan_tiles("decode", vae, h, w, dataclasses.replace(between, budget=tiled_need)) == 64
     with pytest.raises(ConfigError, match="turn VAE tiling on"):
         vt.plan_tiles("decode", vae, h, w, vt.VAETiling("off", 64, 16, budget=whole // 2))
     enc_whole = vt.encode_bytes(vae.config, h, w, torch.float32)

@@ -179,8 +179,8 @@ def sd_upscale(engine: Engine, image: Image.Image, params: GenerationParams, *, 
     seed, subseed = fixed_seed(params.seed), fixed_seed(params.subseed)
     per_tile = any(u.image is None for u in params.controlnets)
     runs = _tile_runs(len(tiles), params.batch_size, per_tile)
-    name = "None" if upscaler.strip().lower() == "none" else "Lanczos" if upscaler.strip().lower() == "lanczos" \
-        else upscaler
+    key = upscaler.strip().lower()
+    name = {"none": "None", "lanczos": "Lanczos"}.get(key) or resolve_upscaler(engine.manager, upscaler).stem
     images: list[Image.Image] = []
     infotexts: list[str] = []
     seeds: list[int] = []

@@ -132,11 +132,14 @@ def plan_tiles(kind: Literal["decode", "encode"], vae: AutoencoderKL, height: in
         return None
     span = tiling.tile + vae.downscale  # the last tile of a row may be up to one grid cell longer
     tile_h, tile_w = min(height, span), min(width, span)
-    # the tile's own activations, plus the float32 accumulators of the whole result (decode: image; encode: moments)
-    if kind == "decode":  # image [3] and weights [1]
-        buffers = 4 * height * width * (vae.config.out_channels + 1)
-    else:  # moments [2 C] and weights [1] at latent size
-        buffers = 4 * (height // vae.downscale) * (width // vae.downscale) * (2 * vae.config.z_channels + 1)
+    # the tile's own activations, the global part at latent size, the float32 accumulators of the blended result
+    cfg, latent_px = vae.config, (height // vae.downscale) * (width // vae.downscale)
+    top = cfg.ch * cfg.ch_mult[-1]  # the global part (mid block) runs whole at latent size: ~4 maps of ``top``
+    buffers = 4 * top * latent_px * _bytes_per(vae.dtype)
+    if kind == "decode":  # float32 image [3] and weights [1]
+        buffers += 4 * height * width * (cfg.out_channels + 1)
+    else:  # float32 features [top] and weights [1] at latent size
+        buffers += 4 * latent_px * (top + 1)
     needed = estimate(vae.config, tile_h, tile_w, vae.dtype) + buffers
     if needed > budget:
         raise ConfigError(f"VAE {kind} of a {width}x{height} image needs about {_gib(whole)} whole and "
