@@ -178,10 +178,13 @@ def test_auto_tiles_only_when_the_whole_pass_does_not_fit() -> None:
 
 
 def test_sd_vae_estimate_is_near_the_measured_peak() -> None:
-    # measured on this CPU (ru_maxrss of a fresh process, float32 SD VAE, 1024x1024): decode 3.87 GB, encode 3.10 GB
-    est_dec = vt.decode_bytes(VAEConfig(), 1024, 1024, torch.float32) / 1e9
-    est_enc = vt.encode_bytes(VAEConfig(), 1024, 1024, torch.float32) / 1e9
-    assert 3.87 <= est_dec <= 3.87 * 1.5 and 3.10 <= est_enc <= 3.10 * 1.5, (est_dec, est_enc)
+    # measured on this CPU (growth of ru_maxrss in a fresh process, float32 SD VAE, 1024 x 1024, one thread): decode
+    # 3871 MiB, encode 3096 MiB; the estimates must cover them with at most 50% to spare
+    measured_dec, measured_enc = 3871 * 2**20, 3096 * 2**20
+    est_dec = vt.decode_bytes(VAEConfig(), 1024, 1024, torch.float32)
+    est_enc = vt.encode_bytes(VAEConfig(), 1024, 1024, torch.float32)
+    assert measured_dec <= est_dec <= 1.5 * measured_dec, est_dec
+    assert measured_enc <= est_enc <= 1.5 * measured_enc, est_enc
 
 
 def test_free_memory_reads_the_system() -> None:

@@ -1,7 +1,7 @@
 """``sumie upscale-sd IMAGE [PROMPT] --scale 2 --upscaler lanczos|none|MODEL --overlap 64 [img2img options]``:
 A1111's "SD upscale" script (:mod:`sumie.pipelines.sd_upscale`); --width / --height are the tile size, as the
 img2img sliders are in A1111, and every img2img option (sampler, steps, --denoising-strength, --controlnet ...)
-applies to each tile."""
+applies to each tile (--width / --height default to 512; --denoising-strength to 0.3)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def cmd_upscale_sd(args: argparse.Namespace) -> int:
         raise ConfigError(f"--scale {args.scale}: use a number in (0, 16]")
     if args.overlap < 0:
         raise ConfigError(f"--overlap {args.overlap}: use 0 or more pixels")
+    if args.preview:
+        cli._warn("--preview is ignored by upscale-sd (tiles are written only as the combined image)")
     p, fields = cli._build_params(args, "upscale_sd")
     said = cli._validate_early(p)
     device, dtype = cli._device_and_dtype(args)
