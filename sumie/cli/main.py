@@ -15,6 +15,7 @@ from sumie.cli import control as control_cli
 from sumie.cli import ip_adapter as ip_cli
 from sumie.cli import lora as lora_cli
 from sumie.cli import preprocess as preprocess_cli
+from sumie.cli import sd_upscale as sd_upscale_cli
 from sumie.cli import serve as serve_cli
 from sumie.cli import upscale as upscale_cli
 from sumie.errors import SumieError
@@ -188,13 +189,15 @@ _PARAM_FIELDS = {
     "width": "width", "height": "height", "batch_size": "batch_size", "n_iter": "n_iter", "clip_skip": "clip_skip",
     "cfg_rescale": "cfg_rescale", "eta": "eta", "s_noise": "s_noise", "ensd": "eta_noise_seed_delta",
     "convention": "convention", "denoising_strength": "denoising_strength", "resize_mode": "resize_mode",
+    "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
 }
 _INPAINT_FIELDS = {"mask_blur": "mask_blur", "invert_mask": "invert", "inpainting_fill": "fill",
                    "only_masked": "full_res", "only_masked_padding": "full_res_padding"}
 _HIRES_FIELDS = {"hires_scale": "scale", "hires_steps": "steps", "hires_denoise": "denoising_strength",
                  "hires_upscaler": "upscaler"}
 # defaults that differ from GenerationParams' for a mode
-_MODE_DEFAULTS: dict[str, dict[str, object]] = {"outpaint": {"denoising_strength": 0.8}}
+_MODE_DEFAULTS: dict[str, dict[str, object]] = {"outpaint": {"denoising_strength": 0.8},
+                                                "upscale_sd": {"denoising_strength": 0.3}}
 _OUTPAINT_INPAINT_DEFAULTS = {"fill": "fill"}
 _OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif")  # images Sumie reads but does not write
 
@@ -646,6 +649,9 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
                    help="the VAE's dtype (default: --dtype; fp32 for SDXL under fp16; an fp16 VAE that overflows is "
                         "switched to fp32 with a warning)")
     m.add_argument("--text-encoder-dtype", choices=list(_DTYPES), help="the text encoders' dtype (default: --dtype)")
+    m.add_argument("--vae-tiling", choices=["auto", "on", "off"], help=_none_default(
+        "VAE decode/encode in overlapping tiles for big images; auto: only when the whole image would not fit", "auto"))
+    m.add_argument("--vae-tile-size", type=int, metavar="PX", help=_none_default("VAE tile size in pixels", 512))
     m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")
     m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
@@ -761,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parsers(sub)
     preprocess_cli.add_parsers(sub)
     upscale_cli.add_parsers(sub)
+    sd_upscale_cli.add_parsers(sub, _add_generation_args)
     return parser
 
 

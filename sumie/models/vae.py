@@ -173,13 +173,20 @@ class Encoder(nn.Module):
         self.norm_out = _norm(chans[-1], g)
         self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, 3, H, W] -> [B, 2*z_channels, h, w]."""
+    def features(self, x: Tensor) -> Tensor:
+        """The convolutional part (conv_in, down levels): [B, 3, H, W] -> [B, C_top, h, w]; local, so it can tile."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h
+
+    def head(self, h: Tensor) -> Tensor:
+        """The global part (mid block with attention, output): [B, C_top, h, w] -> [B, 2*z_channels, h, w]."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, 2*z_channels, h, w]."""
+        return self.head(self.features(x))
 
 
 class Decoder(nn.Module):
@@ -199,12 +206,19 @@ class Decoder(nn.Module):
         self.norm_out = _norm(chans[0], g)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        """[B, z_channels, h, w] -> [B, 3, H, W]."""
-        h = self.mid(self.conv_in(z))
+    def head(self, z: Tensor) -> Tensor:
+        """The global part (conv_in, mid block with attention) at latent size: [B, z, h, w] -> [B, C_top, h, w]."""
+        return self.mid(self.conv_in(z))
+
+    def upsample(self, h: Tensor) -> Tensor:
+        """The convolutional part (up levels, output): [B, C_top, h, w] -> [B, 3, H, W]; local, so it can tile."""
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """[B, z_channels, h, w] -> [B, 3, H, W]."""
+        return self.upsample(self.head(z))
 
 
 class AutoencoderKL(nn.Module):

@@ -52,7 +52,7 @@ from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
 from sumie.pipelines import inpaint as inpaint_ops
-from sumie.pipelines import vae_io, validation
+from sumie.pipelines import vae_io, vae_tiling, validation
 from sumie.pipelines.control import JobControl
 from sumie.pipelines.convention import pipeline_convention
 from sumie.pipelines.denoise import ModelHooks, sampler_options
@@ -120,6 +120,8 @@ class Engine:
         self.base = ModelSet(models, self.tokenizer, embeddings)
         self.taesd = taesd
         self.show_progress: bool | None = None
+        # bytes a VAE pass may use when deciding to tile (None: the device's free memory; sumie.pipelines.vae_tiling)
+        self.memory_budget: int | None = None
         self.extra_networks: dict[str, ExtraNetworkHandler] = {}
         self._patcher: ModelPatcher | None = None
         # the control models of the last request, by (path, mtime, size): the next request with them reuses them
@@ -224,6 +226,8 @@ class Engine:
         job = Job(resolved, spec, schedule, conv,
                   sampling_convention or conv.sampling(spec.name, schedule, self.models.config.family),
                   width, height, batch_size, sigmas_fn, sampler_opts, hooks or ModelHooks(), control or JobControl())
+        job.vae_tiling = vae_tiling.request_tiling(p.vae_tiling, p.vae_tile_size, self.models.vae.downscale,
+                                                   self.memory_budget)
         for message in early:
             job.warn(message)
         if self.base.embedded_guidance:  # LCM-distilled UNet: the CFG scale is an input, no uncond pass
@@ -247,6 +251,8 @@ class Engine:
             plan = hires_mod.plan_hires(width, height, p.hires, p.steps, self.models.vae.downscale)
             if plan.upscaler not in hires_mod.PIXEL_UPSCALERS:  # a model: loaded once for every batch
                 run.upscaler = self.manager.get("upscaler", resolve_upscaler(self.manager, plan.upscaler))
+        out_w, out_h = plan.output_size if plan is not None else (width, height)
+        vae_tiling.plan_tiles("decode", self.models.vae, out_h, out_w, job.vae_tiling)  # fails now, not after sampling
         previewer = vae_io.Previewer(self.models.vae, self.taesd) if preview_every else None
         show = self.show_progress if show_progress is None else show_progress
         job.progress = Progress(run.planned_steps(plan, mode_img2img) * p.n_iter, p.n_iter, progress, job.control,
@@ -270,7 +276,7 @@ class Engine:
                     latent = run.txt2img(batch_seeds, batch_subseeds, refiner_ok=plan is None)
                     if plan is not None and not job.control.stop_batch:
                         latent = run.hires(plan, latent, batch_seeds, batch_subseeds)
-                batch = vae_io.decode_images(job.decode_vae, latent, conv.rounding, job.warn)
+                batch = vae_io.decode_images(job.decode_vae, latent, conv.rounding, job.warn, job.vae_tiling)
                 if init is not None and init.inputs is not None and conv.overlay:
                     batch = [inpaint_ops.apply_overlay(im, init.inputs[k % len(init.inputs)].overlay,
                                                        init.inputs[k % len(init.inputs)].paste_to)
@@ -387,14 +393,22 @@ class Engine:
         f = self.models.vae.downscale
         return self.models.config.unet.out_channels, height // f, width // f
 
-    def encode(self, images: Tensor | Sequence[Image.Image]) -> Tensor:
-        """Images ([B, 3, H, W] in [-1, 1], or PIL) -> scaled latents [B, C, H/f, W/f] (posterior means)."""
-        x = images if isinstance(images, Tensor) else torch.cat([img_ops.to_tensor(im) for im in images])
-        return vae_io.encode(self.models.vae, x)
+    def _tiling(self, mode: vae_tiling.TilingMode, tile: int) -> vae_tiling.VAETiling:
+        return vae_tiling.request_tiling(mode, tile, self.models.vae.downscale, self.memory_budget)
 
-    def decode(self, latent: Tensor, convention: str = "a1111") -> list[Image.Image]:
+    def encode(self, images: Tensor | Sequence[Image.Image], *, tiling: vae_tiling.TilingMode = "auto",
+               tile: int = 512) -> Tensor:
+        """Images ([B, 3, H, W] in [-1, 1], or PIL) -> scaled latents [B, C, H/f, W/f] (posterior means).
+
+        ``tiling`` / ``tile``: as ``GenerationParams.vae_tiling`` / ``vae_tile_size``."""
+        x = images if isinstance(images, Tensor) else torch.cat([img_ops.to_tensor(im) for im in images])
+        return vae_io.encode(self.models.vae, x, tiling=self._tiling(tiling, tile))
+
+    def decode(self, latent: Tensor, convention: str = "a1111", *, tiling: vae_tiling.TilingMode = "auto",
+               tile: int = 512) -> list[Image.Image]:
         """Scaled latents [B, C, h, w] -> PIL images, decoded one at a time (A1111 ``decode_latent_batch``)."""
-        return vae_io.decode_images(self.models.vae, latent, pipeline_convention(convention).rounding)
+        return vae_io.decode_images(self.models.vae, latent, pipeline_convention(convention).rounding,
+                                    tiling=self._tiling(tiling, tile))
 
 
 def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = torch.float32,

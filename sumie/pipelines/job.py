@@ -17,6 +17,7 @@ from sumie.pipelines.convention import PipelineConvention
 from sumie.pipelines.denoise import ModelHooks
 from sumie.pipelines.params import GenerationParams
 from sumie.pipelines.scheduled_conds import PromptConds
+from sumie.pipelines.vae_tiling import VAETiling
 from sumie.sampling.conventions import Convention
 from sumie.sampling.registry import SamplerSpec
 from sumie.sampling.samplers.common import Callback
@@ -131,6 +132,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     decode_vae: Any = None
     batch: int = 0
+    vae_tiling: VAETiling = field(default_factory=VAETiling)  # when the VAE runs in tiles (big images)
 
     def warn(self, message: str) -> None:
         """Collect a warning for the result (each message once)."""

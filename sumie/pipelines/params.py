@@ -8,6 +8,7 @@ from typing import Literal
 
 from PIL import Image
 
+VAETilingMode = Literal["auto", "on", "off"]
 ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill"]
 InpaintFill = Literal["fill", "original", "latent_noise", "latent_nothing"]
 Convention = Literal["a1111", "diffusers"]
@@ -162,3 +163,7 @@ class GenerationParams:
     ip_adapters: list[IPAdapterUnit] = field(default_factory=list)  # image prompts (IP-Adapter units)
     # ControlNets / T2I-Adapters (several add their residuals)
     controlnets: list[ControlUnit] = field(default_factory=list)
+    # big images: VAE decode / encode in overlapping tiles ("auto": only when the whole image would not fit in memory;
+    # sumie.pipelines.vae_tiling); tile size in image pixels (overlap: an eighth of it)
+    vae_tiling: VAETilingMode = "auto"
+    vae_tile_size: int = 512

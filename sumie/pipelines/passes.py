@@ -187,8 +187,8 @@ class Run:
         """9-channel UNets without a mask: all-ones mask + latent of a mid-grey image (A1111); None otherwise."""
         if not self.base.models.config.inpainting:
             return None
-        latent, mask = inpaint_ops.txt2img_inpaint_inputs(1, height, width, lambda x: vae_io.encode(self.vae, x),
-                                                          device=self.device)
+        latent, mask = inpaint_ops.txt2img_inpaint_inputs(
+            1, height, width, lambda x: vae_io.encode(self.vae, x, tiling=self.job.vae_tiling), device=self.device)
         return torch.cat([mask, latent], dim=1).float().expand(b, -1, -1, -1)
 
     def _rng(self, seeds: list[int], subseeds: list[int], shape: Sequence[int]) -> VariationRNG:
@@ -215,11 +215,11 @@ class Run:
             samples = hires_mod.upscale_latent(latent, plan)
         else:  # decode, uint8 as A1111, model and / or Lanczos to the target (whole latent pixels), encode
             ux, uy = plan.upscale_x // f * f, plan.upscale_y // f * f
-            low = vae_io.decode_images(self.vae, latent, "truncate", self.job.warn)
+            low = vae_io.decode_images(self.vae, latent, "truncate", self.job.warn, self.job.vae_tiling)
             if self.upscaler is not None:
                 low = [upscale(self.upscaler, im, size=(ux, uy), device=self.device) for im in low]
             big = torch.cat([img_ops.to_tensor(img_ops.resize_image(im, ux, uy, "just_resize")) for im in low])
-            samples = vae_io.encode(self.vae, big)
+            samples = vae_io.encode(self.vae, big, tiling=self.job.vae_tiling)
         samples = hires_mod.truncate_latent(samples, plan)
         h, w = samples.shape[-2] * f, samples.shape[-1] * f
         rng = self._rng(seeds, subseeds, tuple(samples.shape[1:]))
@@ -257,7 +257,8 @@ class Run:
             else:  # bicubic to latent size, rounded (A1111)
                 init.nmask = mask_ops.latent_mask(inputs[0].latent_mask_source, lh, lw).to(self.device)  # type: ignore
         if not conv.sample_posterior:  # deterministic: posterior means, computed once (A1111 encodes once too)
-            init.latent = vae_io.encode(self.vae, tensor[:1] if reps > 1 else tensor).repeat(reps, 1, 1, 1)
+            init.latent = vae_io.encode(self.vae, tensor[:1] if reps > 1 else tensor,
+                                         tiling=job.vae_tiling).repeat(reps, 1, 1, 1)
             init.image_cond = self.inpaint_cond(init, None)
         return init
 
@@ -275,7 +276,7 @@ class Run:
             gens = None if generators is None else [generators[i]]
             latent, mask = inpaint_ops.inpaint_model_inputs(
                 init.tensor[i : i + 1].to(self.device), init.mask_full.to(self.device),
-                lambda x, gens=gens: vae_io.encode(self.vae, x, gens), self.job.convention.name)
+                lambda x, gens=gens: vae_io.encode(self.vae, x, gens, self.job.vae_tiling), self.job.convention.name)
             outs.append(torch.cat([mask, latent], dim=1).float())
         return torch.cat(outs).expand(init.tensor.shape[0], -1, -1, -1)
 
@@ -291,7 +292,7 @@ class Run:
         if conv.sample_posterior:  # one generator per image: image latent, noise, masked-image latent
             latent = None
             if not (masked and nine and strength_max):
-                latent = vae_io.encode(self.vae, init.tensor, rng.generators)
+                latent = vae_io.encode(self.vae, init.tensor, rng.generators, job.vae_tiling)
             noise = rng.first()
             image_cond = self.inpaint_cond(init, rng.generators)
             if latent is None:

@@ -84,25 +84,33 @@ def _ramp(start: int, end: int, n: int, overlap: int, device: torch.device) -> T
     return w
 
 
-def run_tiled(fn: Callable[[Tensor], Tensor], x: Tensor, scale: int, tile: int = 512, overlap: int = 32,
+def run_tiled(fn: Callable[[Tensor], Tensor], x: Tensor, scale: float, tile: int = 512, overlap: int = 32,
               align: int = 1) -> Tensor:
-    """``fn`` ([B, C, h, w] -> [B, C', h * scale, w * scale]) over ``x`` [B, C, H, W] in overlapping tiles, blended."""
+    """``fn`` ([B, C, h, w] -> [B, C', h * scale, w * scale]) over ``x`` [B, C, H, W] in overlapping tiles, blended.
+
+    ``scale`` may be a fraction (a VAE encoder: 1/8) when ``align`` makes every tile start and size whole in the
+    output; tiles are blended in the output's space with :func:`_ramp` weights.
+    """
     _, _, h, w = x.shape
     ys, xs = tile_spans(h, tile, overlap, align), tile_spans(w, tile, overlap, align)
     if len(ys) == 1 and len(xs) == 1:
         return fn(x).float()
+
+    def o(v: int) -> int:
+        return round(v * scale)
+
     out: Tensor | None = None
-    total = torch.zeros(1, 1, h * scale, w * scale, device=x.device)
+    total = torch.zeros(1, 1, o(h), o(w), device=x.device)
     for y0, y1 in ys:
-        wy = _ramp(y0 * scale, y1 * scale, h * scale, overlap * scale, x.device)
+        wy = _ramp(o(y0), o(y1), o(h), o(overlap), x.device)
         for x0, x1 in xs:
             piece = fn(x[:, :, y0:y1, x0:x1]).float()
             if out is None:
-                out = torch.zeros(piece.shape[0], piece.shape[1], h * scale, w * scale, device=x.device)
-            wx = _ramp(x0 * scale, x1 * scale, w * scale, overlap * scale, x.device)
+                out = torch.zeros(piece.shape[0], piece.shape[1], o(h), o(w), device=x.device)
+            wx = _ramp(o(x0), o(x1), o(w), o(overlap), x.device)
             win = wy[:, None] * wx[None, :]
-            out[:, :, y0 * scale : y1 * scale, x0 * scale : x1 * scale] += piece * win
-            total[:, :, y0 * scale : y1 * scale, x0 * scale : x1 * scale] += win
+            out[:, :, o(y0) : o(y1), o(x0) : o(x1)] += piece * win
+            total[:, :, o(y0) : o(y1), o(x0) : o(x1)] += win
     assert out is not None
     return out / total
 

@@ -6,6 +6,8 @@
 * :func:`decode` decodes one latent at a time (A1111 ``decode_latent_batch``) and checks the result: a half-precision
   VAE that overflows to NaN/inf is converted to float32 and the decode retried (A1111's automatic ``--no-half-vae``),
   with a warning; NaN in a float32 VAE is a :class:`~sumie.errors.NaNError`.
+* both take a :class:`~sumie.pipelines.vae_tiling.VAETiling`: tiled passes for big images, automatic when the whole
+  image would not fit in memory (:mod:`sumie.pipelines.vae_tiling`); ``mode="off"`` is the untiled pass exactly.
 * :class:`Previewer` turns the sampler's current prediction into small RGB images: TAESD when loaded, else A1111's
   "Approx cheap" linear latent -> RGB factors for the SD and SDXL VAEs, else the full VAE.
 """
@@ -24,6 +26,7 @@ from sumie.errors import NaNError
 from sumie.models.taesd import TAESD
 from sumie.models.vae import AutoencoderKL
 from sumie.pipelines.images import to_image
+from sumie.pipelines.vae_tiling import VAETiling, decode_tiled, encode_tiled, plan_tiles
 
 PreviewMethod = Literal["auto", "taesd", "cheap", "vae"]
 Warn = Callable[[str], None]
@@ -36,36 +39,50 @@ CHEAP_FACTORS = {
 }
 _SD_VAE = VAEConfig()
 
-__all__ = ["CHEAP_FACTORS", "Previewer", "cheap_factors", "decode", "decode_images", "encode"]
+__all__ = ["CHEAP_FACTORS", "Previewer", "VAETiling", "cheap_factors", "decode", "decode_images", "encode"]
 
 
-def encode(vae: AutoencoderKL, x: Tensor, generators: Sequence[torch.Generator | None] | None = None) -> Tensor:
+def encode(vae: AutoencoderKL, x: Tensor, generators: Sequence[torch.Generator | None] | None = None,
+           tiling: VAETiling | None = None) -> Tensor:
     """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] float32, one image at a time.
 
     Without ``generators`` the posterior mean; with them, a sample drawn from ``generators[i]`` for image i.
+    ``tiling``: when to encode in tiles (None: auto with the defaults).
     """
     device = next(vae.parameters()).device
+    tiling = tiling or VAETiling()
+    tile = plan_tiles("encode", vae, x.shape[-2], x.shape[-1], tiling)
     out = []
     for i in range(x.shape[0]):
-        post = vae.encode(x[i : i + 1].to(device))
+        if tile is None:
+            post = vae.encode(x[i : i + 1].to(device))
+        else:
+            post = encode_tiled(vae, x[i : i + 1].to(device), tile, tiling.overlap)
         z = post.mean if generators is None else post.sample(generators[i])
         out.append(vae.scale_latents(z).float())
     return torch.cat(out)
 
 
-def _decode_one(vae: AutoencoderKL, latent: Tensor) -> Tensor:
-    """One scaled latent [1, C, h, w] -> image [1, 3, H, W] float32, unchecked."""
-    return vae.decode(vae.unscale_latents(latent)).float()
+def _decode_one(vae: AutoencoderKL, latent: Tensor, tile: int | None = None, overlap: int = 0) -> Tensor:
+    """One scaled latent [1, C, h, w] -> image [1, 3, H, W] float32, unchecked; in ``tile``-pixel tiles if given."""
+    z = vae.unscale_latents(latent)
+    return (vae.decode(z) if tile is None else decode_tiled(vae, z, tile, overlap)).float()
 
 
-def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None) -> Tensor:
-    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] float32 (unclamped), one at a time; NaN-checked."""
+def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None, tiling: VAETiling | None = None) -> Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] float32 (unclamped), one at a time; NaN-checked.
+
+    ``tiling``: when to decode in tiles (None: auto with the defaults).
+    """
     if not bool(torch.isfinite(latent).all()):
         raise NaNError("the latent given to the VAE decoder holds NaN or infinite values: sampling diverged; "
                        "lower the CFG scale or run the UNet in float32 (--dtype fp32)")
+    tiling = tiling or VAETiling()
+    f = vae.downscale
+    tile = plan_tiles("decode", vae, latent.shape[-2] * f, latent.shape[-1] * f, tiling)
     out = []
     for i in range(latent.shape[0]):
-        x = _decode_one(vae, latent[i : i + 1])
+        x = _decode_one(vae, latent[i : i + 1], tile, tiling.overlap)
         if not bool(torch.isfinite(x).all()):
             if vae.dtype == torch.float32:
                 raise NaNError("VAE decode produced NaN or infinite values from a finite latent in float32: the VAE "
@@ -75,7 +92,7 @@ def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None) -> Tens
             if warn is not None:
                 warn(f"the VAE overflowed in {was} (NaN in the decoded image); it now runs in float32 and the image "
                      "was decoded again (A1111's automatic --no-half-vae; pass --vae-dtype fp32 to start that way)")
-            x = _decode_one(vae, latent[i : i + 1])
+            x = _decode_one(vae, latent[i : i + 1], tile, tiling.overlap)
             if not bool(torch.isfinite(x).all()):
                 raise NaNError("VAE decode produced NaN or infinite values even in float32: the VAE weights are "
                                "broken; load another VAE with --vae")
@@ -84,9 +101,9 @@ def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None) -> Tens
 
 
 def decode_images(vae: AutoencoderKL, latent: Tensor, rounding: Literal["truncate", "round"] = "truncate",
-                  warn: Warn | None = None) -> list[Image.Image]:
+                  warn: Warn | None = None, tiling: VAETiling | None = None) -> list[Image.Image]:
     """Scaled latents -> RGB images (A1111 truncates to uint8, diffusers rounds)."""
-    return to_image(decode(vae, latent, warn), rounding)
+    return to_image(decode(vae, latent, warn, tiling), rounding)
 
 
 def cheap_factors(vae: VAEConfig) -> Tensor | None:

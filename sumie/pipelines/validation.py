@@ -95,6 +95,11 @@ def check_values(p: GenerationParams, name: Namer = api_name) -> None:
         raise ConfigError(f"{name('clip_skip')} must be 1 (off) or more, got {p.clip_skip}")
     if p.convention not in ("a1111", "diffusers"):
         raise ConfigError(f"unknown {name('convention')} {p.convention!r}; use a1111 or diffusers")
+    if p.vae_tiling not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown {name('vae_tiling')} {p.vae_tiling!r}; use auto, on or off")
+    if p.vae_tile_size < 32 or p.vae_tile_size % 8:
+        raise ConfigError(f"{name('vae_tile_size')} must be a multiple of 8 of at least 32 pixels (512 is usual), got "
+                          f"{p.vae_tile_size}")
     if p.styles:
         raise ConfigError("styles are not supported by the engine; put the style text into the prompt")
     if p.eta_noise_seed_delta < 0:
