@@ -114,3 +114,23 @@ def test_a_second_client_runs_second_not_fifth_and_queues_are_bounded(srv: Runni
         time.sleep(0.1)
     started = sorted(jobs, key=lambda j: _view(srv, j)["started"])
     assert started == [a[0], b, a[1], a[2], a[3]], started  # bob's job ran second, not fifth
+
+
+def test_max_queue_per_client_flag(tmp_path: Any) -> None:
+    from sumie.cli.main import build_parser
+    from sumie.cli.serve import build_config
+    from sumie.errors import ConfigError
+
+    parse = build_parser().parse_args
+    out = ["--output-dir", str(tmp_path), "--device", "cpu"]
+    assert build_config(parse(["serve", *out])).limits.max_queue_per_client == 0
+    assert build_config(parse(["serve", *out, "--max-queue-per-client", "3"])).limits.max_queue_per_client == 3
+    with pytest.raises(ConfigError, match="--max-queue-per-client"):
+        build_config(parse(["serve", *out, "--max-queue-per-client", "-1"]))
+
+
+def test_comfyui_client_id_is_the_fair_client() -> None:
+    from sumie.serve.comfy_service import _fair_client
+
+    assert _fair_client("tab-1", "user:alice") == "comfy:tab-1"
+    assert _fair_client(None, "user:alice") == "user:alice"
