@@ -138,3 +138,22 @@ def test_direct_bad_inputs_get_4xx_naming_the_field(srv: Running) -> None:
             r = httpx.post(f"{srv.url}{path}", json=_comfy_prompt(**bad), timeout=60)
             assert problem(r.status_code, dict(r.headers), r.text) is None, (path, bad, r.text)
             assert r.status_code < 500, (path, bad, r.status_code, r.text)
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("txt2img", {"width": 100_000, "height": 64}, "width"),
+    ("txt2img", {"steps": "many"}, "steps"),
+    ("txt2img", {"sampler_name": ["Euler"]}, "sampler_name"),
+    ("img2img", {"init_images": ["!!!not-base64"]}, "init_images"),
+    ("img2img", {"init_images": ["data:image/png;base64,AAAA"]}, "init_images"),
+    ("img2img", {"init_images": ["A" * 30_000]}, "init_images"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "sd_model_checkpoint"),
+    ("png-info", {"image": "###"}, "image"),
+    ("extra-single-image", {"image": "abc"}, "image"),
+])
+def test_a1111_bad_inputs_name_the_field(srv: Running, path: str, body: dict[str, Any], field: str) -> None:
+    """Malformed base64, huge sizes, traversal names and wrong types: a 4xx whose body names the field."""
+    r = httpx.post(f"{srv.url}/sdapi/v1/{path}", json={"steps": 1, "width": 32, "height": 32, **body}, timeout=60)
+    assert 400 <= r.status_code < 500 and problem(r.status_code, dict(r.headers), r.text) is None, r.text
+    named = r.json().get("field") or ".".join(str(x) for x in r.json()["detail"][0]["loc"])
+    assert field in named, r.text
