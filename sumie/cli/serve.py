@@ -41,7 +41,10 @@ def build_config(args: argparse.Namespace) -> Any:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     devices = tuple(d.strip() for d in device.split(",") if d.strip())
     dtype = args.dtype or ("fp32" if all(d == "cpu" for d in devices) else "fp16")
-    limits = Limits(max_queue=args.max_queue, max_pixels=args.max_pixels, max_steps=args.max_steps)
+    if args.max_queue_per_client < 0:
+        raise ConfigError("--max-queue-per-client must be 0 (no cap) or a positive number of jobs")
+    limits = Limits(max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
+                    max_pixels=args.max_pixels, max_steps=args.max_steps)
     return ServeConfig(models_dir=Path(args.models_dir) if args.models_dir else None,
                        ckpt_dirs=tuple(Path(d) for d in args.ckpt_dir), lora_dirs=tuple(Path(d) for d in args.lora_dir),
                        embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
@@ -97,7 +100,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Run a JSON-lines file of native-API request bodies; exit 1 when a line failed."""
     from sumie.serve.batch import run_batch
 
-    args.api_auth, args.api_token, args.max_queue = None, [], 1 << 30
+    args.api_auth, args.api_token, args.max_queue, args.max_queue_per_client = None, [], 1 << 30, 0
     args.input_dir, args.preview_method = None, "none"  # the server's ComfyUI side is not used
     report = run_batch(Path(args.file), build_config(args), log=lambda line: print(line, file=sys.stderr))
     print(f"sumie batch: {len(report.done)} done, {len(report.skipped)} skipped (done before), "
@@ -133,6 +136,9 @@ def add_parsers(sub: Any) -> None:
                    help="accept 'Authorization: Bearer TOKEN' (repeatable; besides --api-auth)")
     p.add_argument("--max-queue", type=int, default=32, metavar="N", help="jobs queued or running before 503 "
                                                                          "(default: 32)")
+    p.add_argument("--max-queue-per-client", type=int, default=0, metavar="N",
+                   help="jobs one client (auth user, else address) may have queued or running before 503 "
+                        "(default: 0, no cap; the queue is round-robin between clients either way)")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N",
                    help="largest width x height of a request (default: 2048x2048)")
     p.add_argument("--max-steps", type=int, default=500, metavar="N", help="most sampling steps (default: 500)")

@@ -28,6 +28,8 @@ from sumie.comfy import object_info
 from sumie.comfy.env import FOLDER_TYPES
 from sumie.comfy.nodes.loaders import checkpoint_names
 from sumie.serve.comfy_service import ComfyService
+from sumie.serve.errors import error_body
+from sumie.serve.jobs import client_of
 
 __all__ = ["COMFYUI_VERSION", "MODEL_FOLDERS", "router"]
 
@@ -68,7 +70,7 @@ async def get_prompt(request: Request) -> dict[str, Any]:
 async def post_prompt(request: Request) -> JSONResponse:
     """Validate and queue an API-format prompt."""
     body = await _json(request)
-    status, answer = await run_in_threadpool(_comfy(request).submit, body)
+    status, answer = await run_in_threadpool(_comfy(request).submit, body, client_of(request))
     return JSONResponse(answer, status_code=status)
 
 
@@ -150,22 +152,28 @@ def _inside(base: Path, subfolder: str) -> Path | None:
     return full if os.path.commonpath((str(full), str(base))) == str(base) else None
 
 
+def _refuse(status: int, message: str, field: str) -> JSONResponse:
+    """ComfyUI answers these with a bare status; Sumie adds the JSON error naming the field (clients read the
+    status)."""
+    return JSONResponse(error_body("ApiError", message, field), status_code=status)
+
+
 @router.get("/view")
 async def view(request: Request, filename: str = "", type: str = "output", subfolder: str = "",  # noqa: A002
                channel: str = "rgba", preview: str | None = None) -> Response:
     """A file of the output / input / temp folder; ``channel`` rgb or a; ``preview`` ``webp;90`` / ``jpeg;90``."""
     found = _folder_of(_comfy(request), filename, type) if filename else None
     if found is None:
-        return Response(status_code=400)
+        return _refuse(400, "filename: give a file name, and type output, input or temp", "filename")
     name, base = found
     if not name or name.startswith("/") or ".." in name or "\0" in name or "\0" in subfolder:
-        return Response(status_code=400)
+        return _refuse(400, "filename: a plain file name, without '/' at the start, '..' or NUL", "filename")
     folder = _inside(base, subfolder) if subfolder else base
     if folder is None:
-        return Response(status_code=403)
+        return _refuse(403, "subfolder: outside the folder", "subfolder")
     path = folder / os.path.basename(name)
     if not path.is_file():
-        return Response(status_code=404)
+        return _refuse(404, f"filename: no file {os.path.basename(name)!r} there", "filename")
     if preview is None and channel == "rgba":
         return FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
     return await run_in_threadpool(_converted, path, channel, preview)
@@ -212,11 +220,11 @@ def _upload(comfy: ComfyService, form: Any, data: bytes, filename: str,
     base = comfy.folders.folder(kind)
     subfolder = str(form.get("subfolder") or "")
     if not filename or "\0" in filename or "\0" in subfolder:
-        return Response(status_code=400)
+        return _refuse(400, "image: the upload needs a file name without NUL (and subfolder none)", "image")
     folder = Path(os.path.abspath(base / os.path.normpath(subfolder))) if subfolder else base
     path = Path(os.path.abspath(folder / filename))
     if os.path.commonpath((str(base), str(path))) != str(base) or path.parent != folder:
-        return Response(status_code=400)
+        return _refuse(400, "subfolder: the upload would land outside the folder", "subfolder")
     folder.mkdir(parents=True, exist_ok=True)
     duplicate = False
     if str(form.get("overwrite")) not in ("true", "1"):
@@ -254,7 +262,7 @@ async def upload_image(request: Request) -> Response:
     """Multipart ``image`` (+ ``overwrite``, ``type``, ``subfolder``) -> ``{name, subfolder, type}``."""
     parts = await _upload_parts(request)
     if parts is None:
-        return Response(status_code=400)
+        return _refuse(400, "image: send the image as a multipart file field named 'image'", "image")
     return await run_in_threadpool(_upload, _comfy(request), *parts)
 
 
@@ -264,26 +272,27 @@ async def upload_mask(request: Request) -> Response:
     the mask's alpha, saved under the uploaded name (PNG text chunks kept), as ComfyUI's ``upload_mask``."""
     parts = await _upload_parts(request)
     if parts is None:
-        return Response(status_code=400)
+        return _refuse(400, "image: send the mask as a multipart file field named 'image'", "image")
     form, data, filename = parts
     comfy = _comfy(request)
     try:
         ref = json.loads(str(form.get("original_ref") or ""))
     except ValueError:
-        return Response(status_code=400)
+        return _refuse(400, "original_ref: not JSON; give {filename, subfolder, type}", "original_ref")
     if not isinstance(ref, dict):
-        return Response(status_code=400)
+        return _refuse(400, "original_ref: give a JSON object {filename, subfolder, type}", "original_ref")
     found = _folder_of(comfy, str(ref.get("filename", "")), ref.get("type") or "output")
     if found is None or not found[0] or found[0].startswith("/") or ".." in found[0]:
-        return Response(status_code=400)
+        return _refuse(400, "original_ref: its filename must be a plain file name of the output, input or temp "
+                            "folder", "original_ref")
     folder = _inside(found[1], str(ref.get("subfolder") or "")) if ref.get("subfolder") else found[1]
     if folder is None:
-        return Response(status_code=403)
+        return _refuse(403, "original_ref: its subfolder is outside the folder", "original_ref")
     original = folder / found[0]
 
     def save(tmp: Path) -> Response | None:
         if not original.is_file():
-            return Response(status_code=404)
+            return _refuse(404, "original_ref: no such original image", "original_ref")
         import io
 
         with Image.open(original) as im:
@@ -330,7 +339,7 @@ async def get_models_of(request: Request, folder: str) -> Response:
     """A model folder's files (404 for a folder name Sumie does not have)."""
     kind = MODEL_FOLDERS.get(folder)
     if kind is None:
-        return Response(status_code=404)
+        return _refuse(404, f"folder: no model folder {folder!r}; see GET /models", "folder")
     env = _comfy(request).env
     names = await run_in_threadpool(checkpoint_names if kind == "checkpoint" else env.model_names,
                                     *((env,) if kind == "checkpoint" else (kind,)))

@@ -23,6 +23,7 @@ alone (their HTTP callers are waiting on them); a ``prompt_id`` that is already 
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 import time
@@ -55,6 +56,22 @@ PREVIEW_SIZE = 512  # ComfyUI's --preview-size
 # Events ComfyUI sends with sid None (to every socket) when the prompt has no client id: the progress hook and
 # previews (main.py), and execution_interrupted (execution.py add_message(..., broadcast=True)).
 _SENT_WITHOUT_CLIENT = ("progress", "execution_interrupted")
+
+
+def _number(value: Any) -> float:
+    """``POST /prompt``'s ``number`` (the queue position ComfyUI sorts by): a finite number; 400 naming it else."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ApiError(400, f"number: give a finite number (the queue position), not {value!r:.40}", field="number")
+    return number
+
+
+def _fair_client(client_id: str | None, client: str) -> str:
+    """The queue's client of a prompt: ComfyUI's ``client_id`` where given, else the request's client."""
+    return f"comfy:{client_id}" if client_id else client
 
 
 def comfy_folders(output_dir: Path, input_dir: Path | None) -> ComfyFolders:
@@ -120,8 +137,9 @@ class ComfyService:
             finishing = len(self._finishing)
         return max(0, self.server.queue.depth() - finishing)
 
-    def submit(self, body: Any) -> tuple[int, dict[str, Any]]:
-        """``POST /prompt``: (HTTP status, answer); a valid prompt is queued."""
+    def submit(self, body: Any, client: str = "") -> tuple[int, dict[str, Any]]:
+        """``POST /prompt``: (HTTP status, answer); a valid prompt is queued for ``client`` (its ``client_id`` where
+        given)."""
         check = check_request(body, self.env)
         if not check.ok:
             return 400, check.body or {}
@@ -129,9 +147,12 @@ class ComfyService:
         extra_data = dict(extra) if isinstance(extra, dict) else {}
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
+        for name in ("client_id", "prompt_id"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise ApiError(400, f"{name}: give a string, not {type(body[name]).__name__}", field=name)
         with self._lock:
             if "number" in body:
-                number: float | int = float(body["number"])
+                number: float | int = _number(body["number"])
             else:
                 number = -self._number if body.get("front") else self._number
                 self._number += 1
@@ -144,7 +165,7 @@ class ComfyService:
             self._prompts[prompt_id] = queued
         try:
             queued.handle = self.server.queue.submit("comfyui", summary, lambda m, live: self._run(queued, m, live),
-                                                     job_id=prompt_id)
+                                                     job_id=prompt_id, client=_fair_client(queued.client_id, client))
         except BaseException as e:
             with self._lock:
                 self._prompts.pop(prompt_id, None)

@@ -23,6 +23,7 @@ class Limits:
     max_body_bytes: int = 128 << 20  # a request body (413 above)
     max_image_pixels: int = 4096 * 4096  # decoded input images (checked from the header, before decoding)
     max_queue: int = 32  # queued + running jobs; full -> 503 with Retry-After
+    max_queue_per_client: int = 0  # queued + running jobs of one client (0: no cap beyond max_queue)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,20 @@
-"""The job queue: a bounded FIFO in front of one engine :class:`~sumie.pipelines.worker.Worker` per device.
+"""The job queue: bounded, round-robin between clients (FIFO within one), in front of one engine
+:class:`~sumie.pipelines.worker.Worker` per device.
 
 HTTP handlers submit a job and ``await`` it; the sampling runs in the worker's thread, so the event loop keeps
-answering (``/progress``, ``/interrupt``) while a job runs. A full queue is refused with 503 and Retry-After, never
-dropped. Each job gets a :class:`LiveState` (A1111's ``shared.state``: job number, sampling step, the newest
-prediction for a live preview) while it runs, and a row in the SQLite job records from queued to finished.
+answering (``/progress``, ``/interrupt``) while a job runs. A full queue (overall, or one client's share with
+``max_queue_per_client``) is refused with 503 and Retry-After, never dropped. A client is the auth user, else the
+remote address (ComfyUI's ``client_id`` where given): a new job goes ahead of every job of a client with more jobs
+ahead of it, so one client's batch of jobs cannot hold the others back. Each job gets a :class:`LiveState`
+(A1111's ``shared.state``: job number, sampling step, the newest prediction for a live preview) while it runs, and
+a row in the SQLite job records from queued to finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import threading
 import time
 import uuid
@@ -32,7 +38,7 @@ from sumie.serve.config import ServeConfig
 from sumie.serve.errors import ApiError
 from sumie.serve.store import JobRecords
 
-__all__ = ["JobCancelled", "JobQueue", "LiveState"]
+__all__ = ["FairWorker", "JobCancelled", "JobQueue", "LiveState", "client_of"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,6 +48,50 @@ class JobCancelled(ApiError):
 
     def __init__(self) -> None:
         super().__init__(409, "the job was cancelled")
+
+
+def client_of(request: Any) -> str:
+    """Who a request comes from, for fairness: ``user:NAME`` (HTTP Basic), ``token:<sha256 prefix>`` (bearer), else
+    ``addr:HOST`` (the remote address; the credentials are checked by the auth dependency, not here)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic" and value:
+        try:
+            return "user:" + base64.b64decode(value, validate=True).decode().partition(":")[0]
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if scheme.lower() == "bearer" and value:
+        return "token:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client is not None else "unknown")
+
+
+class FairWorker(Worker):
+    """A :class:`Worker` whose queue is round-robin between clients and FIFO within one client."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clients: dict[str, str] = {}  # job id -> client, while queued or running
+
+    def submit_for(self, client: str, job: Any, *, job_id: str) -> JobHandle:
+        """Queue ``job`` for ``client``: after the jobs of its round, before those of later rounds."""
+        with self._cond:
+            handle = self.submit(job, job_id=job_id)  # appended last; moved to its place below (same lock)
+            self._queue.remove(handle)
+            ahead: dict[str, int] = {}
+            if self._running is not None and self._running.id in self.clients:
+                ahead[self.clients[self._running.id]] = 1
+            mine = ahead.get(client, 0) + sum(self.clients.get(h.id) == client for h in self._queue)
+            at = len(self._queue)
+            for i, h in enumerate(self._queue):
+                other = self.clients.get(h.id, "")
+                rank = ahead.get(other, 0)
+                ahead[other] = rank + 1
+                if rank > mine:  # the first job of a later round than the new one's
+                    at = i
+                    break
+            self._queue.insert(at, handle)
+            self.clients[job_id] = client
+        handle.add_done_callback(lambda h: self.clients.pop(h.id, None))
+        return handle
 
 
 @dataclass
@@ -95,12 +145,13 @@ class JobQueue:
         precision = Precision.of(_DTYPES[config.dtype])
         self.managers = [ModelManager(folders, device=d, dtype=precision, max_models=2, hashes=hashes)
                          for d in config.devices]
-        self.workers = [Worker(m, d, name=f"sumie-serve-{d}") for m, d in zip(self.managers, config.devices,
+        self.workers = [FairWorker(m, d, name=f"sumie-serve-{d}") for m, d in zip(self.managers, config.devices,
                                                                               strict=True)]
         self.embeddings_dirs = folders.dirs("embedding")
         self.embeddings_dir: Path | None = self.embeddings_dirs[0] if self.embeddings_dirs else None
         self._lock = threading.Lock()
         self._handles: dict[str, JobHandle] = {}
+        self._clients: dict[str, str] = {}  # job id -> client, while queued or running
         self._cancelled: set[str] = set()
         self.live: dict[str, LiveState] = {}
         self.ready = threading.Event()
@@ -151,14 +202,20 @@ class JobQueue:
             return len(self._handles)
 
     def submit(self, kind: str, summary: dict[str, Any], fn: Callable[[ModelManager, LiveState], Any],
-               job_id: str | None = None) -> JobHandle:
-        """Queue ``fn(manager, live)`` on the least busy worker; 503 with Retry-After when the queue is full."""
+               job_id: str | None = None, client: str = "") -> JobHandle:
+        """Queue ``fn(manager, live)`` for ``client`` on the least busy worker; 503 with Retry-After when the queue
+        (or the client's share of it) is full."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
         jid = job_id or uuid.uuid4().hex
+        limits = self.config.limits
         with self._lock:
-            if len(self._handles) >= self.config.limits.max_queue:
-                raise ApiError(503, f"the queue is full ({self.config.limits.max_queue} jobs queued or running); "
+            if len(self._handles) >= limits.max_queue:
+                raise ApiError(503, f"the queue is full ({limits.max_queue} jobs queued or running); "
                                     "retry later", headers=retry)
+            if limits.max_queue_per_client and sum(c == client for c in self._clients.values()) \
+                    >= limits.max_queue_per_client:
+                raise ApiError(503, f"this client has {limits.max_queue_per_client} jobs queued or running, the "
+                                    "most one client may have (--max-queue-per-client); retry later", headers=retry)
             if jid in self._handles or self.records.exists(jid):
                 raise ApiError(409, f"force_task_id: a job with id {jid!r} already exists; use another id",
                                field="force_task_id")
@@ -178,14 +235,16 @@ class JobQueue:
                     with self._lock:
                         self.live.pop(jid, None)
 
-            handle = worker.submit(run, job_id=jid)
+            handle = worker.submit_for(client, run, job_id=jid)
             self._handles[jid] = handle
+            self._clients[jid] = client
         handle.add_done_callback(self._finished)
         return handle
 
     def _finished(self, handle: JobHandle) -> None:
         with self._lock:
             self._handles.pop(handle.id, None)
+            self._clients.pop(handle.id, None)
             self._cancelled.discard(handle.id)
             self.finished += 1
         if handle.state == "cancelled" or isinstance(handle.exception() if handle.state == "failed" else None,

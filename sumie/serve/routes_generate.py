@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from sumie.serve.jobs import client_of
 from sumie.serve.models import GenerationResponse, Img2ImgRequest, ProgressResponse, Txt2ImgRequest
 from sumie.serve.server import Server
 
@@ -22,13 +23,13 @@ def _server(request: Request) -> Server:
 @router.post("/txt2img", response_model=GenerationResponse)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> GenerationResponse:
     """Text to image (A1111's StableDiffusionTxt2ImgProcessingAPI)."""
-    return await _server(request).generate("txt2img", body)
+    return await _server(request).generate("txt2img", body, client_of(request))
 
 
 @router.post("/img2img", response_model=GenerationResponse)
 async def img2img(body: Img2ImgRequest, request: Request) -> GenerationResponse:
     """Image to image and inpainting (A1111's StableDiffusionImg2ImgProcessingAPI)."""
-    return await _server(request).generate("img2img", body)
+    return await _server(request).generate("img2img", body, client_of(request))
 
 
 @router.get("/progress", response_model=ProgressResponse)

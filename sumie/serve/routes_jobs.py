@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sumie.pipelines.control import ProgressEvent
 from sumie.serve.errors import ApiError
+from sumie.serve.jobs import client_of
 from sumie.serve.models import Img2ImgRequest, Txt2ImgRequest
 from sumie.serve.server import Outcome, Server
 
@@ -87,8 +88,8 @@ class NativeJobs:
         self._events: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._info: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-    async def create(self, body: JobRequest) -> JobView:
-        """Plan and queue a job; its view (state queued)."""
+    async def create(self, body: JobRequest, client: str = "") -> JobView:
+        """Plan and queue a job for ``client``; its view (state queued)."""
         fields = body.model_dump(exclude_unset=True, exclude={"task"})
         req = (Txt2ImgRequest if body.task == "txt2img" else Img2ImgRequest).model_validate(fields)
         plan = await self.server.plan(body.task, req)
@@ -101,7 +102,7 @@ class NativeJobs:
                                "steps": ev.steps, "done": ev.done, "total": ev.total, "fraction": ev.fraction,
                                "eta": ev.eta})
 
-        handle = self.server.submit(plan, req.force_task_id, listener)
+        handle = self.server.submit(plan, req.force_task_id, listener, client)
         with self._lock:
             self._events[handle.id] = events
             self._trim(self._events)
@@ -214,7 +215,7 @@ def _jobs(request: Request) -> NativeJobs:
 @router.post("/jobs", status_code=202, response_model=JobView)
 async def create_job(body: JobRequest, request: Request) -> JobView:
     """Queue a txt2img / img2img job (``task``); answered at once with its id, state and URLs."""
-    return await _jobs(request).create(body)
+    return await _jobs(request).create(body, client_of(request))
 
 
 @router.get("/jobs/{job_id}", response_model=JobView)

@@ -112,10 +112,11 @@ class Server:
         self.options.update(checked)
 
     # ---------------------------------------------------------------- generation
-    async def generate(self, kind: str, req: Txt2ImgRequest | Img2ImgRequest) -> GenerationResponse:
-        """txt2img / img2img: plan (422s), queue (503 when full), run in the worker, answer A1111's response."""
+    async def generate(self, kind: str, req: Txt2ImgRequest | Img2ImgRequest, client: str = "") -> GenerationResponse:
+        """txt2img / img2img: plan (422s), queue for ``client`` (503 when full), run in the worker, answer A1111's
+        response."""
         plan = await self.plan(kind, req)
-        handle = self.submit(plan, req.force_task_id)
+        handle = self.submit(plan, req.force_task_id, client=client)
         outcome: Outcome = await self._await(handle)
         return GenerationResponse(images=outcome.images, parameters=plan.parameters, info=outcome.info)
 
@@ -129,8 +130,9 @@ class Server:
         return plan
 
     def submit(self, plan: Plan, job_id: str | None = None,
-               listener: Callable[[ProgressEvent], None] | None = None) -> JobHandle:
-        """Queue a planned job (503 when full); ``listener`` gets its progress events (worker thread)."""
+               listener: Callable[[ProgressEvent], None] | None = None, client: str = "") -> JobHandle:
+        """Queue a planned job for ``client`` (503 when full); ``listener`` gets its progress events (worker
+        thread)."""
         summary = {k: v for k, v in plan.parameters.items() if k not in ("init_images", "mask", "latent_mask")}
 
         def run(manager: ModelManager, live: LiveState) -> Outcome:
@@ -138,7 +140,7 @@ class Server:
                 live.listeners.append(listener)
             return self._run(plan, manager, live)
 
-        return self.queue.submit(plan.kind, summary, run, job_id=job_id)
+        return self.queue.submit(plan.kind, summary, run, job_id=job_id, client=client)
 
     async def _await(self, handle: JobHandle) -> Any:
         try:
