@@ -136,9 +136,13 @@ class Worker(AbstractContextManager["Worker"]):
                 raise ConfigError(f"job id {jid!r} is already queued or running; use another id")
             handle = JobHandle(jid, job, self)
             self._ids.add(jid)
-            self._queue.append(handle)
+            self._queue.insert(self._place(handle), handle)
             self._cond.notify_all()
         return handle
+
+    def _place(self, handle: JobHandle) -> int:
+        """Where a new job goes in the pending queue (called under the lock): last, FIFO. Subclasses order it."""
+        return len(self._queue)
 
     def _cancel(self, handle: JobHandle) -> bool:
         with self._cond:

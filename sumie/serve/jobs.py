@@ -29,6 +29,7 @@ from torch import Tensor
 from sumie.checkpoints.hashes import FileHashes
 from sumie.checkpoints.manager import ModelManager
 from sumie.checkpoints.precision import Precision
+from sumie.errors import ConfigError
 from sumie.pipelines.control import JobControl, ProgressEvent
 from sumie.pipelines.engine import Engine
 from sumie.pipelines.worker import JobHandle, Worker
@@ -74,24 +75,33 @@ class FairWorker(Worker):
     def submit_for(self, client: str, job: Any, *, job_id: str) -> JobHandle:
         """Queue ``job`` for ``client``: after the jobs of its round, before those of later rounds."""
         with self._cond:
-            handle = self.submit(job, job_id=job_id)  # appended last; moved to its place below (same lock)
-            self._queue.remove(handle)
-            ahead: dict[str, int] = {}
-            if self._running is not None and self._running.id in self.clients:
-                ahead[self.clients[self._running.id]] = 1
-            mine = ahead.get(client, 0) + sum(self.clients.get(h.id) == client for h in self._queue)
-            at = len(self._queue)
-            for i, h in enumerate(self._queue):
-                other = self.clients.get(h.id, "")
-                rank = ahead.get(other, 0)
-                ahead[other] = rank + 1
-                if rank > mine:  # the first job of a later round than the new one's
-                    at = i
-                    break
-            self._queue.insert(at, handle)
+            if job_id in self.clients:
+                raise ConfigError(f"job id {job_id!r} is already queued or running; use another id")
             self.clients[job_id] = client
+            try:
+                handle = self.submit(job, job_id=job_id)
+            except BaseException:
+                self.clients.pop(job_id, None)
+                raise
         handle.add_done_callback(lambda h: self.clients.pop(h.id, None))
         return handle
+
+    def _place(self, handle: JobHandle) -> int:
+        """The new job's round-robin place: before the first queued job of a later round than its own."""
+        client = self.clients.get(handle.id)
+        if client is None:  # a plain submit: last
+            return len(self._queue)
+        ahead: dict[str, int] = {}
+        if self._running is not None and self._running.id in self.clients:
+            ahead[self.clients[self._running.id]] = 1
+        mine = ahead.get(client, 0) + sum(self.clients.get(h.id) == client for h in self._queue)
+        for i, h in enumerate(self._queue):
+            other = self.clients.get(h.id, "")
+            rank = ahead.get(other, 0)
+            ahead[other] = rank + 1
+            if rank > mine:  # the first job of a later round than the new one's
+                return i
+        return len(self._queue)
 
 
 @dataclass
