@@ -468,13 +468,19 @@ class Trainer:
             yield
             return
 
-        def handler(signum: int, frame: object) -> None:
-            if self._stop:
-                raise KeyboardInterrupt
-            self._stop = True
-            print("\nsumie: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+        first = [0.0]
 
-        def terminate(signum: int, frame: object) -> None:  # torchrun's agent stops its workers with SIGTERM
+        def handler(signum: int, frame: object) -> None:
+            # under torchrun one Ctrl-C arrives twice (from the terminal and from the agent): 2 s make one press
+            if self._stop and (self.dist is None or time.monotonic() - first[0] > 2.0):
+                raise KeyboardInterrupt
+            if not self._stop:
+                first[0] = time.monotonic()
+                if self.is_main:
+                    print("\nsumie: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+            self._stop = True
+
+        def terminate(signum: int, frame: object) -> None:  # torchrun's agent may stop its workers with SIGTERM
             self._stop = True
 
         old = signal.signal(signal.SIGINT, handler)
