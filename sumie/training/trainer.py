@@ -411,7 +411,8 @@ class Trainer:
             value = float(loss.detach())
             if self.dist is None:
                 self._check_loss(value)
-            (loss * share / t.grad_accum).backward()
+            if loss.requires_grad:  # not when nothing trained took part (an embedding's word dropped everywhere)
+                (loss * share / t.grad_accum).backward()
             total += value * share
             parts = {k: v * share for k, v in parts.items()}
         if self.dist is not None:  # the global loss and gradients; every rank decides alike from here on
@@ -423,8 +424,8 @@ class Trainer:
         if t.grad_clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip, foreach=True))
         else:
-            norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None])))
+            norms = [p.grad.detach().norm() for p in self.params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         if not math.isfinite(norm):
             raise TrainingError(f"the gradient norm is {norm} at step {self.step + 1}; lower [train] lr or turn off "
                                 "bf16")
