@@ -80,10 +80,6 @@ class Dist:
         """Whether this is rank 0 (the one that writes files)."""
         return self.rank == 0
 
-    def span(self, n: int) -> tuple[int, int]:
-        """This rank's part of a global batch of ``n``."""
-        return shard_span(n, self.rank, self.world_size)
-
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks of a float64 vector."""
         x = torch.tensor(list(values), dtype=torch.float64, device=self.device)
@@ -124,20 +120,17 @@ class Dist:
     def broadcast_(self, tensors: Sequence[Tensor]) -> None:
         """Overwrite ``tensors`` with rank 0's values (models start identical on every rank)."""
         for t in tensors:
-            buf = t.detach().to(self.device)
+            own = t.detach()
+            buf = own.to(self.device)
             dist.broadcast(buf, src=0, group=self.group)
-            if buf is not t:
-                t.detach().copy_(buf)
+            if buf.data_ptr() != own.data_ptr():  # NCCL with a CPU tensor: copied there and back
+                own.copy_(buf)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        dist.barrier(group=self.group)
 
 
 @contextlib.contextmanager

@@ -562,18 +562,18 @@ class Trainer:
                     lr = self.optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{self._loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
                     bar.update(1)
-                    if log is not None and (self.step % cfg.output.log_every == 0 or self.step == t.steps):
-                        rec = {"step": self.step, "loss": loss, "avg": sum(window) / len(window), "lr": lr,
-                               "sec": round(dt, 4), **{k: v for k, v in parts.items()}}
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
+                    if self.step % cfg.output.log_every == 0 or self.step == t.steps:
+                        if log is not None:
+                            rec = {"step": self.step, "loss": loss, "avg": sum(window) / len(window), "lr": lr,
+                                   "sec": round(dt, 4), **{k: v for k, v in parts.items()}}
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
                         window = []
                     try:
                         for hook in self.hooks:
                             hook(self, self.step, loss)
-                    except KeyboardInterrupt:  # stop here: the other ranks learn of it at the top of the loop
+                    except KeyboardInterrupt:  # stop after this step; every rank learns of it at the loop's top
                         self._stop = True
-                        continue
                     if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0:
                         self.save_checkpoint()
                     if cfg.output.sample_every and self.step % cfg.output.sample_every == 0 and self.is_main:
