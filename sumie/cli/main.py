@@ -546,6 +546,7 @@ def cmd_pnginfo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a VAE or a diffusion model from a TOML config; Ctrl-C saves a checkpoint (exit 130)."""
     from sumie.training.config import load_config
+    from sumie.training.distributed import process_group
     from sumie.training.trainer import Trainer
 
     cfg = load_config(args.config)
@@ -554,7 +555,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.train.threads)
     resume = None if args.resume is None else (args.resume or cfg.output.dir)
-    result = Trainer(cfg, resume=resume).run()
+    with process_group(cfg.train.device) as env:  # under torchrun: data-parallel over its processes
+        result = Trainer(cfg, resume=resume).run()
+    if env is not None and env.rank != 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"sumie: interrupted at step {result.step}; checkpoint: {result.checkpoint}; continue with: "
               f"sumie train {args.config} --resume {cfg.output.dir}", file=sys.stderr)
@@ -733,7 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
     p.set_defaults(func=cmd_pnginfo)
 
-    p = sub.add_parser("train", help="train a VAE or a diffusion model from a TOML config")
+    p = sub.add_parser("train", help="train a VAE or a diffusion model from a TOML config",
+                       description="Train from a TOML config. Data-parallel on N processes: "
+                       "torchrun --nproc_per_node N -m sumie train CONFIG (gloo on CPU, NCCL on CUDA; "
+                       "[train] batch_size is the global batch, split over the processes).")
     p.add_argument("config", help="TOML file with [model], [data], [train], [output] sections")
     p.add_argument("--resume", nargs="?", const="", metavar="DIR",
                    help="continue from the newest checkpoint of a run folder (default: the config's output dir) "

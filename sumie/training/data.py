@@ -38,6 +38,7 @@ __all__ = [
     "make_buckets",
     "nearest_bucket",
     "resize_and_crop",
+    "shard_span",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -329,11 +330,20 @@ class Sample:
 
 @dataclass
 class Batch:
-    """Loaded items: ``images`` [B, 3, H, W] in [-1, 1], ``captions`` (B strings), the samples they came from."""
+    """Loaded items: ``images`` [B, 3, H, W] in [-1, 1], ``captions`` (B strings), the samples they came from.
+
+    Under data parallelism a rank's batch is rows ``offset .. offset + B`` of a global batch of ``total`` items.
+    """
 
     images: Tensor
     captions: list[str]
     samples: list[Sample]
+    offset: int = 0
+    total: int = -1  # -1: the batch is the whole global batch
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            self.total = len(self.samples)
 
 
 def _epoch_batches(buckets: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int, shuffle: bool,
@@ -364,10 +374,16 @@ def _epoch_batches(buckets: Sequence[tuple[int, int]], batch_size: int, seed: in
     return out
 
 
-def collate(data: IndexedData, samples: Sequence[Sample]) -> Batch:
-    """Load and stack the items of one batch (all in one bucket)."""
-    loaded = [data.load(s.index, s.flip, s.crop_seed) for s in samples]
-    return Batch(torch.stack([x for x, _ in loaded]), [c for _, c in loaded], list(samples))
+def collate(data: IndexedData, samples: Sequence[Sample], span: tuple[int, int] | None = None) -> Batch:
+    """Load and stack the items of one batch (all in one bucket), or only rows ``span`` = [lo, hi) of it."""
+    lo, hi = span if span is not None else (0, len(samples))
+    loaded = [data.load(s.index, s.flip, s.crop_seed) for s in samples[lo:hi]]
+    return Batch(torch.stack([x for x, _ in loaded]), [c for _, c in loaded], list(samples[lo:hi]), lo, len(samples))
+
+
+def shard_span(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous part [lo, hi) of a global batch of ``n`` items (sizes differ by at most one)."""
+    return rank * n // world_size, (rank + 1) * n // world_size
 
 
 def _identity(batch: Batch) -> Batch:
@@ -377,27 +393,34 @@ def _identity(batch: Batch) -> Batch:
 class _EpochLoader(torch.utils.data.Dataset):
     """Batches of one epoch as a dataset for a multi-worker DataLoader (``batch_size=None``)."""
 
-    def __init__(self, data: IndexedData, batches: list[list[Sample]]) -> None:
-        self.data, self.batches = data, batches
+    def __init__(self, data: IndexedData, batches: list[list[Sample]], rank: int = 0, world_size: int = 1) -> None:
+        self.data, self.batches, self.rank, self.world_size = data, batches, rank, world_size
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> Batch:
-        return collate(self.data, self.batches[i])
+        b = self.batches[i]
+        return collate(self.data, b, shard_span(len(b), self.rank, self.world_size))
 
 
 class BatchStream:
-    """Endless batches in a fixed order; ``state_dict()`` = (epoch, position), enough to continue exactly."""
+    """Endless batches in a fixed order; ``state_dict()`` = (epoch, position), enough to continue exactly.
+
+    With ``world_size`` > 1 every rank walks the same global order and loads only its contiguous part of each
+    batch (:func:`shard_span`; what ``DistributedSampler`` does per epoch, here per batch so that the global batch
+    is the one a single process would see).
+    """
 
     def __init__(self, data: IndexedData, batch_size: int, seed: int, *, shuffle: bool = True, flip: bool = False,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.flip = flip
         self.num_workers = num_workers
+        self.rank, self.world_size = rank, world_size
         self._buckets = [data.bucket_of(i) for i in range(len(data))]
         self.epoch = 0
         self.position = 0
@@ -419,15 +442,28 @@ class BatchStream:
         self.position += 1
         return samples
 
+    def span(self, n: int) -> tuple[int, int]:
+        """This rank's rows of a global batch of ``n``."""
+        return shard_span(n, self.rank, self.world_size)
+
+    def smallest_batch(self) -> int:
+        """The size of the smallest batch an epoch can hold (a bucket with fewer items than ``batch_size``)."""
+        counts: dict[tuple[int, int], int] = {}
+        for b in self._buckets:
+            counts[b] = counts.get(b, 0) + 1
+        return min(min(c, self.batch_size) for c in counts.values())
+
     def __next__(self) -> Batch:
         if self.num_workers == 0:
-            return collate(self.data, self.next_samples())
+            samples = self.next_samples()
+            return collate(self.data, samples, self.span(len(samples)))
         if self._iter is None or self._batches is None or self.position >= len(self._batches):
             if self._batches is not None and self.position >= len(self._batches):
                 self.epoch, self.position = self.epoch + 1, 0
             self._batches = self.batches_of(self.epoch)
             loader = torch.utils.data.DataLoader(
-                _EpochLoader(self.data, self._batches[self.position:]), batch_size=None, shuffle=False,
+                _EpochLoader(self.data, self._batches[self.position:], self.rank, self.world_size), batch_size=None,
+                shuffle=False,
                 num_workers=self.num_workers, collate_fn=_identity)
             self._iter = iter(loader)
         self.position += 1
@@ -490,12 +526,18 @@ class LatentCache:
         """The caption of a cached item."""
         return self.captions[(sample.index, sample.flip)]
 
-    def sample(self, samples: Sequence[Sample], generator: torch.Generator) -> Tensor:
-        """z ~ q(z|x) for a batch: [B, C, h, w] float32 (unscaled VAE latents)."""
+    def sample(self, samples: Sequence[Sample], generator: torch.Generator, offset: int = 0,
+               total: int | None = None) -> Tensor:
+        """z ~ q(z|x) for a batch: [B, C, h, w] float32 (unscaled VAE latents).
+
+        ``samples`` may be rows ``offset ..`` of a global batch of ``total``: eps is drawn for all of it and sliced,
+        so every rank of a data-parallel run gets the rows a single process would.
+        """
         mean = torch.stack([self.moments[(s.index, s.flip)][0] for s in samples])
         std = torch.stack([self.moments[(s.index, s.flip)][1] for s in samples])
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
-        return mean + std * eps
+        n = len(samples) if total is None else total
+        eps = torch.randn((n, *mean.shape[1:]), generator=generator, dtype=torch.float32)
+        return mean + std * eps[offset:offset + len(samples)]
 
     def save(self, path: str | Path) -> None:
         """Write the cache (atomically) with its fingerprint."""

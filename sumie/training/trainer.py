@@ -10,6 +10,12 @@ Runs are resumable bit for bit: every random draw of a step comes from one gener
 dropout, timesteps, noise), the data order is a function of (seed, epoch, position), and a checkpoint stores all
 of it (:mod:`sumie.training.state`). Ctrl-C finishes the current step, saves a checkpoint and returns
 (``TrainResult.interrupted``); a second Ctrl-C stops at once (the last checkpoint stays valid, writes are atomic).
+
+Under ``torchrun`` (``Trainer(dist=...)``, or an initialised default process group) the run is data-parallel
+(:mod:`sumie.training.distributed`): each rank takes its part of every global batch, draws the whole batch's random
+numbers and keeps its rows, and the gradients are summed over ranks before the optimizer step, so the result
+equals a one-process run at the same ``batch_size`` up to float summation order. Rank 0 alone writes the log
+(the global loss), checkpoints (with every rank's global RNG state), samples and the export.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from torch import Tensor
 
 from sumie.configs import config_to_dict
 from sumie.errors import ConfigError, SumieError
+from sumie.models.vae import DiagonalGaussian
 from sumie.training.build import TrainModels, build_models, export_vae, latent_scaling_factor
 from sumie.training.config import TrainConfig
 from sumie.training.data import (
     MASK_SUFFIX,
+    Batch,
     BatchStream,
     FolderDataset,
     IndexedData,
@@ -43,6 +51,7 @@ from sumie.training.data import (
     Sample,
     synthetic_dataset,
 )
+from sumie.training.distributed import Dist
 from sumie.training.ema import EMA
 from sumie.training.losses import (
     NoiseSchedule,
@@ -52,7 +61,15 @@ from sumie.training.losses import (
     timestep_weights,
     vae_loss,
 )
-from sumie.training.state import capture_rng, find_checkpoint, list_checkpoints, load_state, restore_rng, save_state
+from sumie.training.state import (
+    CHECKPOINT_DIR,
+    capture_rng,
+    find_checkpoint,
+    list_checkpoints,
+    load_state,
+    restore_rng,
+    save_state,
+)
 
 __all__ = ["Hook", "TrainResult", "Trainer", "TrainingError", "make_data"]
 
@@ -99,12 +116,16 @@ class Trainer:
     """A training run (see the module docstring). Data and models are checked and built in the constructor."""
 
     def __init__(self, cfg: TrainConfig, *, resume: str | Path | None = None, hooks: Sequence[Hook] = (),
-                 progress: bool | None = None, data: IndexedData | None = None) -> None:
+                 progress: bool | None = None, data: IndexedData | None = None, dist: Dist | None = None) -> None:
+        self.dist = dist if dist is not None else Dist.current(torch.device(cfg.train.device))
+        if self.dist is not None and cfg.train.device.startswith("cuda"):  # one GPU per rank: cuda:LOCAL_RANK
+            cfg = replace(cfg, train=replace(cfg.train, device=f"cuda:{torch.cuda.current_device()}"))
         self.cfg = cfg
         t = cfg.train
         self.out = Path(cfg.output.dir)
         self.hooks = list(hooks)
-        self.show_progress = progress if progress is not None else cfg.output.progress
+        self.is_main = self.dist is None or self.dist.is_main
+        self.show_progress = (progress if progress is not None else cfg.output.progress) if self.is_main else False
         if resume is None and list_checkpoints(self.out):
             raise ConfigError(f"{self.out} already holds checkpoints of a run; continue it with --resume "
                               f"(Trainer(resume=...)) or set another [output] dir")
@@ -119,8 +140,13 @@ class Trainer:
         self.device = torch.device(t.device)
         self.what = t.what
         self.generator = torch.Generator().manual_seed(t.seed)
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
         self.stream = BatchStream(self.data, t.batch_size, t.seed, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
-                                  num_workers=cfg.data.num_workers)
+                                  num_workers=cfg.data.num_workers, rank=rank, world_size=world)
+        if self.stream.smallest_batch() < world:
+            raise ConfigError(f"{world} processes need batches of at least {world} images, but a batch holds "
+                              f"{self.stream.smallest_batch()} ([train] batch_size, or a bucket with fewer images); "
+                              "raise batch_size, add images or run fewer processes")
         # an adapter is trained on its checkpoint's schedule: zero terminal SNR when the file says so
         self.zero_terminal_snr = t.zero_terminal_snr or (bool(self.models.adapters) and self.models.zero_terminal_snr)
         self.schedule = NoiseSchedule.sd(zero_terminal_snr=self.zero_terminal_snr)
@@ -157,6 +183,8 @@ class Trainer:
         self._loss_avg: float | None = None
         if resume is not None:
             self.load_checkpoint(find_checkpoint(Path(resume)))
+        if self.dist is not None:  # every rank starts from rank 0's weights (as DDP does)
+            self.dist.broadcast_([v for m in self.models.trainable().values() for v in m.state_dict().values()])
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -173,6 +201,7 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "rng": capture_rng(),
+            "rng_ranks": self.dist.gather(capture_rng()) if self.dist is not None else [],
             "data": self.stream.state_dict(),
         }
 
@@ -185,9 +214,16 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current step (atomic; the oldest beyond ``keep_checkpoints`` are removed)."""
+        """Write a checkpoint of the current step (atomic; the oldest beyond ``keep_checkpoints`` are removed).
+
+        Data-parallel: every rank calls it at the same step (the RNG states are gathered); rank 0 writes.
+        """
         info = {"step": self.step, "what": self.what, "loss": self._loss_avg, "time": time.time()}
-        path = save_state(self.out, self.step, self.state_dict(), self.cfg.output.keep_checkpoints, info)
+        state = self.state_dict()
+        if self.is_main:
+            path = save_state(self.out, self.step, state, self.cfg.output.keep_checkpoints, info)
+        else:
+            path = self.out / CHECKPOINT_DIR / f"step_{self.step:08d}"
         self.last_checkpoint, self._saved_step = path, self.step
         return path
 
@@ -218,7 +254,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
-        restore_rng(state["rng"])
+        ranks = state.get("rng_ranks") or []
+        rank = self.dist.rank if self.dist is not None else 0
+        # the global RNGs of this rank when the world size is unchanged (no training draw uses them)
+        restore_rng(ranks[rank] if len(ranks) == (self.dist.world_size if self.dist else 1) else state["rng"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.last_checkpoint, self._saved_step = path, self.step
@@ -263,24 +302,39 @@ class Trainer:
             parts.append(hidden)
         return torch.cat(parts, dim=-1)
 
-    def _diffusion_loss(self, samples: list[Sample], images: Tensor | None, captions: list[str]) -> (
-            tuple[Tensor, dict[str, float]]):
+    def _rows(self, draw: Tensor, offset: int, n: int) -> Tensor:
+        """This rank's rows of a draw made for the whole global batch (all of it in one process)."""
+        return draw[offset:offset + n]
+
+    def _posterior_sample(self, post: DiagonalGaussian, offset: int, total: int) -> Tensor:
+        """z = mean + std * eps (as :meth:`DiagonalGaussian.sample`), eps drawn for the global batch, our rows."""
+        n = post.mean.shape[0]
+        eps = torch.randn((total, *post.mean.shape[1:]), generator=self.generator, dtype=torch.float32)
+        eps = self._rows(eps, offset, n).to(device=post.mean.device, dtype=post.mean.dtype)
+        return post.mean + post.std * eps
+
+    def _diffusion_loss(self, samples: list[Sample], images: Tensor | None, captions: list[str], offset: int = 0,
+                        total: int | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Loss of rows ``offset ..`` of a global batch of ``total`` (default: the batch is all of it)."""
         vae, g = self.models.vae, self.generator
+        n = len(samples)
+        total = n if total is None else total
         with torch.no_grad():
             if self.latents is not None:
-                z = self.latents.sample(samples, g).to(self.device)
+                z = self.latents.sample(samples, g, offset, total).to(self.device)
             else:
                 assert images is not None
                 with self._autocast():
                     post = vae.encode(images.to(self.device))
-                z = post.sample(g).float()
+                z = self._posterior_sample(post, offset, total).float()
             x0 = vae.scale_latents(z)
         p = self.cfg.data.caption_dropout
         if p > 0:
-            drop = (torch.rand(len(captions), generator=g) < p).tolist()
+            drop = self._rows(torch.rand(total, generator=g) < p, offset, n).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-        t = self.schedule.sample_timesteps(x0.shape[0], g, self.timestep_weights)
-        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(self.device)
+        t = self._rows(self.schedule.sample_timesteps(total, g, self.timestep_weights), offset, n)
+        noise = self._rows(torch.randn((total, *x0.shape[1:]), generator=g, dtype=torch.float32), offset, n)
+        noise = noise.to(self.device)
         x_t = self.schedule.add_noise(x0, noise, t.to(self.device))
         prediction = self.models.config.prediction
         target = self.schedule.target(x0, noise, t, prediction)
@@ -312,42 +366,66 @@ class Trainer:
             out.append(m)
         return torch.stack(out)
 
-    def _vae_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _vae_loss(self, images: Tensor, offset: int = 0, total: int | None = None) -> tuple[Tensor, dict[str, float]]:
         t = self.cfg.train
         x = images.to(self.device)
         with self._autocast():
             with torch.set_grad_enabled(t.train_vae_encoder):
                 post = self.models.vae.encode(x)
-            recon = self.models.vae.decode(post.sample(self.generator))
+            recon = self.models.vae.decode(self._posterior_sample(post, offset, len(x) if total is None else total))
         return vae_loss(x, recon, post, kl_weight=t.kl_weight, recon_kind=t.recon, edge_weight=t.edge_weight,
                         multiscale_weight=t.multiscale_weight)
 
+    def _micro_batch(self) -> tuple[Tensor, dict[str, float], float]:
+        """Loss of this rank's part of the next global batch, its parts, and its share of the batch (1 alone)."""
+        if self.latents is not None:
+            everything = self.stream.next_samples()
+            lo, hi = self.stream.span(len(everything))
+            samples = everything[lo:hi]
+            loss, parts = self._diffusion_loss(samples, None, [self.latents.caption(s) for s in samples], lo,
+                                               len(everything))
+            return loss, parts, (hi - lo) / len(everything)
+        batch: Batch = next(self.stream)
+        if self.what == "vae":
+            loss, parts = self._vae_loss(batch.images, batch.offset, batch.total)
+        else:
+            loss, parts = self._diffusion_loss(batch.samples, batch.images, batch.captions, batch.offset, batch.total)
+        return loss, parts, len(batch.samples) / batch.total
+
+    def _check_loss(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(f"the loss is {value} at step {self.step + 1}; lower [train] lr, set grad_clip or "
+                                "turn off bf16")
+
     def train_step(self) -> tuple[float, dict[str, float]]:
-        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, loss parts of the last micro-batch)."""
+        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, loss parts of the last micro-batch).
+
+        Every loss here is a mean of per-image terms of equal size, so weighting a rank's loss by its share of the
+        global batch and summing gradients over ranks gives the global batch's gradient.
+        """
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, {}
         for _ in range(t.grad_accum):
-            if self.latents is not None:
-                samples = self.stream.next_samples()
-                loss, parts = self._diffusion_loss(samples, None, [self.latents.caption(s) for s in samples])
-            else:
-                batch = next(self.stream)
-                if self.what == "vae":
-                    loss, parts = self._vae_loss(batch.images)
-                else:
-                    loss, parts = self._diffusion_loss(batch.samples, batch.images, batch.captions)
+            loss, parts, share = self._micro_batch()
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(f"the loss is {value} at step {self.step + 1}; lower [train] lr, set "
-                                    "grad_clip or turn off bf16")
-            (loss / t.grad_accum).backward()
-            total += value
+            if self.dist is None:
+                self._check_loss(value)
+            if loss.requires_grad:  # not when nothing trained took part (an embedding's word dropped everywhere)
+                (loss * share / t.grad_accum).backward()
+            total += value * share
+            parts = {k: v * share for k, v in parts.items()}
+        if self.dist is not None:  # the global loss and gradients; every rank decides alike from here on
+            keys = sorted(parts)
+            summed = self.dist.sum([total, *(parts[k] for k in keys)])
+            total, parts = summed[0], dict(zip(keys, summed[1:], strict=True))
+            self._check_loss(total)
+            self.dist.all_reduce_grads(self.params)
         if t.grad_clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip, foreach=True))
         else:
-            norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None])))
+            norms = [p.grad.detach().norm() for p in self.params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         if not math.isfinite(norm):
             raise TrainingError(f"the gradient norm is {norm} at step {self.step + 1}; lower [train] lr or turn off "
                                 "bf16")
@@ -374,11 +452,12 @@ class Trainer:
         h.update(str(self.cfg.data.flip).encode())
         path = self.out / "latents.pt"
         self.latents = LatentCache.load(path, h.hexdigest())
-        if self.latents is None:
+        if self.latents is None:  # data-parallel: each rank builds the same cache (no wait on rank 0), rank 0 saves
             self.latents = LatentCache.build(self.data, self.models.vae, self.cfg.data.flip,
                                              self.cfg.train.batch_size, h.hexdigest(), bool(self._bar_enabled()))
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.latents.save(path)
+            if self.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.latents.save(path)
 
     def _bar_enabled(self) -> bool:
         return self.show_progress if self.show_progress is not None else sys.stderr.isatty()
@@ -390,17 +469,35 @@ class Trainer:
             yield
             return
 
+        first = [0.0]
+
         def handler(signum: int, frame: object) -> None:
-            if self._stop:
+            # under torchrun one Ctrl-C arrives twice (from the terminal and from the agent): 2 s make one press
+            if self._stop and (self.dist is None or time.monotonic() - first[0] > 2.0):
                 raise KeyboardInterrupt
+            if not self._stop:
+                first[0] = time.monotonic()
+                if self.is_main:
+                    print("\nsumie: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
             self._stop = True
-            print("\nsumie: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+        def terminate(signum: int, frame: object) -> None:  # torchrun's agent may stop its workers with SIGTERM
+            self._stop = True
 
         old = signal.signal(signal.SIGINT, handler)
+        old_term = signal.signal(signal.SIGTERM, terminate) if self.dist is not None else None
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, old)
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+
+    def _should_stop(self) -> bool:
+        """Whether a stop was asked for (Ctrl-C, SIGTERM, a hook): on any rank, agreed by all of them."""
+        if self.dist is None:
+            return self._stop
+        return self.dist.sum([float(self._stop)])[0] > 0
 
     def _log_path(self) -> Path:
         return self.out / "loss.jsonl"
@@ -425,21 +522,25 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.text:
+        if cfg.text and self.is_main:
             (self.out / "config.toml").write_text(cfg.text)
         self.prepare()
-        self._trim_log()
+        if self.is_main:
+            self._trim_log()
         losses: list[float] = []
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.what}", disable=not self._bar_enabled(),
                    dynamic_ncols=True)
-        log = self._log_path().open("a")
+        log = self._log_path().open("a") if self.is_main else None
         window: list[float] = []
-        interrupted = False
+        interrupted = agreed_stop = False
         try:
             with self._sigint():
-                while self.step < t.steps:
-                    if self._stop:
+                while True:
+                    if self._should_stop():
+                        agreed_stop = True
                         raise KeyboardInterrupt
+                    if self.step >= t.steps:
+                        break
                     snap = self._snapshot()
                     t0 = time.perf_counter()
                     try:
@@ -448,7 +549,9 @@ class Trainer:
                         if self._committing:
                             raise
                         self._restore(snap)  # the step did not happen: continue/save from its start
-                        if isinstance(e, TrainingError | SumieError) and self.step > self._saved_step:
+                        # data-parallel: only a failure every rank saw (the global loss / norm) saves together
+                        agreed = isinstance(e, TrainingError) or (self.dist is None and isinstance(e, SumieError))
+                        if agreed and self.step > self._saved_step:
                             self.save_checkpoint()
                         raise
                     dt = time.perf_counter() - t0
@@ -460,31 +563,39 @@ class Trainer:
                     bar.set_postfix(loss=f"{self._loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
                     bar.update(1)
                     if self.step % cfg.output.log_every == 0 or self.step == t.steps:
-                        rec = {"step": self.step, "loss": loss, "avg": sum(window) / len(window), "lr": lr,
-                               "sec": round(dt, 4), **{k: v for k, v in parts.items()}}
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
+                        if log is not None:
+                            rec = {"step": self.step, "loss": loss, "avg": sum(window) / len(window), "lr": lr,
+                                   "sec": round(dt, 4), **{k: v for k, v in parts.items()}}
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
                         window = []
-                    for hook in self.hooks:
-                        hook(self, self.step, loss)
+                    try:
+                        for hook in self.hooks:
+                            hook(self, self.step, loss)
+                    except KeyboardInterrupt:  # stop after this step; every rank learns of it at the loop's top
+                        self._stop = True
                     if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if cfg.output.sample_every and self.step % cfg.output.sample_every == 0:
+                    if cfg.output.sample_every and self.step % cfg.output.sample_every == 0 and self.is_main:
                         self.write_samples()
         except KeyboardInterrupt:
             interrupted = True
-            if not self._committing and self.step > self._saved_step:
+            if not self._committing and self.step > self._saved_step and (self.dist is None or agreed_stop):
                 self.save_checkpoint()
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         if interrupted:
             return TrainResult(self.step, True, self.last_checkpoint, None, losses)
         if self.step > self._saved_step:
             self.save_checkpoint()
-        if cfg.output.sample_every and self.step % cfg.output.sample_every != 0:
+        if cfg.output.sample_every and self.step % cfg.output.sample_every != 0 and self.is_main:
             self.write_samples()
-        export = self.export()
+        export = self.export() if self.is_main else None
+        if self.dist is not None:  # every rank returns once the files are written, with rank 0's path
+            export = self.dist.gather(export)[0]
+        assert export is not None
         self.models.release()  # LoRA wrappers out: the networks are the checkpoint's again
         return TrainResult(self.step, False, self.last_checkpoint, export, losses)
 
