@@ -42,7 +42,7 @@ def _post(srv: Running, path: str, **kw: Any) -> httpx.Response:
 def test_index_page_and_an_asset_are_served_without_shadowing_the_api(srv: Running) -> None:
     static = frontend_static()
     assert static is not None and (static / "index.html").is_file()
-    page = _get(srv, "/")
+    page = _get(srv, "/", follow_redirects=True)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text == (static / "index.html").read_text(encoding="utf-8")
     assert "<title>ComfyUI</title>" in page.text and 'id="vue-app"' in page.text
@@ -258,6 +258,22 @@ def test_cancel_a_queued_job_through_the_jobs_api(srv: Running) -> None:
     job = _get(srv, f"/api/jobs/{first}").json()
     assert job["status"] == "cancelled" and job["execution_end_time"] is not None
     assert second not in [j["id"] for j in _get(srv, "/api/jobs").json()["jobs"]]
+
+
+def test_a_fresh_user_is_sent_to_the_txt2img_template_then_gets_the_page(tmp_path: Path) -> None:
+    config = ServeConfig(output_dir=tmp_path / "out", preload=False)
+    with running_server(config, wait_ready=False) as s:
+        first = _get(s, "/")
+        assert first.status_code == 302 and first.headers["location"] == "/?template=sumie_sd_txt2img"
+        page = _get(s, "/?template=sumie_sd_txt2img")
+        assert page.status_code == 200 and 'id="vue-app"' in page.text
+        # a saved workflow (or the frontend's first-run setting) means the user's own graph is restored instead
+        assert _post(s, "/api/userdata/workflows%2Fa.json", content=b"{}").status_code == 200
+        assert _get(s, "/").status_code == 200
+        assert httpx.delete(f"{s.url}/api/userdata/workflows%2Fa.json", timeout=60).status_code == 204
+        assert _get(s, "/").status_code == 302
+        assert _post(s, "/api/settings/Comfy.TutorialCompleted", json=True).status_code == 200
+        assert _get(s, "/").status_code == 200
 
 
 def test_user_css_is_the_users_file(srv: Running, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from PIL import Image
 
 from sumie.serve.comfy_service import ComfyService
@@ -441,6 +441,27 @@ async def get_template(name: str) -> Response:
             _THUMBNAIL.append(buf.getvalue())
         return Response(_THUMBNAIL[0], media_type="image/webp")
     return _refuse(404, f"name: no template {name!r}", "name")
+
+
+def fresh_user(store: UserStore) -> bool:
+    """No saved state yet: ``Comfy.TutorialCompleted`` unset (the frontend sets it on its first run) and no saved
+    workflow in the user folder."""
+    workflows = store.root / "workflows"
+    saved = workflows.is_dir() and any(p.suffix == ".json" for p in workflows.rglob("*"))
+    return not store.settings().get("Comfy.TutorialCompleted") and not saved
+
+
+@static_router.get("/", include_in_schema=False)
+async def get_index(request: Request) -> Response:
+    """The frontend's ``index.html``; a fresh user (see :func:`fresh_user`) is sent to ``/?template=`` Sumie's SD
+    txt2img template, which the frontend's template URL loader opens (its own default graph is another model's)."""
+    static = frontend_static()
+    if static is None:
+        return _refuse(404, "the web UI needs the comfyui-frontend-package wheel; pip install "
+                            "comfyui-frontend-package==1.58.1", "path")
+    if not request.query_params and fresh_user(_store(request)):
+        return RedirectResponse(f"/?template={DEFAULT_TEMPLATE}", status_code=302)
+    return FileResponse(static / "index.html", media_type="text/html")
 
 
 @static_router.get("/user.css")
