@@ -68,6 +68,10 @@ def test_every_startup_request_answers_200_in_comfyuis_shape(srv: Running, prefi
     assert ok("/users") == {"storage": "server", "migrated": True}
     assert isinstance(ok("/settings"), dict)
     assert isinstance(ok("/userdata?dir=workflows&recurse=true&split=false&full_info=true"), list)
+    assert ok("/userdata?dir=subgraphs&recurse=true&split=false&full_info=true") == []
+    assert ok("/userdata/comfy.templates.json") == []  # no saved node templates
+    user_css = _get(srv, prefix + "/userdata/user.css")
+    assert user_css.status_code == 200 and user_css.text == ""
     assert ok("/i18n") == {}
     assert ok("/features")["supports_preview_metadata"] is False
     models = ok("/experiment/models")

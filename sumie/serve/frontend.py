@@ -42,6 +42,9 @@ TEMPLATES = {
     "sumie_sd_hires_fix": ("SD hires fix on sumie-tiny", "Two passes: sample, upscale the latent by 1.5, resample."),
 }
 DEFAULT_TEMPLATE = "sumie_sd_txt2img"
+# user files the frontend reads at start, answered with these when the user has none (ComfyUI answers 404)
+DEFAULT_USER_FILES = {"user.css": (b"", "text/css"), "comfy.templates.json": (b"[]", "application/json")}
+USER_FOLDERS = ("workflows", "subgraphs")  # folders the frontend lists at start
 JOB_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 
 
@@ -113,7 +116,8 @@ def _store(request: Request) -> UserStore:
     store = getattr(state, "sumie_user_store", None)
     if store is None:
         store = UserStore(state.sumie.comfy.folders.output.parent / "user" / "default")
-        (store.root / "workflows").mkdir(parents=True, exist_ok=True)  # the frontend lists it at start
+        for folder in USER_FOLDERS:
+            (store.root / folder).mkdir(parents=True, exist_ok=True)
         state.sumie_user_store = store
     return store
 
@@ -225,10 +229,13 @@ async def move_userdata(request: Request, file: str, dest: str, overwrite: bool 
 
 @router.get("/userdata/{file:path}")
 async def get_userdata(request: Request, file: str) -> Response:
-    """A user file (403 outside the user folder, 404 when missing)."""
+    """A user file (403 outside the user folder, 404 when missing; an empty ``user.css`` / ``comfy.templates.json``)."""
     found = _user_file(request, file)
     if isinstance(found, JSONResponse):
         return found
+    if not found[1].is_file() and file in DEFAULT_USER_FILES:
+        data, media_type = DEFAULT_USER_FILES[file]
+        return Response(data, media_type=media_type)
     if not found[1].is_file():
         return _refuse(404, f"file: no file {file!r}", "file")
     return FileResponse(found[1])
@@ -467,5 +474,4 @@ async def get_index(request: Request) -> Response:
 @static_router.get("/user.css")
 async def get_user_css(request: Request) -> Response:
     """The user's ``user.css`` (empty when there is none)."""
-    path = _store(request).root / "user.css"
-    return Response(path.read_bytes() if path.is_file() else b"", media_type="text/css")
+    return await get_userdata(request, "user.css")
