@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from PIL import Image
 
+from sumie.serve.comfy_routes import MODEL_FOLDERS
 from sumie.serve.comfy_service import ComfyService
 from sumie.serve.errors import error_body
 
@@ -284,8 +285,6 @@ async def get_features(request: Request) -> dict[str, Any]:
 @router.get("/experiment/models")
 async def get_experiment_models() -> list[dict[str, Any]]:
     """ComfyUI's ``model_manager``: ``[{name, folders}]`` of the model folder names."""
-    from sumie.serve.comfy_routes import MODEL_FOLDERS
-
     return [{"name": name, "folders": []} for name in MODEL_FOLDERS]
 
 
@@ -331,7 +330,7 @@ def _history_job(prompt_id: str, entry: dict[str, Any], detail: bool) -> dict[st
     job.update({"execution_start_time": start.get("timestamp") if start else None,
                 "execution_end_time": end.get("timestamp") if end else None, "preview_output": preview,
                 "outputs_count": len(items), "previewable_outputs_count": len(images),
-                "execution_error": {k: v for k, v in error.items()} if error else None})
+                "execution_error": dict(error) if error else None})
     if detail:
         job.update({"outputs": entry.get("outputs", {}), "execution_status": entry.get("status"),
                     "execution_meta": entry.get("meta", {}), "update_time": job["execution_end_time"]})
