@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 
 from sumie.errors import ConfigError, SumieError
-from sumie.serve import comfy_routes, comfy_ws, controlnet_api, routes_generate, routes_info, routes_jobs
+from sumie.serve import comfy_routes, comfy_ws, controlnet_api, frontend, routes_generate, routes_info, routes_jobs
 from sumie.serve.config import ServeConfig
 from sumie.serve.errors import ApiError, error_body
 from sumie.serve.limits import BodyLimit
@@ -62,10 +63,15 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         app.include_router(router, prefix="/sdapi/v1", dependencies=[Depends(_auth)])
     for prefix in ("", "/api"):  # ComfyUI's routes, served with and without /api as ComfyUI does
         app.include_router(comfy_routes.router, prefix=prefix, dependencies=[Depends(_auth)])
+        app.include_router(frontend.router, prefix=prefix, dependencies=[Depends(_auth)])
         app.include_router(comfy_ws.router, prefix=prefix)  # checks --api-auth itself
     app.include_router(controlnet_api.router, prefix="/controlnet", dependencies=[Depends(_auth)])
     app.state.sumie_jobs = routes_jobs.NativeJobs(app.state.sumie)
     app.include_router(routes_jobs.router, prefix="/api/v1", dependencies=[Depends(_auth)], tags=["native"])
+    app.include_router(frontend.static_router, dependencies=[Depends(_auth)])
+    static = frontend.frontend_static()
+    if static is not None:  # ComfyUI's web frontend at / (mounted last: every API route above wins)
+        app.mount("/", StaticFiles(directory=static, html=True), name="frontend")
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
