@@ -20,6 +20,12 @@ if [ "${1:-}" = "--dev" ]; then
   "${PIP[@]}" -e ".[dev]"
   # Reference code only (test oracles): their own dependency lists pull in packages we do not need.
   "${PIP[@]}" --no-deps "k-diffusion==0.1.1.post1" "sd-mecha==1.1.8" "lycoris-lora==4.1.3" "einops>=0.8" "toml>=0.10"
+  # The browser test (tests/test_serve_browser.py, slow) drives Debian's chromium through Playwright (never
+  # `playwright install`): installed here when apt can, else that test fails with a message saying so.
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ||
+      echo "setup: could not install Debian's chromium (needed by the browser test)" >&2
+  fi
 else
   "${PIP[@]}" -e .
 fi

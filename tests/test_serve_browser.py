@@ -27,6 +27,7 @@ SD_TXT2IMG = ["CLIPTextEncode", "CLIPTextEncode", "CheckpointLoaderSimple", "Emp
 
 @pytest.mark.slow
 def test_fresh_page_loads_cleanly_opens_sd_txt2img_and_queues_it(tmp_path: Path) -> None:
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (setup.sh --dev does, as root)"
     with running_server(ServeConfig(output_dir=tmp_path / "out")) as srv, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
