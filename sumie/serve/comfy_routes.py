@@ -42,11 +42,12 @@ MODEL_FOLDERS = {"checkpoints": "checkpoint", "loras": "lora", "vae": "vae", "em
 router = APIRouter()
 
 
-def _comfy(request: Request) -> ComfyService:
+def comfy_of(request: Request) -> ComfyService:
+    """The app's ComfyUI service."""
     return request.app.state.sumie.comfy
 
 
-async def _json(request: Request) -> Any:
+async def json_body(request: Request) -> Any:
     """The body as JSON; None when it is empty or not JSON (ComfyUI treats those as no options)."""
     raw = await request.body()
     try:
@@ -63,28 +64,28 @@ def _empty() -> Response:
 @router.get("/prompt")
 async def get_prompt(request: Request) -> dict[str, Any]:
     """``{exec_info: {queue_remaining}}``."""
-    return _comfy(request).hub.status()
+    return comfy_of(request).hub.status()
 
 
 @router.post("/prompt")
 async def post_prompt(request: Request) -> JSONResponse:
     """Validate and queue an API-format prompt."""
-    body = await _json(request)
-    status, answer = await run_in_threadpool(_comfy(request).submit, body, client_of(request))
+    body = await json_body(request)
+    status, answer = await run_in_threadpool(comfy_of(request).submit, body, client_of(request))
     return JSONResponse(answer, status_code=status)
 
 
 @router.get("/queue")
 async def get_queue(request: Request) -> dict[str, Any]:
     """``{queue_running, queue_pending}``."""
-    return await run_in_threadpool(_comfy(request).queue_lists)
+    return await run_in_threadpool(comfy_of(request).queue_lists)
 
 
 @router.post("/queue")
 async def post_queue(request: Request) -> Response:
     """``{"clear": true}`` and / or ``{"delete": [prompt_id, ...]}`` (queued prompts only)."""
-    body = await _json(request)
-    comfy = _comfy(request)
+    body = await json_body(request)
+    comfy = comfy_of(request)
     if isinstance(body, dict):
         if body.get("clear"):
             comfy.clear()
@@ -96,20 +97,20 @@ async def post_queue(request: Request) -> Response:
 @router.post("/interrupt")
 async def post_interrupt(request: Request) -> Response:
     """Interrupt the running job, or only the prompt ``{"prompt_id": ...}`` when it is the one running."""
-    body = await _json(request)
+    body = await json_body(request)
     prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-    _comfy(request).interrupt(str(prompt_id) if prompt_id else None)
+    comfy_of(request).interrupt(str(prompt_id) if prompt_id else None)
     return _empty()
 
 
 @router.post("/free")
 async def post_free(request: Request) -> Response:
     """``{"unload_models": bool, "free_memory": bool}``: done by each worker between jobs."""
-    body = await _json(request)
+    body = await json_body(request)
     if isinstance(body, dict):
         unload, free = bool(body.get("unload_models", False)), bool(body.get("free_memory", False))
         if unload or free:
-            _comfy(request).free(unload, free)
+            comfy_of(request).free(unload, free)
     return _empty()
 
 
@@ -117,22 +118,22 @@ async def post_free(request: Request) -> Response:
 @router.get("/history")
 async def get_history(request: Request, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
     """Every finished prompt (``?max_items=N``: the newest N; ``offset``)."""
-    return _comfy(request).history_items(max_items, offset)
+    return comfy_of(request).history_items(max_items, offset)
 
 
 @router.get("/history/{prompt_id}")
 async def get_history_of(request: Request, prompt_id: str) -> dict[str, Any]:
     """``{prompt_id: entry}`` or ``{}``."""
-    return _comfy(request).history_of(prompt_id)
+    return comfy_of(request).history_of(prompt_id)
 
 
 @router.post("/history")
 async def post_history(request: Request) -> Response:
     """``{"clear": true}`` and / or ``{"delete": [prompt_id, ...]}``."""
-    body = await _json(request)
+    body = await json_body(request)
     if isinstance(body, dict):
         delete = body.get("delete") if isinstance(body.get("delete"), list) else None
-        _comfy(request).delete_history(delete, bool(body.get("clear")))
+        comfy_of(request).delete_history(delete, bool(body.get("clear")))
     return _empty()
 
 
@@ -162,7 +163,7 @@ def _refuse(status: int, message: str, field: str) -> JSONResponse:
 async def view(request: Request, filename: str = "", type: str = "output", subfolder: str = "",  # noqa: A002
                channel: str = "rgba", preview: str | None = None) -> Response:
     """A file of the output / input / temp folder; ``channel`` rgb or a; ``preview`` ``webp;90`` / ``jpeg;90``."""
-    found = _folder_of(_comfy(request), filename, type) if filename else None
+    found = _folder_of(comfy_of(request), filename, type) if filename else None
     if found is None:
         return _refuse(400, "filename: give a file name, and type output, input or temp", "filename")
     name, base = found
@@ -263,7 +264,7 @@ async def upload_image(request: Request) -> Response:
     parts = await _upload_parts(request)
     if parts is None:
         return _refuse(400, "image: send the image as a multipart file field named 'image'", "image")
-    return await run_in_threadpool(_upload, _comfy(request), *parts)
+    return await run_in_threadpool(_upload, comfy_of(request), *parts)
 
 
 @router.post("/upload/mask")
@@ -274,7 +275,7 @@ async def upload_mask(request: Request) -> Response:
     if parts is None:
         return _refuse(400, "image: send the mask as a multipart file field named 'image'", "image")
     form, data, filename = parts
-    comfy = _comfy(request)
+    comfy = comfy_of(request)
     try:
         ref = json.loads(str(form.get("original_ref") or ""))
     except ValueError:
@@ -312,19 +313,19 @@ async def upload_mask(request: Request) -> Response:
 @router.get("/object_info")
 async def get_object_info(request: Request) -> dict[str, Any]:
     """Every node's inputs, outputs and categories."""
-    return await run_in_threadpool(object_info, _comfy(request).env)
+    return await run_in_threadpool(object_info, comfy_of(request).env)
 
 
 @router.get("/object_info/{node_class}")
 async def get_object_info_of(request: Request, node_class: str) -> dict[str, Any]:
     """One node (``{}`` for an unknown class)."""
-    return await run_in_threadpool(object_info, _comfy(request).env, node_class)
+    return await run_in_threadpool(object_info, comfy_of(request).env, node_class)
 
 
 @router.get("/embeddings")
 async def get_embeddings(request: Request) -> list[str]:
     """Embedding names without their suffix."""
-    names = await run_in_threadpool(_comfy(request).env.model_names, "embedding")
+    names = await run_in_threadpool(comfy_of(request).env.model_names, "embedding")
     return [os.path.splitext(n)[0] for n in names]
 
 
@@ -340,7 +341,7 @@ async def get_models_of(request: Request, folder: str) -> Response:
     kind = MODEL_FOLDERS.get(folder)
     if kind is None:
         return _refuse(404, f"folder: no model folder {folder!r}; see GET /models", "folder")
-    env = _comfy(request).env
+    env = comfy_of(request).env
     names = await run_in_threadpool(checkpoint_names if kind == "checkpoint" else env.model_names,
                                     *((env,) if kind == "checkpoint" else (kind,)))
     return JSONResponse(names)
@@ -385,7 +386,7 @@ async def system_stats(request: Request) -> dict[str, Any]:
         "devices": devices,
         "sumie": {"version": sumie.__version__, "api": f"ComfyUI {COMFYUI_VERSION} server API on Sumie's engine",
                   "platform": platform.platform(), "dtype": server.config.dtype,
-                  "preview_method": _comfy(request).preview_method,
+                  "preview_method": comfy_of(request).preview_method,
                   "models_loaded": [m.name for mgr in server.queue.managers for m in mgr.loaded()]},
     }
 

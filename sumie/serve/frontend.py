@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from PIL import Image
 
-from sumie.serve.comfy_routes import MODEL_FOLDERS
+from sumie.serve.comfy_routes import MODEL_FOLDERS, comfy_of, json_body
 from sumie.serve.comfy_service import ComfyService
 from sumie.serve.errors import error_body
 
@@ -123,18 +123,6 @@ def _store(request: Request) -> UserStore:
     return store
 
 
-def _comfy(request: Request) -> ComfyService:
-    return request.app.state.sumie.comfy
-
-
-async def _json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return None
-
-
 # ---------------------------------------------------------------- users and settings
 @router.get("/users")
 async def get_users() -> dict[str, Any]:
@@ -157,7 +145,7 @@ async def get_setting(request: Request, setting_id: str) -> Any:
 @router.post("/settings")
 async def post_settings(request: Request) -> Response:
     """Merge a ``{id: value}`` object into the settings."""
-    body = await _json(request)
+    body = await json_body(request)
     if not isinstance(body, dict):
         return _refuse(400, "body: give a JSON object {setting_id: value}", "body")
     _store(request).update(body)
@@ -279,7 +267,7 @@ async def get_i18n() -> dict[str, Any]:
 @router.get("/features")
 async def get_features(request: Request) -> dict[str, Any]:
     """The server's feature flags (as sent on the WebSocket)."""
-    return _comfy(request).feature_flags()
+    return comfy_of(request).feature_flags()
 
 
 @router.get("/experiment/models")
@@ -369,7 +357,7 @@ async def get_jobs(request: Request, status: str = "", limit: int | None = None,
     bad = [s for s in wanted if s not in JOB_STATUSES]
     if bad or offset < 0 or (limit is not None and limit < 0):
         return _refuse(400, f"status: one of {', '.join(JOB_STATUSES)}; limit and offset >= 0", "status")
-    jobs = [j for j in jobs_of(_comfy(request)) if j["status"] in wanted]
+    jobs = [j for j in jobs_of(comfy_of(request)) if j["status"] in wanted]
     page = jobs[offset:] if limit is None else jobs[offset: offset + limit]
     return JSONResponse({"jobs": page, "pagination": {"offset": offset, "limit": limit if limit is not None
                                                        else len(page), "total": len(jobs),
@@ -386,25 +374,25 @@ def _cancel(comfy: ComfyService, ids: list[str]) -> None:
 @router.post("/jobs/cancel")
 async def cancel_jobs(request: Request) -> Response:
     """``{job_ids: [...]}``."""
-    body = await _json(request)
+    body = await json_body(request)
     ids = body.get("job_ids") if isinstance(body, dict) else None
     if not isinstance(ids, list):
         return _refuse(400, "job_ids: give a list of job ids", "job_ids")
-    _cancel(_comfy(request), [str(i) for i in ids])
+    _cancel(comfy_of(request), [str(i) for i in ids])
     return Response(status_code=200)
 
 
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str) -> Response:
     """Cancel one job."""
-    _cancel(_comfy(request), [job_id])
+    _cancel(comfy_of(request), [job_id])
     return Response(status_code=200)
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(request: Request, job_id: str) -> Response:
     """One job with its workflow, outputs, status and meta (404 when unknown)."""
-    for job in jobs_of(_comfy(request), detail=True):
+    for job in jobs_of(comfy_of(request), detail=True):
         if job["id"] == job_id:
             return JSONResponse(job)
     return _refuse(404, f"job_id: no job {job_id!r}", "job_id")
