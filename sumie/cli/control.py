@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sumie.cli import finite_number
+
 if TYPE_CHECKING:
     from sumie.checkpoints.manager import ModelManager
     from sumie.pipelines.params import ControlUnit, GenerationParams
@@ -54,15 +56,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(opt, action=_InOrder, dest="control", default=None, metavar=metavar, help=text)
 
 
-def _number(opt: str, value: str) -> float:
-    from sumie.errors import ConfigError
-
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"{opt} {value!r}: not a number") from None
-
-
 def _mode(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
@@ -94,7 +87,7 @@ def units_from_args(items: list[tuple[str, str]], restored: list[ControlUnit],
         if opt in group["_opts"]:
             raise ConfigError(f"{opt} given twice for --controlnet {group['model']}; each unit takes it once")
         group["_opts"].add(opt)
-        group[name] = _number(opt, value) if name in _FLOATS else _mode(value) if name in ("mode",
+        group[name] = finite_number(opt, value) if name in _FLOATS else _mode(value) if name in ("mode",
                                                                                            "resize_mode") else value
     if groups:
         if bare_images:

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from sumie.cli import finite_number
 
 if TYPE_CHECKING:
     from sumie.checkpoints.manager import ModelManager
@@ -44,18 +45,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "fitting file of the clip_vision folder)")
 
 
-def _number(flag: str, text: str) -> float:
-    from sumie.errors import ConfigError
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {text}: not a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{flag} {text}: must be a finite number")
-    return value
-
-
 def _image(path: str) -> Any:
     from PIL import Image
 
@@ -85,11 +74,11 @@ def units_from_args(ip_args: list[tuple[str, str]], manager: ModelManager | None
         if flag == "--ip-image":
             unit.images.append(_image(value))
         elif flag == "--ip-weight":
-            unit.weight = _number(flag, value)
+            unit.weight = finite_number(flag, value)
         elif flag == "--ip-start":
-            unit.start = _number(flag, value)
+            unit.start = finite_number(flag, value)
         elif flag == "--ip-end":
-            unit.end = _number(flag, value)
+            unit.end = finite_number(flag, value)
         elif flag == "--clip-vision":
             unit.encoder = _resolve(manager, "clip_vision", value, flag)
     for i, unit in enumerate(units):
