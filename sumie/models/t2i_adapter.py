@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from sumie.configs import UNetConfig
 from sumie.models.hooks import Residuals
+from sumie.models.unet import Downsample
 
 __all__ = ["GreyMode", "Site", "T2IAdapterConfig", "T2IAdapterModel", "grey", "unet_sites"]
 
@@ -110,24 +111,12 @@ def _pool() -> nn.AvgPool2d:
     return nn.AvgPool2d(kernel_size=2, stride=2, ceil_mode=True)
 
 
-class _ConvDown(nn.Module):
-    """``down_opt`` with ``use_conv``: a stride-2 3x3 conv (key ``op``)."""
-
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]."""
-        return self.op(x)
-
-
 class ResnetBlock(nn.Module):
     """Full adapter block: optional down_opt, optional in_conv (width change), x + block2(ReLU(block1(x)))."""
 
     def __init__(self, in_ch: int, out_ch: int, down: bool, ksize: int, conv_down: bool) -> None:
         super().__init__()
-        self.down_opt: nn.Module | None = (_ConvDown(in_ch) if conv_down else _pool()) if down else None
+        self.down_opt: nn.Module | None = (Downsample(in_ch) if conv_down else _pool()) if down else None
         self.in_conv = nn.Conv2d(in_ch, out_ch, ksize, padding=ksize // 2) if in_ch != out_ch else None
         self.block1 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.block2 = nn.Conv2d(out_ch, out_ch, ksize, padding=ksize // 2)
