@@ -395,6 +395,11 @@ class ModelManager:
             else:
                 self._loaders[kind] = loader
 
+    def has_loader(self, kind: str) -> bool:
+        """Whether ``kind`` has a loader (else ``get`` gives the resolved path)."""
+        with self._lock:
+            return kind in self._loaders
+
     # ---------------------------------------------------------------- names
     def resolve(self, kind: str, name: str | os.PathLike[str] | None) -> Path:
         """A model's file: an existing path as given, else a name in :attr:`folders` (close matches on a miss).

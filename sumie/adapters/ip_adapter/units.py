@@ -42,9 +42,9 @@ def _load_encoder(req: LoadRequest) -> CLIPVisionModel:
 
 def _register(manager: ModelManager) -> None:
     """Give the manager loaders for the two kinds (once)."""
-    if "ip_adapter" not in manager._loaders:  # noqa: SLF001 - the manager's own registry, read-only here
+    if not manager.has_loader("ip_adapter"):
         manager.register_loader("ip_adapter", _load_adapter)
-    if "clip_vision" not in manager._loaders:  # noqa: SLF001
+    if not manager.has_loader("clip_vision"):
         manager.register_loader("clip_vision", _load_encoder)
 
 
