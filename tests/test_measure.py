@@ -62,6 +62,33 @@ def test_eval_adherence_takes_the_cfg_rescale(tiny_model: Path, capsys: pytest.C
     assert plain["settings"]["cfg_scale"] == rescaled["settings"]["cfg_scale"] == 7.0  # the file names no default
 
 
+def test_eval_adherence_ceiling_scores_vae_round_trips_of_ground_truth(capsys: pytest.CaptureFixture[str]) -> None:
+    import sumie
+    from sumie.pipelines import vae_io
+    from sumie.pipelines.images import to_tensor
+    from sumie.tiny.adherence import default_prompts, evaluate, run_ceiling
+    from sumie.tiny.synthetic import render_caption
+
+    engine = sumie.load()  # the embedded sumie-tiny: a trained VAE, so the round trips keep most attributes
+    prompts = default_prompts(3, 2, seed=0, split="bar")
+    report = run_ceiling(engine.models.vae, prompts, seed=5, resolution=64)
+    images = []
+    for i, (caption, _) in enumerate(prompts):  # the same computation by hand: render with seed 5 + i, encode, decode
+        latent = vae_io.encode(engine.models.vae, to_tensor(render_caption(caption, 64, seed=5 + i)[0]))
+        images.append(vae_io.decode_images(engine.models.vae, latent)[0])
+    by_hand = evaluate(images, [spec for _, spec in prompts])
+    assert report["all"] == by_hand["all"] and [r["scores"] for r in report["records"]] == by_hand["scores"]
+    assert report["settings"]["reference"].startswith("vae round trip") and report["all"]["n_images"] == 5
+    truth = evaluate([render_caption(c, 64, seed=5 + i)[0] for i, (c, _) in enumerate(prompts)],
+                     [spec for _, spec in prompts])
+    assert truth["all"]["attributes_right"] == 1.0 > by_hand["all"]["attributes_right"]  # the VAE is what costs
+    assert main(["eval", "adherence", "--ceiling", "--split", "bar", "--n-one", "2", "--n-two", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("VAE round trip of ground truth (bar prompts): attributes right: one-object ")
+    assert main(["eval", "adherence", "--ceiling", "--lora", "x.safetensors"]) == 2
+    assert "--ceiling" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["bench", "--steps", "0"], ["eval", "adherence", "--steps", "0"],
                                   ["eval", "adherence", "--n-one", "0", "--n-two", "0"],
                                   ["eval", "adherence", "--cfg-rescale", "1.5"],

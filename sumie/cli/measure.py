@@ -50,6 +50,9 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
                    help="apply a LoRA file to the UNet and text encoders for every image (strength 1 unless given); "
                         "repeatable")
     a.add_argument("--resolution", type=int)
+    a.add_argument("--ceiling", action="store_true",
+                   help="score ground-truth renders of the prompts after a round trip through the model's VAE instead "
+                        "of generated images: the most any UNet, LoRA or embedding on that VAE can reach")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_eval_adherence)
 
@@ -114,7 +117,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     """Score generated images against held-out prompts, for each requested CFG scale."""
     import sumie
     from sumie.errors import ConfigError
-    from sumie.tiny.adherence import default_prompts, run_adherence
+    from sumie.tiny.adherence import default_prompts, run_adherence, run_ceiling
 
     _check_positive(steps=args.steps)
     if args.n_one < 0 or args.n_two < 0 or args.n_one + args.n_two == 0:
@@ -129,12 +132,19 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
                    word_prompts(args.n_two, "two", args.seed, words))
     else:
         prompts = default_prompts(args.n_one, args.n_two, seed=args.seed, split=args.split)
+    if args.ceiling and (args.lora or args.embeddings or args.cfg_scale):
+        raise ConfigError("--ceiling scores the VAE's round trips of ground-truth renders; it takes no --lora, "
+                          "--embeddings or --cfg-scale (they change the UNet's images, not the VAE's)")
     if args.lora:
         _apply_loras(engine, args.lora)
     reports = {}
-    for scale in args.cfg_scale or [engine.default_cfg_scale]:
-        r = run_adherence(engine, prompts, cfg_scale=scale, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                          resolution=args.resolution, cfg_rescale=args.cfg_rescale)
+    for scale in ["vae round trip"] if args.ceiling else args.cfg_scale or [engine.default_cfg_scale]:
+        if args.ceiling:
+            r = run_ceiling(engine.models.vae, prompts, seed=args.seed,
+                            resolution=args.resolution or engine.models.native_size or 512)
+        else:
+            r = run_adherence(engine, prompts, cfg_scale=scale, steps=args.steps, sampler=args.sampler,
+                              seed=args.seed, resolution=args.resolution, cfg_rescale=args.cfg_rescale)
         r.pop("records", None)
         r.pop("scores", None)
         r["settings"]["split"] = args.split
@@ -146,7 +156,8 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     for scale, r in reports.items():
         parts = [f"{kind}-object {r[kind]['attributes_right']:.1%}" for kind in ("one", "two") if kind in r]
         rescale = f", rescale {args.cfg_rescale:g}" if args.cfg_rescale else ""
-        print(f"CFG {scale}{rescale} ({args.split} prompts): attributes right: " + ", ".join(parts) +
+        head = "VAE round trip of ground truth" if args.ceiling else f"CFG {scale}{rescale}"
+        print(f"{head} ({args.split} prompts): attributes right: " + ", ".join(parts) +
               f", all {r['all']['attributes_right']:.1%} ({r['all']['n_images']} images, "
               f"{r['seconds_per_image']:.2f} s/image)")
     return 0

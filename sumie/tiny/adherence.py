@@ -46,7 +46,7 @@ from sumie.tiny.synthetic import (
 )
 
 __all__ = ["Component", "Detection", "FG_THRESHOLD", "MIN_AREA", "SPLITS", "default_prompts", "detect", "evaluate",
-           "run_adherence", "score"]
+           "run_adherence", "run_ceiling", "score"]
 
 FG_THRESHOLD = 48.0  # RGB distance from the background above which a pixel is foreground
 MIN_AREA = 0.0025  # least component area, as a fraction of the image (10 px at 64x64)
@@ -357,6 +357,41 @@ def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | 
     # adds ``settings``, ``seconds_per_image`` (generation only) and per-image ``records`` (prompt, seed, scores).
     from sumie.pipelines.params import GenerationParams
 
+    def make(caption: str, image_seed: int) -> Image.Image:
+        params = GenerationParams(prompt=caption, width=resolution, height=resolution, cfg_scale=cfg_scale,
+                                  cfg_rescale=cfg_rescale, steps=steps, sampler=sampler, seed=image_seed)
+        return engine.generate(params).images[0]
+
+    report = _score_images(make, prompts, seed, n, progress)
+    report["settings"] = {"cfg_scale": engine.default_cfg_scale if cfg_scale is None else cfg_scale,
+                          "cfg_rescale": cfg_rescale, "steps": steps, "sampler": sampler, "seed": seed, "n": n,
+                          "resolution": resolution, "n_prompts": report["settings"]["n_prompts"]}
+    return report
+
+
+def run_ceiling(vae: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | None = None, seed: int = 0, n: int = 1,
+                resolution: int = 64, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Score ground-truth renders of the prompts after a round trip through ``vae`` (encode to the posterior mean,
+    decode): the most any UNet, LoRA or embedding on that VAE could reach, since the VAE draws every image."""
+    # image j of prompt i renders the caption with seed ``seed + n * i + j`` (its unstated attributes drawn from it)
+    from sumie.pipelines import vae_io
+    from sumie.pipelines.images import to_tensor
+    from sumie.tiny.synthetic import render_caption
+
+    def make(caption: str, image_seed: int) -> Image.Image:
+        image, _ = render_caption(caption, resolution, seed=image_seed)
+        with torch.no_grad():
+            latent = vae_io.encode(vae, to_tensor(image))
+            return vae_io.decode_images(vae, latent)[0]
+
+    report = _score_images(make, prompts, seed, n, progress)
+    report["settings"].update(reference="vae round trip of ground-truth renders", resolution=resolution)
+    return report
+
+
+def _score_images(make: Callable[[str, int], Image.Image], prompts: Sequence[tuple[str, SceneSpec] | str] | None,
+                  seed: int, n: int, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """``make(caption, seed)`` for ``n`` images per prompt, scored: :func:`evaluate`'s report + records, timing."""
     if n < 1:
         raise ConfigError(f"images per prompt must be >= 1, got {n}")
     prompts = list(default_prompts(seed=seed) if prompts is None else prompts)
@@ -369,10 +404,7 @@ def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | 
     for i, (caption, spec) in enumerate(pairs):
         for j in range(n):
             image_seed = seed + n * i + j
-            params = GenerationParams(prompt=caption, width=resolution, height=resolution, cfg_scale=cfg_scale,
-                                      cfg_rescale=cfg_rescale, steps=steps, sampler=sampler, seed=image_seed)
-            image = engine.generate(params).images[0]
-            images.append(image)
+            images.append(make(caption, image_seed))
             specs.append(spec)
             records.append({"prompt": caption, "seed": image_seed, "kind": spec.kind})
             if progress is not None:
@@ -381,9 +413,7 @@ def run_adherence(engine: Any, prompts: Sequence[tuple[str, SceneSpec] | str] | 
     report = evaluate(images, specs)
     for record, s in zip(records, report.pop("scores"), strict=True):
         record["scores"] = s
-    report["settings"] = {"cfg_scale": engine.default_cfg_scale if cfg_scale is None else cfg_scale,
-                          "cfg_rescale": cfg_rescale, "steps": steps, "sampler": sampler, "seed": seed, "n": n,
-                          "resolution": resolution, "n_prompts": len(prompts)}
+    report["settings"] = {"seed": seed, "n": n, "n_prompts": len(prompts)}
     report["seconds_per_image"] = elapsed / total
     report["records"] = records
     return report
