@@ -265,6 +265,10 @@ def test_the_example_inputs_are_written_into_an_empty_input_folder_only(srv: Run
     assert [p.name for p in write_example_inputs(fresh)] == list(EXAMPLE_INPUTS)
     assert sorted(p.name for p in fresh.iterdir()) == sorted(EXAMPLE_INPUTS)
     assert (fresh / "example.png").read_bytes() == (folder / "example.png").read_bytes()  # deterministic
+    blocked = tmp_path / "a-file"
+    blocked.write_bytes(b"x")  # the input folder's path is taken by a file: a warning, no exception
+    with pytest.warns(UserWarning, match="could not write the example input images"):
+        assert write_example_inputs(blocked / "input") == []
 
 
 def test_internal_folder_paths_name_each_model_folder(srv: Running) -> None:

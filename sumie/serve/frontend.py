@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import uuid
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -483,17 +484,22 @@ def example_inputs() -> dict[str, Image.Image]:
 
 def write_example_inputs(folder: Path) -> list[Path]:
     """Write :func:`example_inputs` into ``folder`` when it holds no file (ComfyUI ships ``input/example.png``, the
-    image its templates load); each file atomically. Returns the files written (none for a folder in use)."""
-    if folder.is_dir() and any(p.is_file() for p in folder.iterdir()):
-        return []
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, image in example_inputs().items():
-        path = folder / name
-        tmp = path.with_name(f".{name}.{uuid.uuid4().hex}.part")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-        written.append(path)
+    image its templates load); each file atomically. Returns the files written (none for a folder in use; a folder
+    that cannot be written is warned about, not fatal: the server runs without the examples)."""
+    written: list[Path] = []
+    try:
+        if folder.is_dir() and any(p.is_file() for p in folder.iterdir()):
+            return written
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, image in example_inputs().items():
+            path = folder / name
+            tmp = path.with_name(f".{name}.{uuid.uuid4().hex}.part")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+            written.append(path)
+    except OSError as e:
+        warnings.warn(f"could not write the example input images into {folder}: {e}; the img2img and inpainting "
+                      "templates need an image there (upload one in the Load Image node)", stacklevel=2)
     return written
 
 
