@@ -5,8 +5,9 @@ One ``sumie serve`` (uvicorn on a free port, the embedded sumie-tiny, a test LoR
 order: the page loads as a fresh user with no failed request (except the frontend's release check at api.comfy.org,
 which this machine cannot reach) and queues Sumie's SD txt2img; each Sumie template opens from the Templates dialog
 and runs (its graph as the frontend sends it equals the API twin the API tests use); a long run is interrupted with
-the run bar's cancel button; a ComfyUI PNG dropped on the canvas restores its graph, an A1111 PNG is imported into a
-graph by the frontend's A1111 importer and runs. Screenshots of each step: ``tests/artifacts/browser/`` (git-ignored).
+the run bar's cancel button; a ComfyUI PNG dropped on the canvas restores its graph (from its workflow chunk, or its
+API prompt chunk alone), an A1111 PNG is imported into a graph by the frontend's A1111 importer and runs.
+Screenshots of each step: ``tests/artifacts/browser/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -258,16 +259,20 @@ def test_cancel_a_long_run_from_the_run_bar(ui: UI) -> None:
     ui.check_requests()
 
 
-def _comfy_png(ui: UI, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-    """A PNG made by Sumie's ComfyUI API from the txt2img template with distinctive values (its workflow chunk)."""
+def _comfy_png(ui: UI, info: dict[str, Any], seed: int, with_workflow: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """A PNG made by Sumie's ComfyUI API from the txt2img template with distinctive values, and that workflow (in the
+    PNG's ``workflow`` chunk when ``with_workflow``, as the frontend sends it; else only the API ``prompt`` chunk). Each
+    call needs its own seed: an unchanged prompt is answered from the cache, without a new file."""
     workflow = json.loads((Path(__file__).parents[1] / "sumie" / "serve" / "templates" /
                            "sumie_sd_txt2img.json").read_text())
     for node in workflow["nodes"]:
         if node["type"] == "KSampler":
-            node["widgets_values"] = [4242, "fixed", 3, 5.5, "euler", "karras", 1.0]
+            node["widgets_values"] = [seed, "fixed", 3, 5.5, "euler", "karras", 1.0]
         if node["type"] == "CLIPTextEncode" and node["id"] == 6:
             node["widgets_values"] = ["a red fox in the snow, dropped from a PNG"]
-    body = {"prompt": to_api(workflow, info), "extra_data": {"extra_pnginfo": {"workflow": workflow}}}
+    body: dict[str, Any] = {"prompt": to_api(workflow, info)}
+    if with_workflow:
+        body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
     prompt_id = ui.page.evaluate("(b) => fetch('/api/prompt', {method: 'POST', body: JSON.stringify(b)})"
                                  ".then(r => r.json())", body)["prompt_id"]
     deadline = time.monotonic() + 120
@@ -283,7 +288,7 @@ def _comfy_png(ui: UI, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
 @pytest.mark.slow
 def test_dropping_a_comfyui_png_restores_its_graph(ui: UI) -> None:
     info = ui.page.evaluate("fetch('/api/object_info').then(r => r.json())")
-    png, workflow = _comfy_png(ui, info)
+    png, workflow = _comfy_png(ui, info, 4242)
     with Image.open(io.BytesIO(png)) as img:
         assert set(img.text) >= {"prompt", "workflow"}
     _open_template(ui, "sumie_sd_img2img")  # another graph on the canvas first
@@ -296,6 +301,16 @@ def test_dropping_a_comfyui_png_restores_its_graph(ui: UI) -> None:
                                    "sampler_name": "euler", "scheduler": "karras", "denoise": 1}
     texts = ui.page.evaluate("app.graph.nodes.filter(n => n.type === 'CLIPTextEncode').map(n => n.widgets[0].value)")
     assert sorted(texts) == sorted(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CLIPTextEncode")
+    assert _frontend_prompt(ui) == to_api(workflow, info)
+    # a PNG made through the API without a workflow: the frontend builds the graph from its API ``prompt`` chunk
+    png, workflow = _comfy_png(ui, info, 4343, with_workflow=False)
+    with Image.open(io.BytesIO(png)) as img:
+        assert "prompt" in img.text and "workflow" not in img.text
+    _open_template(ui, "sumie_sd_img2img")
+    ui.page.evaluate(DROP, [base64.b64encode(png).decode("ascii"), "ComfyUI_api.png"])
+    ui.page.wait_for_function("app.graph.nodes.some(n => n.type === 'EmptyLatentImage')", timeout=30_000)
+    ui.shot("31_api_png_dropped")
+    assert ui.graph_types() == SD_TXT2IMG
     assert _frontend_prompt(ui) == to_api(workflow, info)
     ui.check_requests()
 
