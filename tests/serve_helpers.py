@@ -10,12 +10,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
 from sumie.serve import ServeConfig, create_app
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
 @dataclass
@@ -76,3 +79,29 @@ def from_b64(text: str) -> Image.Image:
     img = Image.open(io.BytesIO(base64.b64decode(text)))
     img.load()
     return img
+
+
+def to_api(workflow: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The frontend's graph -> API format: widgets in object_info's input order (a seed's control value skipped, as the
+    1.58.1 frontend adds one after ``seed`` / ``noise_seed`` or an input with ``control_after_generate``; an
+    ``image_upload`` combo's upload button, which the frontend saves as ``"image"``, skipped too)."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt: dict[str, Any] = {}
+    for node in workflow["nodes"]:
+        spec = info[node["type"]]["input"]
+        inputs: dict[str, Any] = {}
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i["link"] is not None}
+        values = list(node["widgets_values"])
+        for name, entry in [*spec["required"].items(), *spec.get("optional", {}).items()]:
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+            elif isinstance(entry[0], list) or entry[0] in WIDGET_TYPES:
+                inputs[name] = values.pop(0)
+                opts = entry[1] if len(entry) > 1 else {}
+                if opts.get("control_after_generate", name in ("seed", "noise_seed")):  # the frontend's rule
+                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+                if opts.get("image_upload"):
+                    assert values.pop(0) == "image"
+        assert values == [], (node["type"], values)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

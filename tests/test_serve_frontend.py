@@ -15,19 +15,29 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-from serve_helpers import Running, running_server
+from lora_testfiles import write_kohya
+from PIL import Image
+from serve_helpers import Running, running_server, to_api
 
+from sumie.checkpoints.embedded import embedded_path
+from sumie.checkpoints.loader import load_models
+from sumie.comfy.env import ComfyEnvironment
+from sumie.comfy.nodes.base import RunContext
+from sumie.comfy.nodes.image import LoadImage
+from sumie.pipelines.control import JobControl
 from sumie.serve import ServeConfig
-from sumie.serve.frontend import TEMPLATES, frontend_static
+from sumie.serve.frontend import EXAMPLE_INPUTS, INPAINT_BOX, TEMPLATES, frontend_static, write_example_inputs
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+LORA = "style.safetensors"  # the test LoRA the LoRA template's placeholder is swapped for
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("front")
-    with running_server(ServeConfig(output_dir=root / "out")) as running:
+    write_kohya(root / "loras" / LORA, load_models(embedded_path()))
+    with running_server(ServeConfig(output_dir=root / "out", lora_dirs=(root / "loras",))) as running:
         yield running
 
 
@@ -141,29 +151,6 @@ def _object_info(srv: Running) -> dict[str, Any]:
     return _get(srv, "/object_info").json()
 
 
-def _to_api(workflow: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    """The frontend's graph -> API format: widgets in object_info's input order (a seed's control value skipped, as the
-    1.58.1 frontend adds one after ``seed`` / ``noise_seed`` or an input with ``control_after_generate``)."""
-    links = {lk[0]: lk for lk in workflow["links"]}
-    prompt: dict[str, Any] = {}
-    for node in workflow["nodes"]:
-        spec = info[node["type"]]["input"]
-        inputs: dict[str, Any] = {}
-        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i["link"] is not None}
-        values = list(node["widgets_values"])
-        for name, entry in [*spec["required"].items(), *spec.get("optional", {}).items()]:
-            if name in linked:
-                inputs[name] = [str(linked[name][1]), linked[name][2]]
-            elif isinstance(entry[0], list) or entry[0] in WIDGET_TYPES:
-                inputs[name] = values.pop(0)
-                opts = entry[1] if len(entry) > 1 else {}
-                if opts.get("control_after_generate", name in ("seed", "noise_seed")):  # the frontend's rule
-                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-        assert values == [], (node["type"], values)
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
 def _wait_job(srv: Running, prompt_id: str, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,11 +161,16 @@ def _wait_job(srv: Running, prompt_id: str, timeout: float = 180) -> dict[str, A
     raise AssertionError("the prompt did not finish")
 
 
+def _lora_node(workflow: dict[str, Any]) -> dict[str, Any] | None:
+    return next((n for n in workflow["nodes"] if n["type"] == "LoraLoader"), None)
+
+
 def test_templates_index_lists_sumies_templates_and_each_runs(srv: Running) -> None:
     [category] = _get(srv, "/templates/index.json").json()
     assert category["moduleName"] == "default"
     names = [t["name"] for t in category["templates"]]
     assert names == list(TEMPLATES) and "sumie_sd_txt2img" in names
+    assert {"sumie_sd_img2img", "sumie_sd_inpaint", "sumie_sd_lora", "sumie_sd_hires_fix"} <= set(names)
     info = _object_info(srv)
     for template in category["templates"]:
         thumb = _get(srv, f"/templates/{template['name']}-1.{template['mediaSubtype']}")
@@ -187,11 +179,19 @@ def test_templates_index_lists_sumies_templates_and_each_runs(srv: Running) -> N
         assert r.status_code == 200
         workflow = r.json()
         assert {n["type"] for n in workflow["nodes"]} <= set(info)
-        prompt = _to_api(workflow, info)
+        lora = _lora_node(workflow)
+        if lora is not None:  # a placeholder name: refused until the user picks a LoRA of the list
+            answer = _post(srv, "/prompt", json={"prompt": to_api(workflow, info)})
+            assert answer.status_code == 400, answer.text
+            [error] = answer.json()["node_errors"][str(lora["id"])]["errors"]
+            assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == "lora_name"
+            assert lora["widgets_values"][0] not in info["LoraLoader"]["input"]["required"]["lora_name"][0]
+            lora["widgets_values"][0] = LORA
+        prompt = to_api(workflow, info)
         for node in prompt.values():
             if node["class_type"] == "KSampler":
                 node["inputs"]["steps"] = 2  # quick; the template's own values validated below
-        answer = _post(srv, "/prompt", json={"prompt": _to_api(workflow, info)})
+        answer = _post(srv, "/prompt", json={"prompt": to_api(workflow, info)})
         assert answer.status_code == 200 and answer.json()["node_errors"] == {}, answer.text
         _post(srv, "/queue", json={"delete": [answer.json()["prompt_id"]]})
         _post(srv, "/interrupt", json={"prompt_id": answer.json()["prompt_id"]})
@@ -200,21 +200,88 @@ def test_templates_index_lists_sumies_templates_and_each_runs(srv: Running) -> N
         assert entry["status"]["status_str"] == "success", entry["status"]
         [images] = [o["images"] for o in entry["outputs"].values()]
         assert len(images) == 1 and images[0]["type"] == "output"
+        with Image.open(srv.server.config.output_dir / images[0]["filename"]) as png:
+            assert png.size == ((96, 96) if template["name"] == "sumie_sd_hires_fix" else (64, 64))  # hires: x1.5
     basic = _get(srv, "/templates/sumie_sd_txt2img.json").json()
     assert sorted(n["type"] for n in basic["nodes"]) == sorted(
         ["CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
          "SaveImage"])
-    assert _to_api(basic, info)["4"]["inputs"]["ckpt_name"] == "sumie-tiny"
-    assert _to_api(basic, info)["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
+    assert to_api(basic, info)["4"]["inputs"]["ckpt_name"] == "sumie-tiny"
+    assert to_api(basic, info)["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
     assert _get(srv, "/templates/nothing.json").status_code == 404
     assert _get(srv, "/templates/..%2Fapp.py").status_code == 404
+
+
+def _graph(srv: Running, name: str, info: dict[str, Any]) -> dict[str, Any]:
+    prompt = to_api(_get(srv, f"/templates/{name}.json").json(), info)
+    return {node["class_type"]: (node_id, node["inputs"]) for node_id, node in prompt.items()}
+
+
+def test_img2img_inpaint_and_lora_templates_are_wired_as_comfyui_users_expect(srv: Running) -> None:
+    info = _object_info(srv)
+    g = _graph(srv, "sumie_sd_img2img", info)
+    load, encode, sampler = g["LoadImage"], g["VAEEncode"], g["KSampler"]
+    assert load[1] == {"image": "example.png"} and encode[1]["pixels"] == [load[0], 0]
+    assert sampler[1]["latent_image"] == [encode[0], 0] and 0 < sampler[1]["denoise"] < 1
+    assert "EmptyLatentImage" not in g
+    g = _graph(srv, "sumie_sd_inpaint", info)
+    load, encode, masked, sampler = g["LoadImage"], g["VAEEncode"], g["SetLatentNoiseMask"], g["KSampler"]
+    assert load[1] == {"image": "example_inpaint.png"} and encode[1]["pixels"] == [load[0], 0]
+    assert masked[1] == {"samples": [encode[0], 0], "mask": [load[0], 1]}  # LoadImage's MASK (the alpha)
+    assert sampler[1]["latent_image"] == [masked[0], 0] and 0 < sampler[1]["denoise"] < 1
+    g = _graph(srv, "sumie_sd_lora", info)
+    ckpt, lora, sampler = g["CheckpointLoaderSimple"], g["LoraLoader"], g["KSampler"]
+    assert lora[1]["model"] == [ckpt[0], 0] and lora[1]["clip"] == [ckpt[0], 1]
+    assert sampler[1]["model"] == [lora[0], 0] and lora[1]["strength_model"] == lora[1]["strength_clip"] == 1.0
+    prompt = to_api(_get(srv, "/templates/sumie_sd_lora.json").json(), info)
+    assert [n["inputs"]["clip"] for n in prompt.values() if n["class_type"] == "CLIPTextEncode"] == [[lora[0], 1]] * 2
+
+
+def test_the_example_inputs_are_written_into_an_empty_input_folder_only(srv: Running, tmp_path: Path) -> None:
+    folder = srv.server.comfy.folders.input
+    assert sorted(p.name for p in folder.iterdir()) == sorted(EXAMPLE_INPUTS)  # written at start, no .part left
+    listed = _object_info(srv)["LoadImage"]["input"]["required"]["image"][0]
+    assert set(EXAMPLE_INPUTS) <= set(listed)
+    with Image.open(folder / "example.png") as img:
+        assert img.mode == "RGB" and img.size == (64, 64)
+        rgb = img.copy()
+    env = ComfyEnvironment(srv.server.comfy.folders, srv.server.queue.managers[0])
+    image, mask = LoadImage().run(RunContext(env, "1", {}, None, JobControl()),
+                                  "example_inpaint.png").outputs
+    x0, y0, x1, y1 = INPAINT_BOX
+    assert image.shape == (1, 64, 64, 3) and mask.shape == (1, 64, 64)
+    assert mask[0, y0:y1, x0:x1].min() == 1 and mask.sum() == (x1 - x0) * (y1 - y0)  # 1 in the box, 0 elsewhere
+    outside = image[0].clone()
+    outside[y0:y1, x0:x1] = 0
+    expect = np.asarray(rgb).astype(np.float32) / 255.0
+    expect[y0:y1, x0:x1] = 0
+    assert (outside.numpy() == expect).all()  # the same picture as example.png around the hole
+    # a folder in use is left alone; an empty or missing one gets both files
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "mine.png").write_bytes(b"x")
+    assert write_example_inputs(used) == [] and [p.name for p in used.iterdir()] == ["mine.png"]
+    fresh = tmp_path / "fresh" / "input"
+    assert [p.name for p in write_example_inputs(fresh)] == list(EXAMPLE_INPUTS)
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(EXAMPLE_INPUTS)
+    assert (fresh / "example.png").read_bytes() == (folder / "example.png").read_bytes()  # deterministic
+    blocked = tmp_path / "a-file"
+    blocked.write_bytes(b"x")  # the input folder's path is taken by a file: a warning, no exception
+    with pytest.warns(UserWarning, match="could not write the example input images"):
+        assert write_example_inputs(blocked / "input") == []
+
+
+def test_internal_folder_paths_name_each_model_folder(srv: Running) -> None:
+    paths = _get(srv, "/internal/folder_paths").json()
+    assert paths["loras"] == [str(srv.server.config.lora_dirs[0].resolve())]
+    assert paths["checkpoints"] == [] and set(paths) >= {"checkpoints", "loras", "vae", "embeddings", "controlnet"}
 
 
 def test_jobs_list_a_finished_run_with_its_image(srv: Running) -> None:
     info = _object_info(srv)
     workflow = _get(srv, "/templates/sumie_sd_txt2img.json").json()
     workflow["id"] = "wf-123"
-    prompt = _to_api(workflow, info)
+    prompt = to_api(workflow, info)
     prompt["3"]["inputs"]["steps"] = 2
     r = _post(srv, "/api/prompt", json={"prompt": prompt, "client_id": "c1",
                                        "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
@@ -248,7 +315,7 @@ def test_jobs_list_a_finished_run_with_its_image(srv: Running) -> None:
 
 def test_cancel_a_queued_job_through_the_jobs_api(srv: Running) -> None:
     info = _object_info(srv)
-    prompt = _to_api(_get(srv, "/templates/sumie_sd_txt2img.json").json(), info)
+    prompt = to_api(_get(srv, "/templates/sumie_sd_txt2img.json").json(), info)
     prompt["3"]["inputs"]["steps"] = 200
     first = _post(srv, "/api/prompt", json={"prompt": prompt}).json()["prompt_id"]
     prompt["3"]["inputs"]["seed"] = 7

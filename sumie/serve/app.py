@@ -58,6 +58,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="Sumie", description="AUTOMATIC1111 1.10's /sdapi/v1 API on Sumie (plain-PyTorch Stable "
                   "Diffusion).", version="1.10-sumie", lifespan=lifespan)
     app.state.sumie = Server(config)
+    frontend.write_example_inputs(app.state.sumie.comfy.folders.input)  # the img2img / inpainting templates' images
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
     for router in (routes_generate.router, routes_info.router):
         app.include_router(router, prefix="/sdapi/v1", dependencies=[Depends(_auth)])

@@ -6,7 +6,7 @@ and runs (served with and without ``/api``, as ComfyUI's): ``/users`` (single us
 written atomically), ``/userdata`` (files confined to the user folder), ``/i18n``, ``/features``,
 ``/experiment/models``, ``/global_subgraphs``, ``/workflow_templates``, the jobs API (``/jobs``, ``/jobs/{id}``,
 ``/jobs/cancel``, built from the ComfyUI history and queue) and, outside ``/api``, ``/templates/index.json`` (Sumie's
-workflow templates), ``/templates/index_logo.json`` and ``/user.css``.
+workflow templates), ``/templates/index_logo.json``, ``/internal/folder_paths`` and ``/user.css``.
 
 User folder: ``<output-dir>/../user/default`` (ComfyUI's ``user/default``, beside ``input`` and ``temp``); settings in
 ``comfy.settings.json`` there, as ComfyUI's ``app/app_settings.py``.
@@ -19,19 +19,21 @@ import json
 import os
 import threading
 import uuid
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from sumie.serve.comfy_routes import MODEL_FOLDERS, comfy_of, json_body
 from sumie.serve.comfy_service import ComfyService
 from sumie.serve.errors import error_body
 
-__all__ = ["TEMPLATES", "UserStore", "frontend_static", "jobs_of", "router", "static_router"]
+__all__ = ["EXAMPLE_INPUTS", "TEMPLATES", "UserStore", "example_inputs", "frontend_static", "jobs_of", "router",
+           "static_router", "write_example_inputs"]
 
 router = APIRouter()  # mounted at / and /api
 static_router = APIRouter()  # /templates and /user.css (the frontend asks them without /api)
@@ -40,9 +42,22 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 # Sumie's workflow templates: file stem -> (title, description)
 TEMPLATES = {
     "sumie_sd_txt2img": ("SD txt2img on sumie-tiny", "Text to image: checkpoint, two prompts, KSampler, decode, save."),
+    "sumie_sd_img2img": ("SD img2img on sumie-tiny", "Image to image: example.png from the input folder, encoded, "
+                         "resampled at denoise 0.6."),
+    "sumie_sd_inpaint": ("SD inpainting on sumie-tiny", "Inpaint the transparent part of example_inpaint.png (its "
+                         "alpha is the mask; paint your own in the mask editor): encode, noise mask, resample."),
+    "sumie_sd_lora": ("SD txt2img with a LoRA", "Checkpoint -> Load LoRA -> prompts and KSampler; pick your LoRA "
+                      "in the Load LoRA node (the template's name is a placeholder)."),
     "sumie_sd_hires_fix": ("SD hires fix on sumie-tiny", "Two passes: sample, upscale the latent by 1.5, resample."),
 }
 DEFAULT_TEMPLATE = "sumie_sd_txt2img"
+# the templates index's tags (default: Text to Image)
+TEMPLATE_TAGS = {"sumie_sd_img2img": ["Image to Image"], "sumie_sd_inpaint": ["Inpainting"],
+                 "sumie_sd_lora": ["Text to Image", "LoRA"]}
+# the input images the img2img / inpainting templates load (written into an empty input folder at start)
+EXAMPLE_INPUTS = ("example.png", "example_inpaint.png")
+EXAMPLE_SIZE = 64
+INPAINT_BOX = (20, 6, 44, 30)  # (x0, y0, x1, y1): the transparent square of example_inpaint.png (the mask)
 # user files the frontend reads at start, answered with these when the user has none (ComfyUI answers 404)
 DEFAULT_USER_FILES = {"user.css": (b"", "text/css"), "comfy.templates.json": (b"[]", "application/json")}
 USER_FOLDERS = ("workflows", "subgraphs")  # folders the frontend lists at start
@@ -403,7 +418,8 @@ def templates_index() -> list[dict[str, Any]]:
     """The frontend's core templates index: one "Sumie" category with Sumie's workflow templates."""
     return [{"moduleName": "default", "category": "Sumie", "title": "Sumie (Stable Diffusion)", "type": "image",
              "templates": [{"name": name, "title": title, "description": description, "mediaType": "image",
-                            "mediaSubtype": "webp", "models": ["sumie-tiny"], "tags": ["Text to Image"]}
+                            "mediaSubtype": "webp", "models": ["sumie-tiny"],
+                            "tags": TEMPLATE_TAGS.get(name, ["Text to Image"])}
                            for name, (title, description) in TEMPLATES.items()]}]
 
 
@@ -417,6 +433,15 @@ async def get_templates_index() -> list[dict[str, Any]]:
 async def get_templates_logos() -> dict[str, Any]:
     """No provider logos."""
     return {}
+
+
+@static_router.get("/internal/folder_paths")
+async def get_folder_paths(request: Request) -> dict[str, list[str]]:
+    """ComfyUI's ``/internal/folder_paths`` (asked by the frontend's missing-model check): each model folder name ->
+    its folders on disk."""
+    folders = comfy_of(request).env.manager.folders
+    return {name: [str(p) for p in folders.dirs(kind)] if folders is not None else []
+            for name, kind in MODEL_FOLDERS.items()}
 
 
 _THUMBNAIL: list[bytes] = []
@@ -435,6 +460,47 @@ async def get_template(name: str) -> Response:
             _THUMBNAIL.append(buf.getvalue())
         return Response(_THUMBNAIL[0], media_type="image/webp")
     return _refuse(404, f"name: no template {name!r}", "name")
+
+
+def example_inputs() -> dict[str, Image.Image]:
+    """The template input images: a synthetic 64x64 landscape (``example.png``, RGB) and the same with a transparent
+    square in the sky (``example_inpaint.png``, RGBA: LoadImage's MASK is 1 there)."""
+    n = EXAMPLE_SIZE
+    img = Image.new("RGB", (n, n))
+    draw = ImageDraw.Draw(img)
+    for y in range(n // 2):  # sky: deep blue at the top to pale at the horizon
+        t = y / (n // 2)
+        draw.line([(0, y), (n, y)], fill=(int(40 + 170 * t), int(90 + 130 * t), int(200 + 40 * t)))
+    draw.rectangle([0, n // 2, n, n], fill=(30, 80, 150))  # sea
+    draw.ellipse([n // 2 - 8, n // 2 - 8, n // 2 + 8, n // 2 + 8], fill=(250, 200, 80))  # setting sun
+    draw.polygon([(0, n), (0, 40), (18, 34), (34, 44), (34, n)], fill=(60, 110, 50))  # a headland
+    draw.rectangle([10, 22, 14, 36], fill=(235, 235, 225))  # its lighthouse
+    draw.rectangle([9, 19, 15, 22], fill=(200, 40, 40))
+    inpaint = img.convert("RGBA")
+    ImageDraw.Draw(inpaint).rectangle([INPAINT_BOX[0], INPAINT_BOX[1], INPAINT_BOX[2] - 1, INPAINT_BOX[3] - 1],
+                                      fill=(128, 128, 128, 0))
+    return {EXAMPLE_INPUTS[0]: img, EXAMPLE_INPUTS[1]: inpaint}
+
+
+def write_example_inputs(folder: Path) -> list[Path]:
+    """Write :func:`example_inputs` into ``folder`` when it holds no file (ComfyUI ships ``input/example.png``, the
+    image its templates load); each file atomically. Returns the files written (none for a folder in use; a folder
+    that cannot be written is warned about, not fatal: the server runs without the examples)."""
+    written: list[Path] = []
+    try:
+        if folder.is_dir() and any(p.is_file() for p in folder.iterdir()):
+            return written
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, image in example_inputs().items():
+            path = folder / name
+            tmp = path.with_name(f".{name}.{uuid.uuid4().hex}.part")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+            written.append(path)
+    except OSError as e:
+        warnings.warn(f"could not write the example input images into {folder}: {e}; the img2img and inpainting "
+                      "templates need an image there (upload one in the Load Image node)", stacklevel=2)
+    return written
 
 
 def fresh_user(store: UserStore) -> bool:
