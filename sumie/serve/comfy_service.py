@@ -55,7 +55,7 @@ MAXIMUM_HISTORY_SIZE = 10000  # execution.py
 PREVIEW_SIZE = 512  # ComfyUI's --preview-size
 # Events ComfyUI sends with sid None (to every socket) when the prompt has no client id: the progress hook and
 # previews (main.py), and execution_interrupted (execution.py add_message(..., broadcast=True)).
-_SENT_WITHOUT_CLIENT = ("progress", "execution_interrupted")
+_SENT_WITHOUT_CLIENT = ("progress", "progress_state", "execution_interrupted")
 
 
 def _number(value: Any) -> float:
