@@ -16,8 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from control_testfiles import random_controlnet, write_original
+from PIL import Image
 from serve_helpers import Running, running_server
 
+from sumie.checkpoints.manager import ModelManager
 from sumie.serve import ServeConfig
 from sumie.serve.frontend import TEMPLATES, frontend_static
 
@@ -27,7 +30,12 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("front")
-    with running_server(ServeConfig(output_dir=root / "out")) as running:
+    # what the ControlNet template names: a random ControlNet at sumie-tiny's shapes and a control image
+    unet = ModelManager().get("checkpoint", "sumie-tiny").config.unet
+    write_original(root / "controlnet" / "control_sumie-tiny.safetensors", random_controlnet(unet, seed=3))
+    (root / "input").mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(root / "input" / "sumie_control_example.png")
+    with running_server(ServeConfig(output_dir=root / "out", controlnet_dirs=(root / "controlnet",))) as running:
         yield running
 
 

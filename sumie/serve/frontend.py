@@ -41,6 +41,8 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATES = {
     "sumie_sd_txt2img": ("SD txt2img on sumie-tiny", "Text to image: checkpoint, two prompts, KSampler, decode, save."),
     "sumie_sd_hires_fix": ("SD hires fix on sumie-tiny", "Two passes: sample, upscale the latent by 1.5, resample."),
+    "sumie_sd_controlnet": ("SD ControlNet on sumie-tiny", "A control image (LoadImage) and a ControlNet guide the "
+                            "KSampler through Apply ControlNet; pick your ControlNet file and image."),
 }
 DEFAULT_TEMPLATE = "sumie_sd_txt2img"
 # user files the frontend reads at start, answered with these when the user has none (ComfyUI answers 404)
