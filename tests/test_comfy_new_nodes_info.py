@@ -16,6 +16,12 @@ definitions they follow, read for this:
   from ``ipadapter``, "ipadapter/loaders"), ``IPAdapterAdvanced`` (its required and optional inputs, ranges and
   lists, ``WEIGHT_TYPES`` in order; ``RETURN_TYPES`` ("MODEL",), "ipadapter"), display names "IPAdapter Model
   Loader" / "IPAdapter Advanced", python module ``custom_nodes.ComfyUI_IPAdapter_plus``.
+
+The ComfyUI entries were also checked against a newer ComfyUI's own ``/object_info`` answer saved in a public
+repository (found through the search index, file id 39851315444): ControlNetApply (with ``"deprecated": true``),
+ControlNetApplyAdvanced (optional ``vae``), ControlNetLoader, DiffControlNetLoader, CLIPVisionLoader,
+CLIPVisionEncode (``crop``), UpscaleModelLoader and ImageUpscaleWithModel (python module
+``comfy_extras.nodes_upscale_model``) are there exactly as written here.
 """
 
 from __future__ import annotations
