@@ -14,6 +14,7 @@ both sides the control, the old ``ControlNetApply`` gives the positive one and, 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,10 @@ class _Controlled(torch.nn.Module):
         out = self.cn(x, self.hint.expand(x.shape[0], -1, -1, -1), t, cond)
         rows = torch.tensor([self.on[0], self.on[1]], dtype=x.dtype).repeat_interleave(x.shape[0] // 2)
         m = rows.view(-1, 1, 1, 1)
-        control = Residuals(skips=[s * self.strength * m for s in out.skips], middle=out.middle * self.strength * m)
+        def scale(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v * self.strength * m
+
+        control = Residuals([scale(e) for e in out.encoder], [scale(s) for s in out.skips], scale(out.middle))
         return self.unet(x, t, cond, control=control)
 
 
@@ -252,3 +256,64 @@ def test_validation_of_the_control_inputs(env: ComfyEnvironment) -> None:
     errors = {e["extra_info"]["input_name"]: e["type"] for e in body["node_errors"]["11"]["errors"]}
     errors.update({e["extra_info"]["input_name"]: e["type"] for e in body["node_errors"]["13"]["errors"]})
     assert errors == {"control_net_name": "value_not_in_list", "strength": "value_bigger_than_max"}
+
+
+# ---------------------------------------------------------------- T2I-Adapters through ControlNetLoader
+
+
+@pytest.fixture(scope="module")
+def four_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 4-level SD1 checkpoint (T2I-Adapters have one feature per SD1 level) and a diffusers-layout
+    T2I-Adapter for it (random weights)."""
+    from diffusers import T2IAdapter
+
+    base = tmp_path_factory.mktemp("comfy_t2i")
+    cfg = TINY["sd1"].with_(unet=replace(TINY["sd1"].unet, channel_mult=(1, 1, 2, 2), transformer_depth=(1,) * 4))
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    save_file(random_single_file(cfg, seed=4), str(base / "models" / "checkpoints" / "four.safetensors"))
+    g = torch.Generator().manual_seed(9)
+    ref = T2IAdapter(in_channels=3, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8,
+                     adapter_type="full_adapter").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    (base / "models" / "controlnet").mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              str(base / "models" / "controlnet" / "t2i.safetensors"))
+    return base
+
+
+def test_t2i_adapter_through_controlnet_nodes(four_root: Path, tmp_path: Path) -> None:
+    """ControlNetLoader reads a T2I-Adapter; its features (computed once from the resized image) are added to the
+    encoder blocks of every row times the strength (ComfyUI ``T2IAdapter.get_control``): equal to the reference,
+    strength 0 equal to none."""
+    from sumie.adapters.control.files import load_controlnet
+    from sumie.adapters.control.t2i_files import fit_to_unet
+
+    folders = ComfyFolders.under(tmp_path)
+    folders.input.mkdir(parents=True)
+    control_picture().save(folders.input / "control.png")
+    env = ComfyEnvironment(folders, ModelManager(ModelFolders(four_root)))
+
+    def graph(strength: float) -> dict[str, Any]:
+        p = control_prompt(strength, name="t2i.safetensors")
+        p["4"]["inputs"]["ckpt_name"] = "four.safetensors"
+        return p
+
+    ours, plain = image_of(env, graph(1.4)), image_of(env, graph(0.0))
+    models = load_checkpoint(env, "four.safetensors")[0].models
+    adapter = load_controlnet(four_root / "models" / "controlnet" / "t2i.safetensors")
+    fit_to_unet(adapter, models.unet, "sd1")
+    with torch.no_grad():
+        feats = adapter.model(reference_hint(SIZE))
+
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor, hint: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> Residuals:
+            b = x.shape[0]
+            return Residuals(encoder=[None if f is None else f.expand(b, -1, -1, -1) for f in feats.encoder])
+
+    ref = reference(models, Features(), 1.4, 0.0, 1.0)
+    diff, effect = mad(ours, ref), mad(ours, plain)
+    print(f"T2I-Adapter: {diff:.4f}/255 from the reference; it changes the image by {effect:.2f}/255")
+    assert diff < TOL and effect > 2 * TOL
+    np.testing.assert_array_equal(plain, image_of(env, example_prompt("four.safetensors")))
