@@ -206,3 +206,22 @@ def test_partial_targets_and_progress_state_over_the_websocket(srv: tuple[Runnin
     assert list(history["outputs"]) == ["10"] and history["prompt"][4] == ["10"]
     status, body = _post(s, "/prompt", {"prompt": two_outputs(), "partial_execution_targets": [10]})
     assert status == 400 and body["error"]["type"] == "invalid_prompt"
+
+
+def test_serve_flags_for_the_new_folders(tmp_path: Path) -> None:
+    """``--upscaler-dir`` / ``--clip-vision-dir`` / ``--ipadapter-dir`` reach the config (repeatable); a missing
+    folder is a clear error naming the flag."""
+    from sumie.cli.main import build_parser
+    from sumie.cli.serve import build_config
+    from sumie.errors import ConfigError
+
+    dirs = {k: tmp_path / k for k in ("up1", "up2", "cv", "ip")}
+    for d in dirs.values():
+        d.mkdir()
+    args = build_parser().parse_args(["serve", "--upscaler-dir", str(dirs["up1"]), "--upscaler-dir", str(dirs["up2"]),
+                                      "--clip-vision-dir", str(dirs["cv"]), "--ipadapter-dir", str(dirs["ip"])])
+    config = build_config(args)
+    assert config.upscaler_dirs == (dirs["up1"], dirs["up2"])
+    assert config.clip_vision_dirs == (dirs["cv"],) and config.ipadapter_dirs == (dirs["ip"],)
+    with pytest.raises(ConfigError, match="--ipadapter-dir .*: no such folder"):
+        build_config(build_parser().parse_args(["serve", "--ipadapter-dir", str(tmp_path / "nope")]))
