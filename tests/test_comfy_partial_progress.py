@@ -177,12 +177,15 @@ def test_models_folders_and_option_lists(srv: tuple[Running, Path]) -> None:
 
 
 def test_partial_targets_and_progress_state_over_the_websocket(srv: tuple[Running, Path]) -> None:
-    """POST /prompt with partial_execution_targets ["10"]: the client's socket gets progress_state messages for
-    nodes 1, 2 and 10 only, and the history has output 10 only; a bad targets value is a 400."""
+    """POST /prompt with partial_execution_targets ["10"]: progress_state messages for nodes 1, 2 and 10 only (on
+    every socket, as ComfyUI broadcasts them), executing for those nodes only, the history has output 10 only; a bad
+    targets value is a 400."""
     s, _ = srv
-    me = uuid.uuid4().hex
-    with connect(f"ws://{s.host}:{s.port}/ws?clientId={me}", max_size=None) as ws:
+    me, other = uuid.uuid4().hex, uuid.uuid4().hex
+    with connect(f"ws://{s.host}:{s.port}/ws?clientId={me}", max_size=None) as ws, \
+            connect(f"ws://{s.host}:{s.port}/ws?clientId={other}", max_size=None) as ws2:
         assert json.loads(ws.recv(timeout=10))["type"] == "status"
+        assert json.loads(ws2.recv(timeout=10))["type"] == "status"
         status, body = _post(s, "/prompt", {"prompt": two_outputs(), "client_id": me,
                                             "partial_execution_targets": ["10"]})
         assert status == 200 and body["node_errors"] == {}
@@ -197,6 +200,14 @@ def test_partial_targets_and_progress_state_over_the_websocket(srv: tuple[Runnin
             msgs.append(msg)
             if msg["type"] == "executing" and msg["data"]["node"] is None:
                 break
+        seen_by_other: list[str] = []  # progress_state goes to every socket (send_sync without a sid), the rest not
+        while True:
+            try:
+                m = ws2.recv(timeout=0.5)
+            except TimeoutError:
+                break
+            seen_by_other.append("binary" if isinstance(m, bytes) else json.loads(m)["type"])
+    assert "progress_state" in seen_by_other and set(seen_by_other) <= {"status", "progress_state"}
     states = [m["data"] for m in msgs if m["type"] == "progress_state"]
     assert states and all(d["prompt_id"] == pid for d in states)
     assert {n: v["state"] for n, v in states[-1]["nodes"].items()} == {"1": "finished", "2": "finished",

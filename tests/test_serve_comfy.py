@@ -200,7 +200,7 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
     """server.py / main.py / execution.py: status (with sid) first; per run execution_start, execution_cached
     (what an earlier run left: same inputs), executing per node, progress per step, executed for the output node,
     execution_success, then executing None; an interrupted run ends with execution_interrupted. Another client gets
-    none of these events (only status broadcasts)."""
+    none of these events (only the status and progress_state broadcasts)."""
     me, other = uuid.uuid4().hex, uuid.uuid4().hex
     with _ws(srv, me) as ws, _ws(srv, other) as ws2:
         first = json.loads(ws.recv(timeout=10))
@@ -258,7 +258,7 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
             except TimeoutError:
                 break
             ws2_types.add("binary" if isinstance(m, bytes) else json.loads(m)["type"])
-        assert ws2_types == {"status"}
+        assert ws2_types == {"status", "progress_state"}  # WebUIProgressHandler sends it to every socket
 
 
 # ---------------------------------------------------------------- (3) 400 bodies

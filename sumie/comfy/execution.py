@@ -18,7 +18,7 @@
   sent when a node starts (``running``, value 0 of 1; before its ``executing``), at each of its progress steps
   (before the ``progress`` event) and when it finishes (``finished``, value = max; a cached output node too), with
   every node touched so far: ``{id: {value, max, state, node_id, prompt_id, display_node_id, parent_node_id,
-  real_node_id}}`` (pending nodes are left out).
+  real_node_id}}`` (pending nodes are left out). ComfyUI sends it to every socket, not only the prompt's client.
 * Interruption: the :class:`~sumie.pipelines.control.JobControl` given for the prompt, checked before every node
   and at every sampler step.
 * History (``PromptQueue.task_done``): :func:`history_entry` -> ``{prompt: [number, id, prompt, extra_data,
