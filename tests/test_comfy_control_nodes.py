@@ -274,9 +274,9 @@ def four_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = torch.Generator().manual_seed(9)
     ref = T2IAdapter(in_channels=3, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8,
                      adapter_type="full_adapter").eval()
-    with torch.no_grad():
+    with torch.no_grad():  # every weight from the seeded generator (the constructor's come from the global RNG)
         for p in ref.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=g) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
     (base / "models" / "controlnet").mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
               str(base / "models" / "controlnet" / "t2i.safetensors"))

@@ -154,8 +154,8 @@ class ControlHint:
         return total
 
 
-def place_rows(parts: Sequence[tuple[slice, Residuals]], batch: int) -> Residuals:
-    """Residuals of row slices of a batch, zeros for the other rows ([batch, ...] tensors)."""
+def place_rows(parts: Sequence[tuple[Tensor, Residuals]], batch: int) -> Residuals:
+    """Residuals of some rows of a batch (row indices [n] each), zeros for the other rows ([batch, ...] tensors)."""
     def merge(get: Callable[[Residuals], Sequence[Tensor | None]]) -> list[Tensor | None]:
         n = max(len(get(r)) for _, r in parts)
         out: list[Tensor | None] = []
@@ -167,7 +167,7 @@ def place_rows(parts: Sequence[tuple[slice, Residuals]], batch: int) -> Residual
             first = vals[0][1]
             full = first.new_zeros((batch, *first.shape[1:]))
             for sl, v in vals:
-                full[sl] += v
+                full[sl] += v.to(full)
             out.append(full)
         return out
 

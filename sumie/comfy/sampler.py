@@ -363,22 +363,25 @@ class ComfyCFG:
                 counts[k][:, :, y:y + h, x0:x0 + w] += mult
         return [o / c for o, c in zip(outs, counts, strict=True)]
 
-
     def _control(self, x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None,
                  call: CallInfo | None) -> Residuals | None:
-        """The residual function of the hooked UNet: each entry's control chain on that entry's rows."""
+        """The residual function of the hooked UNet: each control chain once on the rows of the entries holding it
+        (ComfyUI runs a ControlNet once for the cond and uncond rows that share it), zeros elsewhere."""
         sigma, entries = self._call
-        parts: list[tuple[slice, Residuals]] = []
+        groups: dict[int, tuple[ControlHint, list[int]]] = {}
         for rows, e in entries:
-            if e.control is None:
-                continue
-            r = e.control.residuals(x_in[rows], t[rows], context[rows], None if y is None else y[rows], sigma,
-                                    self.model.models.unet, lambda p: _percent_to_sigma(self.ds, p))
+            if e.control is not None:
+                groups.setdefault(id(e.control), (e.control, []))[1].extend(range(rows.start, rows.stop))
+        parts: list[tuple[Tensor, Residuals]] = []
+        for hint, index in groups.values():
+            idx = torch.tensor(index, device=x_in.device)
+            r = hint.residuals(x_in[idx], t[idx], context[idx], None if y is None else y[idx], sigma,
+                               self.model.models.unet, lambda p: _percent_to_sigma(self.ds, p))
             if r is not None:
-                parts.append((rows, r))
+                parts.append((idx, r))
         if not parts:
             return None
-        if len(parts) == 1 and parts[0][0] == slice(0, x_in.shape[0]):
+        if len(parts) == 1 and parts[0][0].tolist() == list(range(x_in.shape[0])):
             return parts[0][1]
         return place_rows(parts, x_in.shape[0])
 
