@@ -180,3 +180,33 @@ def test_embedding_of_another_width_is_a_clear_error(env: ComfyEnvironment) -> N
     """An embedding made for another model fails with a message naming it."""
     with pytest.raises(ConfigError, match="embedding:wide"):
         _comfy(env, "embedding:wide")
+
+
+def test_upscale_halves_the_tile_on_out_of_memory(env: ComfyEnvironment) -> None:
+    """A model that runs out of memory on tiles above ``limit`` px: the node retries with half the tile (ComfyUI's
+    rule) and gives the result of that tile size; when even 128 fails it gives up with the error."""
+    (model,) = node(env, "UpscaleModelLoader", model_name="2x_compact.pth")
+    inner = model.module
+
+    class Limited(torch.nn.Module):
+        def __init__(self, limit: int) -> None:
+            super().__init__()
+            self.inner, self.limit, self.seen = inner, limit, []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(max(x.shape[-2:]))
+            if max(x.shape[-2:]) > self.limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x)
+
+    image = torch.rand(1, 300, 280, 3, generator=torch.Generator().manual_seed(2))
+    limited = Limited(256)
+    out = upscale_image(type(model)(limited, model.spec), image)
+    assert limited.seen[0] == 300 and max(limited.seen[1:]) <= 256  # one 512 tile, then tiles of 256
+    with torch.no_grad():
+        want = run_tiled(inner, image.movedim(-1, 1), 2, 256, 32).clamp(0, 1).movedim(1, -1)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    never = Limited(0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        upscale_image(type(model)(never, model.spec), image)
+    assert sorted(set(never.seen), reverse=True)[:3] == [300, 256, 128]  # 512 (the whole image), 256, 128, then up
