@@ -87,15 +87,21 @@ def tiny_manager() -> ModelManager:
 
 
 def run(env: ComfyEnvironment, prompt: dict[str, Any], executor: PromptExecutor | None = None,
-        control: JobControl | None = None, prompt_id: str = "p1",
-        extra_data: dict[str, Any] | None = None) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
-    """Validate and execute; (result, events)."""
+        control: JobControl | None = None, prompt_id: str = "p1", extra_data: dict[str, Any] | None = None,
+        progress_state: bool = False) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
+    """Validate and execute; (result, events), ``progress_state`` events only when asked for (they have their own
+    tests in test_comfy_partial_progress.py)."""
     check = check_request({"prompt": prompt}, env)
     assert check.ok, check.body
     events: list[tuple[str, dict[str, Any]]] = []
     executor = executor or PromptExecutor(env)
-    result = executor.execute(check.prompt, prompt_id, check.outputs, extra_data=extra_data,
-                              send=lambda e, d: events.append((e, copy.deepcopy(d))), control=control)
+
+    def send(event: str, data: dict[str, Any]) -> None:
+        if progress_state or event != "progress_state":
+            events.append((event, copy.deepcopy(data)))
+
+    result = executor.execute(check.prompt, prompt_id, check.outputs, extra_data=extra_data, send=send,
+                              control=control)
     return result, events
 
 

@@ -282,7 +282,8 @@ def test_object_info_entries_match_comfyui(env: ComfyEnvironment) -> None:
              "vae": ["ft-mse.safetensors"], "input": ["a.png", "b.png"]}
     want = expected(files)
     info = json.loads(json.dumps(object_info(env)))
-    assert sorted(info) == sorted(want) == sorted(NODE_CLASSES)
+    assert sorted(info) == sorted(NODE_CLASSES)
+    assert set(want) <= set(info)  # the nodes added later are checked in test_comfy_new_nodes_info.py
     for name, entry_ in want.items():
         assert info[name] == entry_, name
         assert list(info[name]) == list(entry_), name  # key order of node_info

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_testfiles import random_controlnet, write_original
 from lora_testfiles import write_kohya
 from PIL import Image, PngImagePlugin
 from playwright.sync_api import Page, sync_playwright
@@ -118,11 +119,14 @@ class UI:
 def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (setup.sh --dev does, as root)"
     root = tmp_path_factory.mktemp("browser")
-    write_kohya(root / "loras" / LORA, load_models(embedded_path()))
+    models = load_models(embedded_path())
+    write_kohya(root / "loras" / LORA, models)
+    # what the ControlNet template names: a random ControlNet at sumie-tiny's shapes
+    write_original(root / "controlnet" / "control_sumie-tiny.safetensors", random_controlnet(models.config.unet, seed=3))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
         old.unlink()
-    config = ServeConfig(output_dir=root / "out", lora_dirs=(root / "loras",))
+    config = ServeConfig(output_dir=root / "out", lora_dirs=(root / "loras",), controlnet_dirs=(root / "controlnet",))
     with running_server(config) as srv, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:

@@ -116,7 +116,8 @@ def _wait_for(ws: ClientConnection, kind: str, *, timeout: float = 120) -> list[
 
 
 def _types(messages: list[Any]) -> list[str]:
-    return [m["type"] for m in messages if isinstance(m, dict) and m["type"] != "status"]
+    """The event types, without status broadcasts and progress_state (test_comfy_partial_progress.py checks it)."""
+    return [m["type"] for m in messages if isinstance(m, dict) and m["type"] not in ("status", "progress_state")]
 
 
 def _direct_image(tmp: Path, prompt: dict[str, Any]) -> np.ndarray:
@@ -199,7 +200,7 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
     """server.py / main.py / execution.py: status (with sid) first; per run execution_start, execution_cached
     (what an earlier run left: same inputs), executing per node, progress per step, executed for the output node,
     execution_success, then executing None; an interrupted run ends with execution_interrupted. Another client gets
-    none of these events (only status broadcasts)."""
+    none of these events (only the status and progress_state broadcasts)."""
     me, other = uuid.uuid4().hex, uuid.uuid4().hex
     with _ws(srv, me) as ws, _ws(srv, other) as ws2:
         first = json.loads(ws.recv(timeout=10))
@@ -221,7 +222,8 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
         cached = next(m for m in json_msgs if m["type"] == "execution_cached")["data"]["nodes"]
         assert sorted(cached + executed_nodes) == sorted(api_prompt())
         assert "3" in executed_nodes and "9" in executed_nodes  # the new seed re-runs the sampler and what follows
-        kinds = ["binary" if isinstance(m, bytes) else m["type"] for m in msgs]
+        kinds = ["binary" if isinstance(m, bytes) else m["type"] for m in msgs if not (
+            isinstance(m, dict) and m["type"] == "progress_state")]
         assert kinds.count("binary") == STEPS
         assert all(kinds[k - 1] == "progress" for k, t in enumerate(kinds) if t == "binary")  # as main.py's hook
         assert types == ["execution_start", "execution_cached", *["executing"] * executed_nodes.index("3"),
@@ -256,7 +258,7 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
             except TimeoutError:
                 break
             ws2_types.add("binary" if isinstance(m, bytes) else json.loads(m)["type"])
-        assert ws2_types == {"status"}
+        assert ws2_types == {"status", "progress_state"}  # WebUIProgressHandler sends it to every socket
 
 
 # ---------------------------------------------------------------- (3) 400 bodies
@@ -554,4 +556,5 @@ def test_a_prompt_without_client_id_broadcasts_only_what_comfyui_does(srv: Runni
             except TimeoutError:
                 break
             kinds.append("binary" if isinstance(m, bytes) else json.loads(m)["type"])
-    assert [k for k in kinds if k != "status"] == ["progress", "binary"] * STEPS
+    assert [k for k in kinds if k not in ("status", "progress_state")] == ["progress", "binary"] * STEPS
+    assert "progress_state" in kinds

@@ -17,12 +17,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from control_testfiles import random_controlnet, write_original
 from lora_testfiles import write_kohya
 from PIL import Image
 from serve_helpers import Running, running_server, to_api
 
 from sumie.checkpoints.embedded import embedded_path
 from sumie.checkpoints.loader import load_models
+from sumie.checkpoints.manager import ModelManager
 from sumie.comfy.env import ComfyEnvironment
 from sumie.comfy.nodes.base import RunContext
 from sumie.comfy.nodes.image import LoadImage
@@ -37,7 +39,11 @@ LORA = "style.safetensors"  # the test LoRA the LoRA template's placeholder is s
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("front")
     write_kohya(root / "loras" / LORA, load_models(embedded_path()))
-    with running_server(ServeConfig(output_dir=root / "out", lora_dirs=(root / "loras",))) as running:
+    # what the ControlNet template names: a random ControlNet at sumie-tiny's shapes (its image: the example input)
+    unet = ModelManager().get("checkpoint", "sumie-tiny").config.unet
+    write_original(root / "controlnet" / "control_sumie-tiny.safetensors", random_controlnet(unet, seed=3))
+    with running_server(ServeConfig(output_dir=root / "out", lora_dirs=(root / "loras",),
+                                    controlnet_dirs=(root / "controlnet",))) as running:
         yield running
 
 

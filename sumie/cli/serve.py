@@ -49,7 +49,10 @@ def build_config(args: argparse.Namespace) -> Any:
                        ckpt_dirs=tuple(Path(d) for d in args.ckpt_dir), lora_dirs=tuple(Path(d) for d in args.lora_dir),
                        embeddings_dirs=tuple(Path(d) for d in args.embeddings_dir),
                        vae_dirs=tuple(Path(d) for d in args.vae_dir),
-                       controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir), output_dir=Path(args.output_dir),
+                       controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir),
+                       upscaler_dirs=tuple(Path(d) for d in args.upscaler_dir),
+                       clip_vision_dirs=tuple(Path(d) for d in args.clip_vision_dir),
+                       ipadapter_dirs=tuple(Path(d) for d in args.ipadapter_dir), output_dir=Path(args.output_dir),
                        devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth),
                        api_tokens=tuple(args.api_token),
                        input_dir=Path(args.input_dir) if args.input_dir else None,
@@ -90,6 +93,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-dir", action="append", default=[], metavar="DIR", help="more standalone VAEs (repeatable)")
     p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
                    help="more ControlNet / T2I-Adapter models (repeatable; the extension's flag)")
+    p.add_argument("--upscaler-dir", action="append", default=[], metavar="DIR",
+                   help="more upscaler models: ESRGAN / Real-ESRGAN / SwinIR (repeatable)")
+    p.add_argument("--clip-vision-dir", action="append", default=[], metavar="DIR",
+                   help="more CLIP image encoders (repeatable)")
+    p.add_argument("--ipadapter-dir", action="append", default=[], metavar="DIR",
+                   help="more IP-Adapter models (repeatable)")
     p.add_argument("--device", help="cpu, cuda, cuda:N, or a comma list: one engine worker each "
                                     "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "

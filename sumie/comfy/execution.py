@@ -14,6 +14,11 @@
   display_node, output}``, then ``execution_success`` or ``execution_error`` / ``execution_interrupted``, and
   finally ``executing {node: None}``; every payload carries ``prompt_id`` (start, cached, success, error and
   interrupted also ``timestamp`` in ms).
+* ``progress_state {prompt_id, nodes}`` (newer ComfyUI's ``comfy_execution/progress.py``, ``WebUIProgressHandler``):
+  sent when a node starts (``running``, value 0 of 1; before its ``executing``), at each of its progress steps
+  (before the ``progress`` event) and when it finishes (``finished``, value = max; a cached output node too), with
+  every node touched so far: ``{id: {value, max, state, node_id, prompt_id, display_node_id, parent_node_id,
+  real_node_id}}`` (pending nodes are left out). ComfyUI sends it to every socket, not only the prompt's client.
 * Interruption: the :class:`~sumie.pipelines.control.JobControl` given for the prompt, checked before every node
   and at every sampler step.
 * History (``PromptQueue.task_done``): :func:`history_entry` -> ``{prompt: [number, id, prompt, extra_data,
@@ -99,7 +104,9 @@ class PromptExecutor:
             inputs = node.get("inputs", {})
             for name in sorted(inputs):
                 v = inputs[name]
-                if is_link(v):
+                if is_link(v) and str(v[0]) not in prompt:  # a broken node outside the outputs that run
+                    parts.append(f"{name}=<missing {v[0]}>")
+                elif is_link(v):
                     parts.append(f"{name}=<{key(str(v[0]), (*stack, node_id))}>[{v[1]}]")
                 else:
                     parts.append(f"{name}={_const_key(v)}")
@@ -177,6 +184,21 @@ class PromptExecutor:
             if send is not None:
                 send(event, data)
 
+        states: dict[str, dict[str, Any]] = {}
+
+        def node_state(nid: str, state: str, value: float | None = None, total: float | None = None) -> None:
+            entry = states.setdefault(nid, {"value": 0.0, "max": 1.0})
+            if state == "running" and value is None:
+                entry.update(value=0.0, max=1.0)
+            elif state == "running":
+                entry.update(value=value, max=total)
+            else:
+                entry["value"] = entry["max"]
+            entry["state"] = state
+            emit("progress_state", {"prompt_id": prompt_id, "nodes": {
+                n: {"value": e["value"], "max": e["max"], "state": e["state"], "node_id": n, "prompt_id": prompt_id,
+                    "display_node_id": n, "parent_node_id": None, "real_node_id": n} for n, e in states.items()}})
+
         emit("execution_start", {"prompt_id": prompt_id, "timestamp": _now_ms()})
         current: dict[str, tuple[Any, ...]] = {}
         node_id = ""
@@ -200,9 +222,11 @@ class PromptExecutor:
                         result.outputs[node_id] = ui
                         emit("executed", {"node": node_id, "display_node": node_id, "output": ui,
                                           "prompt_id": prompt_id})
+                    node_state(node_id, "finished")
                     continue
                 if control.interrupted:
                     raise Interrupted("interrupted")
+                node_state(node_id, "running")
                 emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id})
                 inputs_seen = {}
                 for name, v in prompt[node_id].get("inputs", {}).items():
@@ -212,6 +236,7 @@ class PromptExecutor:
                 self._objects[(node_id, class_type)] = obj
 
                 def progress(value: int, total: int, nid: str = node_id) -> None:
+                    node_state(nid, "running", value, total)
                     emit("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": nid})
 
                 show = None if preview is None else (lambda x0, vae, nid=node_id: preview(nid, x0, vae))
@@ -225,6 +250,7 @@ class PromptExecutor:
                     result.outputs[node_id] = out.ui
                     emit("executed", {"node": node_id, "display_node": node_id, "output": out.ui,
                                       "prompt_id": prompt_id})
+                node_state(node_id, "finished")
             result.success = True
             emit("execution_success", {"prompt_id": prompt_id, "timestamp": _now_ms()})
         except Interrupted:

@@ -16,7 +16,10 @@
   latent size x 8, ``encode_model_conds``);
 * per-step noise of stochastic samplers: one CPU generator seeded with the seed for the whole batch
   (``default_noise_sampler``), Brownian trees for the SDE samplers (``BrownianTreeNoiseSampler`` with one seed);
-* ComfyUI's ``ddim`` is Euler (with fresh random inpainting noise from seed + 1); ``uni_pc``'s final 0 is 0.001.
+* ComfyUI's ``ddim`` is Euler (with fresh random inpainting noise from seed + 1); ``uni_pc``'s final 0 is 0.001;
+* an entry's ``control`` (:mod:`sumie.comfy.control`) adds its ControlNet residuals to the UNet calls of that entry's
+  rows only (ComfyUI batches entries only when their controls are the same), and a MODEL's IP-Adapter hooks see
+  which rows are cond and uncond (``cond_or_uncond``).
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sumie.adapters.control.files import check_family
+from sumie.adapters.control.t2i_files import fit_to_unet
+from sumie.comfy.control import ControlHint, fill_uncond_controls, place_rows
 from sumie.comfy.resize import common_upscale, resize_to_batch_size
 from sumie.comfy.values import ComfyModel, Conditioning
 from sumie.errors import ConfigError
+from sumie.models.hooks import CallInfo, Residuals, UNetOptions
 from sumie.models.unet import sdxl_adm_vector
-from sumie.pipelines.denoise import UNetNetwork
+from sumie.pipelines.denoise import ModelHooks, UNetNetwork
 from sumie.sampling import registry, schedules
 from sumie.sampling.denoisers import make_denoiser
 from sumie.sampling.discretization import DiscreteSigmas
@@ -174,6 +181,8 @@ class _Entry:
         self.concat_image: Tensor | None = opts.get("concat_latent_image")
         self.concat_mask: Tensor | None = opts.get("concat_mask")
         self.concat: Tensor | None = None  # set by ComfyCFG.set_inpaint for 9-channel UNets
+        self.control: ControlHint | None = opts.get("control")
+        self.negative = negative
 
     def active(self, sigma: float) -> bool:
         """ComfyUI's ``timestep_start`` / ``timestep_end`` test."""
@@ -269,15 +278,27 @@ class ComfyCFG:
                  latent_shape: Sequence[int]) -> None:
         m = model.models
         self.ds = discretization(model)
-        self.denoiser = make_denoiser(m.config.prediction, UNetNetwork(m.unet), self.ds)
         device = next(m.unet.parameters()).device
         self.device = device
         self.positive = [_Entry(self.ds, model, c, latent_shape, device, torch.float32) for c in positive]
         skip_uncond = math.isclose(cfg, 1.0)
+        negative = fill_uncond_controls(positive, negative)
         self.negative = [] if skip_uncond else [_Entry(self.ds, model, c, latent_shape, device, torch.float32, True)
                                                 for c in negative]
         self.cfg = float(cfg)
         self.model = model
+        self.hooked = bool(model.extra_kv) or any(e.control is not None for e in self.positive + self.negative)
+        for e in self.positive + self.negative:  # every control network loaded and checked before any step
+            for h in e.control.chain() if e.control is not None else ():
+                control = h.net.network(m.unet)
+                check_family(control, m.config.family)
+                fit_to_unet(control, m.unet, m.config.family)
+        hooks = None
+        if self.hooked:  # else the plain UNet call, unchanged
+            hooks = ModelHooks(unet=UNetOptions(extra_kv=list(model.extra_kv)), residuals=[self._control])
+        self.denoiser = make_denoiser(m.config.prediction, UNetNetwork(m.unet, hooks), self.ds)
+        self._call: tuple[float, list[tuple[slice, _Entry]]] = (0.0, [])  # the coming UNet call's sigma and rows
+        self._calls = 0
 
     def set_inpaint(self, latent: Tensor, denoise_mask: Tensor | None) -> None:
         """Give a 9-channel inpainting UNet its extra input per entry (``BaseModel.concat_cond``): the mask
@@ -329,12 +350,40 @@ class ComfyCFG:
             part = x[:, :, y:y + h, x0:x0 + w]
             kwargs = batch_conds([_kwargs(e, area) for _, e in group], b, repeat_context=True)
             n = len(group)
+            if self.hooked:
+                rows = torch.cat([torch.full((b,), 0 if e.negative else 1, device=x.device) for _, e in group])
+                kwargs["call"] = CallInfo(self._calls, sigma.expand(b).repeat(n), rows)
+                self._call = (float(sigma.reshape(-1)[0]), [(slice(i * b, (i + 1) * b), e)
+                                                             for i, (_, e) in enumerate(group)])
+                self._calls += 1
             pred = self.denoiser(part.repeat(n, 1, 1, 1), sigma.expand(b).repeat(n), **kwargs)
             for i, (k, e) in enumerate(group):
                 mult = e.mult if e.mult is not None else torch.ones((), device=x.device, dtype=x.dtype)
                 outs[k][:, :, y:y + h, x0:x0 + w] += pred[i * b:(i + 1) * b] * mult
                 counts[k][:, :, y:y + h, x0:x0 + w] += mult
         return [o / c for o, c in zip(outs, counts, strict=True)]
+
+    def _control(self, x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None,
+                 call: CallInfo | None) -> Residuals | None:
+        """The residual function of the hooked UNet: each control chain once on the rows of the entries holding it
+        (ComfyUI runs a ControlNet once for the cond and uncond rows that share it), zeros elsewhere."""
+        sigma, entries = self._call
+        groups: dict[int, tuple[ControlHint, list[int]]] = {}
+        for rows, e in entries:
+            if e.control is not None:
+                groups.setdefault(id(e.control), (e.control, []))[1].extend(range(rows.start, rows.stop))
+        parts: list[tuple[Tensor, Residuals]] = []
+        for hint, index in groups.values():
+            idx = torch.tensor(index, device=x_in.device)
+            r = hint.residuals(x_in[idx], t[idx], context[idx], None if y is None else y[idx], sigma,
+                               self.model.models.unet, lambda p: _percent_to_sigma(self.ds, p))
+            if r is not None:
+                parts.append((idx, r))
+        if not parts:
+            return None
+        if len(parts) == 1 and parts[0][0].tolist() == list(range(x_in.shape[0])):
+            return parts[0][1]
+        return place_rows(parts, x_in.shape[0])
 
 
 def _kwargs(e: _Entry, area: tuple[int, int, int, int] | None) -> dict[str, Tensor]:

@@ -9,7 +9,10 @@ its inputs (recursively through links) and when none passes -> ``prompt_outputs_
 ``value_smaller_than_min``, ``value_bigger_than_max``, ``value_not_in_list`` or ``custom_validation_failed``
 (messages and details worded as ComfyUI words them). Constants are converted in place (``"5"`` for an INT becomes
 5), as ComfyUI does. :func:`check_request` adds the ``/prompt`` body's ``no_prompt`` case and builds the HTTP 400
-body ``{"error": ..., "node_errors": ...}``.
+body ``{"error": ..., "node_errors": ...}``. ``partial_execution_targets`` (newer ComfyUI's ``/prompt`` field: run
+only these output nodes) keeps the output nodes whose ids it lists; ids of other nodes are ignored as ComfyUI
+ignores them, and when no output node is left the prompt has no outputs; a value that is not a list of node-id
+strings is an ``invalid_prompt`` error.
 """
 
 from __future__ import annotations
@@ -135,8 +138,10 @@ class _Validator:
         return None
 
 
-def validate_prompt(prompt: Any, env: ComfyEnvironment) -> tuple[bool, Error | None, list[str], dict[str, Any]]:
-    """ComfyUI's ``validate_prompt``: (ok, error, output node ids that passed, node_errors)."""
+def validate_prompt(prompt: Any, env: ComfyEnvironment, partial_execution_targets: list[str] | None = None
+                    ) -> tuple[bool, Error | None, list[str], dict[str, Any]]:
+    """ComfyUI's ``validate_prompt``: (ok, error, output node ids that passed, node_errors); only the output nodes
+    in ``partial_execution_targets`` count when it is given."""
     if not isinstance(prompt, Mapping):
         return False, _error("invalid_prompt", "Prompt must be an object of nodes", type(prompt).__name__), [], {}
     outputs = []
@@ -148,7 +153,7 @@ def validate_prompt(prompt: Any, env: ComfyEnvironment) -> tuple[bool, Error | N
         if cls is None:
             return False, _error("invalid_prompt", f"Cannot execute because node {node['class_type']} does not "
                                  "exist.", f"Node ID '#{node_id}'"), [], {}
-        if cls.OUTPUT_NODE:
+        if cls.OUTPUT_NODE and (partial_execution_targets is None or str(node_id) in partial_execution_targets):
             outputs.append(str(node_id))
     if not outputs:
         return False, _error("prompt_no_outputs", "Prompt has no outputs", ""), [], {}
@@ -191,7 +196,12 @@ def check_request(body: Any, env: ComfyEnvironment) -> PromptCheck:
         err = _error("no_prompt", "No prompt provided", "No prompt provided")
         return PromptCheck(False, body={"error": err, "node_errors": {}})
     prompt = body["prompt"]
-    ok, error, outputs, node_errors = validate_prompt(prompt, env)
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        err = _error("invalid_prompt", "partial_execution_targets must be a list of node id strings",
+                     f"got {type(targets).__name__}: {str(targets)[:100]}")
+        return PromptCheck(False, body={"error": err, "node_errors": {}})
+    ok, error, outputs, node_errors = validate_prompt(prompt, env, targets)
     if not ok:
         return PromptCheck(False, body={"error": error, "node_errors": node_errors})
     return PromptCheck(True, prompt, outputs, node_errors)

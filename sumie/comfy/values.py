@@ -7,13 +7,19 @@
 * ``LATENT`` -> ``{"samples": [B, C, h, w] unscaled VAE latents, "noise_mask"?, "batch_index"?}``,
 * ``IMAGE`` -> [B, H, W, 3] float in [0, 1]; ``MASK`` -> [B, H, W] (or [H, W]) float in [0, 1],
 * ``SAMPLER`` / ``SIGMAS`` / ``GUIDER`` / ``NOISE`` -> :class:`ComfySampler`, a 1-D tensor, :class:`ComfyGuider`,
-  :class:`ComfyNoise`.
+  :class:`ComfyNoise`;
+* ``CONTROL_NET`` -> :class:`~sumie.comfy.control.ComfyControlNet` (a conditioning entry's ``control`` option holds
+  a :class:`~sumie.comfy.control.ControlHint` chain); ``CLIP_VISION`` -> :class:`~sumie.models.clip_vision.
+  CLIPVisionModel`; ``CLIP_VISION_OUTPUT`` -> :class:`~sumie.comfy.vision.VisionOutput`; ``IPADAPTER`` ->
+  :class:`~sumie.adapters.ip_adapter.files.IPAdapterModel`; ``UPSCALE_MODEL`` -> :class:`~sumie.models.upscalers.
+  detect.Upscaler`.
 
 Values are never changed in place: a node that alters one returns a new value (graph outputs are cached).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,15 +36,21 @@ Conditioning = list[list[Any]]  # [[context [1, L, D], {"pooled_output": ..., ..
 
 @dataclass(frozen=True, eq=False)
 class ComfyModel:
-    """A checkpoint's diffusion model as ComfyUI's ``MODEL``: networks, a base patcher and added UNet patches."""
+    """A checkpoint's diffusion model as ComfyUI's ``MODEL``: networks, a base patcher, added UNet patches and
+    attention hooks (IP-Adapters' extra keys / values, :data:`~sumie.models.hooks.ExtraKV`)."""
 
     models: StableDiffusionModels
     patcher: ModelPatcher
     patches: Patches = ()
+    extra_kv: tuple[Any, ...] = ()
 
     def with_patches(self, patches: Mapping[str, WeightPatch], strength: float) -> ComfyModel:
         """A new MODEL with ``patches`` added at ``strength`` (ComfyUI clones the patcher)."""
-        return ComfyModel(self.models, self.patcher, (*self.patches, (patches, strength)))
+        return dataclasses.replace(self, patches=(*self.patches, (patches, strength)))
+
+    def with_extra_kv(self, hook: Any) -> ComfyModel:
+        """A new MODEL whose cross-attention layers also get ``hook``'s tokens (an IP-Adapter's)."""
+        return dataclasses.replace(self, extra_kv=(*self.extra_kv, hook))
 
 
 @dataclass(frozen=True, eq=False)

@@ -370,17 +370,9 @@ class Engine:
             raise ConfigError(f"ControlNet {control.name} has context width {width}; the model ({cfg.family}) has "
                               f"{cfg.unet.context_dim}: pick a ControlNet made for {cfg.family}")
         if control.kind == "t2i_adapter":  # its features go where this UNet's levels end (diffusers' rule)
-            from sumie.models.t2i_adapter import unet_sites
+            from sumie.adapters.control.t2i_files import fit_to_unet
 
-            adapter = control.model
-            sites = unet_sites(cfg.unet, len(adapter.config.sites))
-            widths = self.models.unet.skip_channels
-            wanted = [widths[-1] if s == "middle" else widths[s] for s in sites]
-            have = list(adapter.config.channels)
-            if have != wanted:
-                raise ConfigError(f"T2I-Adapter {control.name} makes features of widths {have}; this UNet needs "
-                                  f"{wanted}: pick an adapter made for {cfg.family}")
-            adapter.config = dataclasses.replace(adapter.config, sites=sites)
+            fit_to_unet(control, self.models.unet, cfg.family)
         return control.model
 
     # ---------------------------------------------------------------- validation and size

@@ -29,7 +29,7 @@ from sumie.models.upscalers.detect import Upscaler
 if TYPE_CHECKING:
     from sumie.checkpoints.manager import ModelManager
 
-__all__ = ["A1111_NAMES", "MAX_PASSES", "resolve_upscaler", "run_tiled", "tile_spans", "upscale"]
+__all__ = ["A1111_NAMES", "MAX_PASSES", "model_grid", "resolve_upscaler", "run_tiled", "tile_spans", "upscale"]
 
 MAX_PASSES = 3  # A1111: an upscaler runs at most three times to reach the target
 # A1111's built-in Real-ESRGAN upscaler names -> the file stems it downloads into models/RealESRGAN
@@ -115,7 +115,7 @@ def run_tiled(fn: Callable[[Tensor], Tensor], x: Tensor, scale: float, tile: int
     return out / total
 
 
-def _align(module: nn.Module) -> int:
+def model_grid(module: nn.Module) -> int:
     """The input grid a model works on: pixel-unshuffle factor or window size (1 for plain convs)."""
     return int(getattr(module, "window_size", None) or getattr(module, "unshuffle", 1))
 
@@ -174,7 +174,7 @@ def upscale(model: Upscaler | nn.Module, image: Image.Image, scale: float | None
         module = copy.deepcopy(module).to(device=device, dtype=dtype)
     channels = int(getattr(module, "in_ch", 3))
     alpha = image.getchannel("A") if "A" in image.getbands() else None
-    align = _align(module)
+    align = model_grid(module)
     out = image
     with torch.inference_mode():
         for n in range(MAX_PASSES):  # each pass ends in a uint8 image, as A1111's passes do

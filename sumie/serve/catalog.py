@@ -45,7 +45,8 @@ class ServeFolders(ModelFolders):
         self.models_dir = base.models_dir if base is not None else Path(".")
         self.layout = base.layout if base is not None else "a1111"
         extra = {"checkpoint": config.ckpt_dirs, "lora": config.lora_dirs, "embedding": config.embeddings_dirs,
-                 "vae": config.vae_dirs, "controlnet": config.controlnet_dirs}
+                 "vae": config.vae_dirs, "controlnet": config.controlnet_dirs, "upscaler": config.upscaler_dirs,
+                 "clip_vision": config.clip_vision_dirs, "ip_adapter": config.ipadapter_dirs}
         self._dirs: dict[str, list[Path]] = {}
         for kind in KINDS:
             found = base.dirs(kind) if base is not None else []

@@ -56,6 +56,7 @@ PREVIEW_SIZE = 512  # ComfyUI's --preview-size
 # Events ComfyUI sends with sid None (to every socket) when the prompt has no client id: the progress hook and
 # previews (main.py), and execution_interrupted (execution.py add_message(..., broadcast=True)).
 _SENT_WITHOUT_CLIENT = ("progress", "execution_interrupted")
+_BROADCAST = ("progress_state",)  # WebUIProgressHandler's send_sync without a sid: every socket
 
 
 def _number(value: Any) -> float:
@@ -306,7 +307,9 @@ class ComfyService:
                 live.textinfo = queued.prompt.get(queued.node, {}).get("class_type")
             elif event == "progress":
                 live.sampling_step, live.sampling_steps = int(data["value"]), int(data["max"])
-            if sid is not None or event in _SENT_WITHOUT_CLIENT:
+            if event in _BROADCAST:
+                self.hub.send(event, data, None)
+            elif sid is not None or event in _SENT_WITHOUT_CLIENT:
                 self.hub.send(event, data, sid)
             if event == "progress" and frame:  # main.py's hook: the progress message, then the step's preview
                 self.hub.send_bytes(PREVIEW_IMAGE, frame.pop(), sid)

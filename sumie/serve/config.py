@@ -37,6 +37,9 @@ class ServeConfig:
     embeddings_dirs: tuple[Path, ...] = ()
     vae_dirs: tuple[Path, ...] = ()
     controlnet_dirs: tuple[Path, ...] = ()
+    upscaler_dirs: tuple[Path, ...] = ()
+    clip_vision_dirs: tuple[Path, ...] = ()
+    ipadapter_dirs: tuple[Path, ...] = ()
     output_dir: Path = Path("outputs")
     devices: tuple[str, ...] = ("cpu",)
     dtype: str = "fp32"
@@ -59,7 +62,8 @@ class ServeConfig:
             raise ConfigError("--api-token must be a non-empty token without spaces")
         for name, folders in (("--ckpt-dir", self.ckpt_dirs), ("--lora-dir", self.lora_dirs),
                               ("--embeddings-dir", self.embeddings_dirs), ("--vae-dir", self.vae_dirs),
-                              ("--controlnet-dir", self.controlnet_dirs)):
+                              ("--controlnet-dir", self.controlnet_dirs), ("--upscaler-dir", self.upscaler_dirs),
+                              ("--clip-vision-dir", self.clip_vision_dirs), ("--ipadapter-dir", self.ipadapter_dirs)):
             for f in folders:
                 if not Path(f).is_dir():
                     raise ConfigError(f"{name} {f}: no such folder; create it or fix the path")

@@ -49,6 +49,8 @@ TEMPLATES = {
     "sumie_sd_lora": ("SD txt2img with a LoRA", "Checkpoint -> Load LoRA -> prompts and KSampler; pick your LoRA "
                       "in the Load LoRA node (the template's name is a placeholder)."),
     "sumie_sd_hires_fix": ("SD hires fix on sumie-tiny", "Two passes: sample, upscale the latent by 1.5, resample."),
+    "sumie_sd_controlnet": ("SD ControlNet on sumie-tiny", "A control image (LoadImage) and a ControlNet guide the "
+                            "KSampler through Apply ControlNet; pick your ControlNet file and image."),
 }
 DEFAULT_TEMPLATE = "sumie_sd_txt2img"
 # the templates index's tags (default: Text to Image)

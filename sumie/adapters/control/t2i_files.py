@@ -14,6 +14,7 @@ The StyleAdapter (``style_embedding``, ``transformer_layes``) is recognised and 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,10 +26,12 @@ from torch import Tensor
 from sumie.adapters.control.files import ControlFile
 from sumie.checkpoints.loader import build_module
 from sumie.configs import SD1, SDXL
-from sumie.errors import CheckpointError
+from sumie.errors import CheckpointError, ConfigError
 from sumie.models.t2i_adapter import T2IAdapterConfig, T2IAdapterModel, unet_sites
+from sumie.models.unet import UNetModel
 
-__all__ = ["ControlFile", "adapter_config", "diffusers_to_original", "is_t2i_adapter", "load_t2i_adapter"]
+__all__ = ["ControlFile", "adapter_config", "diffusers_to_original", "fit_to_unet", "is_t2i_adapter",
+           "load_t2i_adapter"]
 
 LEVELS = 4  # every released adapter has four feature levels (SD1: four UNet levels; SDXL: three and the middle)
 # cin -> (hint channels, pixel unshuffle, family)
@@ -145,3 +148,19 @@ def load_t2i_adapter(path: Path, sd: Mapping[str, Tensor], *, device: torch.devi
     return ControlFile(path=path, name=path.stem, kind="t2i_adapter", family=family, model=model, hint_channels=3,
                        layout="t2i_adapter")
 
+
+
+def fit_to_unet(control: ControlFile, unet: UNetModel, family: str) -> None:
+    """Place a T2I-Adapter's features where this UNet's levels end (diffusers' rule); ConfigError when their widths
+    do not fit the UNet's (of model ``family``). Sets ``control.model.config.sites``; a ControlNet is left as it is."""
+    if control.kind != "t2i_adapter":
+        return
+    adapter = control.model
+    sites = unet_sites(unet.config, len(adapter.config.sites))  # type: ignore[union-attr, arg-type]
+    widths = unet.skip_channels
+    wanted = [widths[-1] if s == "middle" else widths[s] for s in sites]
+    have = list(adapter.config.channels)  # type: ignore[union-attr]
+    if have != wanted:
+        raise ConfigError(f"T2I-Adapter {control.name} makes features of widths {have}; this UNet needs {wanted}: "
+                          f"pick an adapter made for {family}")
+    adapter.config = dataclasses.replace(adapter.config, sites=sites)  # type: ignore[union-attr]

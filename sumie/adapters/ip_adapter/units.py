@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sumie.pipelines.engine import Engine
     from sumie.pipelines.job import Job
 
-__all__ = ["attach_ip_adapters", "find_encoder", "prepare_unit"]
+__all__ = ["attach_ip_adapters", "find_encoder", "prepare_unit", "register_loaders"]
 
 _ENCODER_FOLDERS = ("image_encoder", "clip_vision")  # IP-Adapter's repo layout: models/image_encoder next to files
 
@@ -40,8 +40,8 @@ def _load_encoder(req: LoadRequest) -> CLIPVisionModel:
     return load_image_encoder(req.path, device=req.device, dtype=req.dtype.unet)
 
 
-def _register(manager: ModelManager) -> None:
-    """Give the manager loaders for the two kinds (once)."""
+def register_loaders(manager: ModelManager) -> None:
+    """Give the manager loaders for IP-Adapters and CLIP image encoders (once)."""
     if not manager.has_loader("ip_adapter"):
         manager.register_loader("ip_adapter", _load_adapter)
     if not manager.has_loader("clip_vision"):
@@ -100,7 +100,7 @@ def prepare_unit(engine: Engine, unit: IPAdapterUnit, index: int = 0) -> tuple[I
     """One unit -> (its hook for the base UNet, its infotext value). Raises before any step on bad input."""
     _check_unit(unit, index)
     manager = engine.manager
-    _register(manager)
+    register_loaders(manager)
     unet = engine.models.unet
     path = manager.resolve("ip_adapter", unit.model)
     adapter: IPAdapterModel = manager.get("ip_adapter", path)

@@ -6,12 +6,13 @@ from types import MappingProxyType
 from typing import Any
 
 from sumie.comfy.env import ComfyEnvironment
-from sumie.comfy.nodes import conditioning, image, latent, loaders, sampling
+from sumie.comfy.nodes import conditioning, control, image, latent, loaders, sampling, upscale, vision
 from sumie.comfy.nodes.base import Node, node_info
 from sumie.errors import ConfigError
 
 NODE_CLASSES: MappingProxyType[str, type[Node]] = MappingProxyType({
-    **sampling.NODES, **loaders.NODES, **conditioning.NODES, **latent.NODES, **image.NODES,
+    **sampling.NODES, **loaders.NODES, **conditioning.NODES, **latent.NODES, **image.NODES, **control.NODES,
+    **upscale.NODES, **vision.NODES,
 })
 
 

@@ -5,7 +5,7 @@ A node class states ComfyUI's facts as class attributes: ``RETURN_TYPES`` / ``RE
 :meth:`Node.input_types` (option lists may depend on the folders, so it takes the environment). :meth:`Node.run`
 does the work with Sumie's engine. :func:`node_info` turns a class into ComfyUI's ``/object_info`` entry
 (``server.py`` ``node_info``: input, input_order, output, output_is_list, output_name, name, display_name,
-description, python_module, category, output_node, and output_tooltips where the node has them).
+description, python_module, category, output_node, and output_tooltips / deprecated where the node has them).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Node:
     DISPLAY_NAME: ClassVar[str | None] = None
     PYTHON_MODULE: ClassVar[str] = "nodes"
     VALIDATES: ClassVar[tuple[str, ...]] = ()  # inputs checked by validate() instead of the option list
+    DEPRECATED: ClassVar[bool] = False
 
     @classmethod
     def input_types(cls, env: ComfyEnvironment) -> InputTypes:
@@ -107,4 +108,6 @@ def node_info(name: str, cls: type[Node], env: ComfyEnvironment) -> dict[str, An
     }
     if cls.OUTPUT_TOOLTIPS is not None:
         info["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
+    if cls.DEPRECATED:
+        info["deprecated"] = True
     return info

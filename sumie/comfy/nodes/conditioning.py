@@ -5,42 +5,88 @@ CLIPTextEncodeSDXLRefiner).
 Prompts are split into chunks as ComfyUI does (:mod:`sumie.comfy.tokens`), encoded by Sumie's text encoders
 (:class:`~sumie.prompts.text_conditioning.TextConditioner`) and weighted as ComfyUI does
 (``sd1_clip.ClipTokenWeightEncoder``): a token of weight w != 1 becomes ``(z - z_empty) * w + z_empty``,
-``z_empty`` the encoding of the empty prompt at that position. Textual-inversion ``embedding:name`` words are not
-supported yet (they are tokenized as text).
+``z_empty`` the encoding of the empty prompt at that position. Textual-inversion ``embedding:name`` words read the
+embeddings folders (:func:`embedding_lookup`) and are placed as Sumie's prompt path places embeddings.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sumie.comfy.env import ComfyEnvironment
 from sumie.comfy.nodes.base import MAX_RESOLUTION, InputTypes, Node, RunContext
-from sumie.comfy.tokens import comfy_chunks
+from sumie.comfy.tokens import EmbeddingLookup, comfy_chunks
 from sumie.comfy.values import ComfyClip, Conditioning, NodeOutput, applied
+from sumie.configs import ModelConfig
 from sumie.errors import ConfigError
+from sumie.prompts.embeddings import Embedding, load_embedding_file
 from sumie.prompts.text_conditioning import ConditioningOptions, PromptChunk, TextConditioner
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")  # sd1_clip.load_embed's order
+
+
+def embedding_lookup(env: ComfyEnvironment, config: ModelConfig) -> EmbeddingLookup | None:
+    """``embedding:NAME`` -> the file ``NAME`` (or ``NAME`` + .safetensors / .pt / .bin) in the first embeddings folder
+    that has it, never outside it (``sd1_clip.load_embed``); None without an embeddings folder (the words stay
+    text, as ComfyUI's without an embedding directory). An embedding that does not fit the model is a ConfigError."""
+    folders = env.manager.folders
+    dirs = folders.dirs("embedding") if folders is not None else []
+    if not dirs:
+        return None
+    loaded: dict[Path, Embedding] = {}
+
+    def find(name: str) -> Embedding | None:
+        for base in dirs:
+            root = os.path.abspath(base)
+            full = os.path.abspath(os.path.join(root, name))
+            if os.path.commonpath((root, full)) != root:
+                continue
+            candidates = [full] if os.path.isfile(full) else [full + s for s in EMBEDDING_SUFFIXES]
+            path = next((Path(c) for c in candidates if os.path.isfile(c)), None)
+            if path is None:
+                continue
+            if path not in loaded:
+                emb = load_embedding_file(path)
+                try:
+                    emb.check(config)
+                except ConfigError as e:
+                    raise ConfigError(f"embedding:{name}: {e}") from None
+                loaded[path] = emb
+            return loaded[path]
+        return None
+
+    return find
 
 
 class _ComfyConditioner(TextConditioner):
     """Sumie's text encoders fed ComfyUI's chunks (:func:`sumie.comfy.tokens.comfy_chunks`), weights left out."""
 
+    lookup: EmbeddingLookup | None = None
+
     def tokenize(self, text: str) -> tuple[list[PromptChunk], int]:
         """ComfyUI's chunks of a prompt and their token count."""
-        chunks = comfy_chunks(text, self.tokenizer)
+        chunks = comfy_chunks(text, self.tokenizer, self.lookup)
         return chunks, sum(t not in (self.tokenizer.BOS, self.tokenizer.EOS) for c in chunks for t in c.tokens)
 
 
-def _conditioner(clip: ComfyClip) -> TextConditioner:
+def _conditioner(clip: ComfyClip, embeddings: EmbeddingLookup | None) -> TextConditioner:
     m = clip.models
     skip = 1 if clip.layer is None else -clip.layer
-    return _ComfyConditioner(m.config, m.text_encoders, None, ConditioningOptions(emphasis="Ignore", clip_skip=skip))
+    out = _ComfyConditioner(m.config, m.text_encoders, None, ConditioningOptions(emphasis="Ignore", clip_skip=skip))
+    out.lookup = embeddings
+    return out
 
 
-def encode_text(clip: ComfyClip, text: str) -> tuple[Tensor, Tensor | None, int]:
-    """(context [1, 77k, D], pooled [1, P] or None, chunks k) of one prompt with ComfyUI's token weighting."""
-    conditioner = _conditioner(clip)
+def encode_text(clip: ComfyClip, text: str,
+                embeddings: EmbeddingLookup | None = None) -> tuple[Tensor, Tensor | None, int]:
+    """(context [1, 77k, D], pooled [1, P] or None, chunks k) of one prompt with ComfyUI's token weighting;
+    ``embeddings`` resolves ``embedding:NAME`` words (:func:`embedding_lookup`)."""
+    conditioner = _conditioner(clip, embeddings)
     chunks, _ = conditioner.tokenize(text)
     with applied(clip.patcher, clip.patches), torch.no_grad():
         out = conditioner([text])
@@ -73,7 +119,7 @@ class CLIPTextEncode(Node):
 
     def run(self, ctx: RunContext, clip: ComfyClip, text: str) -> NodeOutput:
         """Encode the prompt."""
-        context, pooled, _ = encode_text(clip, text)
+        context, pooled, _ = encode_text(clip, text, embedding_lookup(ctx.env, clip.models.config))
         return NodeOutput(([[context, {"pooled_output": pooled}]],))
 
 
@@ -100,8 +146,9 @@ class CLIPTextEncodeSDXL(Node):
         names = [e.name for e in clip.models.config.text_encoders]
         if len(names) != 2:
             raise ConfigError("CLIPTextEncodeSDXL needs an SDXL model (two text encoders); use CLIPTextEncode")
-        ctx_g, pooled, n_g = encode_text(clip, text_g)
-        ctx_l, _, n_l = encode_text(clip, text_l)
+        lookup = embedding_lookup(ctx.env, clip.models.config)
+        ctx_g, pooled, n_g = encode_text(clip, text_g, lookup)
+        ctx_l, _, n_l = encode_text(clip, text_l, lookup)
         width_l = clip.models.config.text_encoders[0].width
         empty, _, _ = encode_text(clip, "")
         n = max(n_g, n_l)
@@ -131,7 +178,7 @@ class CLIPTextEncodeSDXLRefiner(Node):
 
     def run(self, ctx: RunContext, ascore: float, width: int, height: int, text: str, clip: ComfyClip) -> NodeOutput:
         """[[context, {pooled_output, aesthetic_score, width, height}]]."""
-        context, pooled, _ = encode_text(clip, text)
+        context, pooled, _ = encode_text(clip, text, embedding_lookup(ctx.env, clip.models.config))
         opts = {"pooled_output": pooled, "aesthetic_score": float(ascore), "width": width, "height": height}
         return NodeOutput(([[context, opts]],))
 
