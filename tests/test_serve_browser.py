@@ -122,7 +122,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
     models = load_models(embedded_path())
     write_kohya(root / "loras" / LORA, models)
     # what the ControlNet template names: a random ControlNet at sumie-tiny's shapes
-    write_original(root / "controlnet" / "control_sumie-tiny.safetensors", random_controlnet(models.config.unet, seed=3))
+    net = random_controlnet(models.config.unet, seed=3)
+    write_original(root / "controlnet" / "control_sumie-tiny.safetensors", net)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
         old.unlink()
