@@ -16,8 +16,9 @@ machine (shared memory; not a network file system), so the replicas are pinned t
 
 Queue semantics are the single server's, per replica: ``--max-queue`` jobs queued or running in a replica, then
 503 with Retry-After, never a silent drop. In front of them Ray Serve lets a replica hold ``max_queue + 16``
-requests at once (room for polls and event streams beside the waiting A1111 requests) and queues ``max_queue`` more
-at the proxy, refusing any beyond that with 503 and Retry-After (Ray's ``max_queued_requests``). The proxy balances
+requests at once (room for polls and event streams beside the waiting A1111 requests) and its proxy holds as many
+again while it picks replicas, refusing any beyond that with its own 503 (plain text, with Retry-After; Ray's
+``max_queued_requests``). The proxy balances
 on requests in flight, not on jobs queued: a native job's POST returns at once, so a replica may be full while
 another has room; a client retries after Retry-After. ComfyUI's queue and history (``/prompt``, ``/history``,
 ``/ws``) stay per replica: use the native or A1111 API through Ray.
@@ -34,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,7 +188,7 @@ def deploy(config: ServeConfig, plan: RayPlan, host: str, port: int) -> float:
     deployment = serve.deployment(
         serve.ingress()(SumieReplica), name="SumieReplica", num_replicas=plan.replicas,
         ray_actor_options=plan.actor_options(), max_ongoing_requests=limits.max_queue + _POLL_ROOM,
-        max_queued_requests=limits.max_queue,
+        max_queued_requests=plan.replicas * (limits.max_queue + _POLL_ROOM),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s))
     serve.start(http_options={"host": host, "port": port}, detached=False)
     try:
@@ -197,11 +200,13 @@ def deploy(config: ServeConfig, plan: RayPlan, host: str, port: int) -> float:
 
 def serve_forever(config: ServeConfig, address: str | None, host: str, port: int, replicas: int | None,
                   cpus: float, device: str | None, dtype: str | None, log: Callable[[str], None]) -> int:
-    """``sumie serve --ray``: join (or start) the cluster, deploy, block until Ctrl-C, then remove it all."""
+    """``sumie serve --ray``: join (or start) the cluster, deploy, block until Ctrl-C or SIGTERM, then remove the
+    app (and the whole Serve instance and cluster when this command started them)."""
     ray = import_ray()
     from ray import serve
 
     started = connect(address)
+    own = address in (None, "", "local")
     try:
         plan, shared = plan_replicas(config, replicas, cpus, device, dtype)
         log(f"sumie: Ray cluster ready in {started:.1f} s; deploying {plan.replicas} replica(s) "
@@ -210,15 +215,20 @@ def serve_forever(config: ServeConfig, address: str | None, host: str, port: int
         log(f"sumie: {plan.replicas} replica(s) ready in {took:.1f} s; serving AUTOMATIC1111's API on "
             f"http://{host}:{port}/sdapi/v1 and the native jobs API on http://{host}:{port}/api/v1/jobs "
             f"(records: {shared.database}); Ctrl-C stops")
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log("sumie: stopping the replicas")
+            stop.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log("sumie: stopping the replicas")
         return 0
     finally:
-        if serve.status().applications:
+        if own:
             serve.shutdown()
+        elif APP_NAME in serve.status().applications:
+            serve.delete(APP_NAME)  # a shared cluster: only what this command deployed
         ray.shutdown()
 
 
