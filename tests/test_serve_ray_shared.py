@@ -1,6 +1,7 @@
 """Several servers on one output folder and job records (``ServeConfig.shared``: what each replica of ``sumie serve
 --ray`` is), without Ray: a job queued on one is seen, followed and cancelled through the other; two processes'
-image numbering never overwrites; and ``--ray`` without Ray installed is a one-line error."""
+image numbering never overwrites; ``--ray`` without Ray installed, and bad ``--ray`` flags, are one-line errors
+(before any cluster is started or joined)."""
 
 from __future__ import annotations
 
@@ -157,3 +158,18 @@ def test_ray_flag_without_ray_is_a_one_line_error(command: str, tmp_path: Path) 
     assert proc.returncode != 0
     assert "--ray needs Ray: pip install 'sumie[ray]'" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--ray", "no-port"], "--ray no-port: give HOST:PORT"),
+    (["--ray", "--replicas", "0"], "--replicas must be at least 1, got 0"),
+    (["--ray", "--device", "cuda:0,cuda:1"], "with --ray each replica has one device"),
+])
+def test_bad_ray_flags_are_one_line_errors(flags: list[str], message: str, tmp_path: Path) -> None:
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a"}\n')
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "sumie", "batch", "x.jsonl", "-o", "out", *flags], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"sumie: error: {message}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60  # no cluster started, no minutes of retries

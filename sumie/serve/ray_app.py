@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -70,12 +71,37 @@ def connect(address: str | None) -> float:
     t0 = time.monotonic()
     if not ray.is_initialized():
         where = None if address in (None, "", "local") else address
+        if where is not None and where != "auto":
+            _reachable(where)
         try:
             ray.init(address=where, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise SumieError(f"cannot join the Ray cluster at {where or 'local'}: {e}; start one with `ray start "
                              "--head` or pass --ray without an address") from None
     return time.monotonic() - t0
+
+
+def _reachable(address: str) -> None:
+    """A one-line error when nothing listens at ``[ray://]HOST:PORT`` (Ray itself would retry for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray {address}: give HOST:PORT (the head's GCS, e.g. HOST:6379), ray://HOST:10001, "
+                          "auto, or nothing to start a local cluster")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise SumieError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it with `ray start "
+                         "--head` or check the address") from None
+
+
+def check_flags(replicas: int | None, cpus: float, device: str | None) -> None:
+    """The ``--replicas`` / ``--replica-cpus`` / ``--device`` errors found before any cluster is joined."""
+    if device is not None and "," in device:
+        raise ConfigError("with --ray each replica has one device; give --replicas N instead of a --device list")
+    if cpus <= 0:
+        raise ConfigError(f"--replica-cpus must be positive, got {cpus}")
+    if replicas is not None and replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
 
 
 @dataclass(frozen=True)
@@ -98,10 +124,7 @@ def plan_replicas(config: ServeConfig, replicas: int | None, cpus: float, device
     (``cuda``: the GPU Ray gives it; ``cpu``) and ``shared`` records. ``device`` / ``dtype``: the user's ``--device``
     and ``--dtype`` (None: not given)."""
     ray = import_ray()
-    if device is not None and "," in device:
-        raise ConfigError("with --ray each replica has one device; give --replicas N instead of a --device list")
-    if cpus <= 0:
-        raise ConfigError(f"--replica-cpus must be positive, got {cpus}")
+    check_flags(replicas, cpus, device)
     node = ray.util.get_node_ip_address()
     here = next((n for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress") == node), None)
     gpus = int((here or {}).get("Resources", {}).get("GPU", 0))
@@ -109,8 +132,6 @@ def plan_replicas(config: ServeConfig, replicas: int | None, cpus: float, device
     if device is not None and device.startswith("cuda") and gpus == 0:
         raise ConfigError(f"--device {device}: this Ray node has no GPU; use --device cpu")
     n = replicas if replicas is not None else (gpus if use_gpu else 1)
-    if n < 1:
-        raise ConfigError(f"--replicas must be at least 1, got {n}")
     if use_gpu and n > gpus:
         raise ConfigError(f"--replicas {n}: this node has {gpus} GPU(s), one per replica; use --replicas {gpus} or "
                           "--device cpu")
@@ -205,6 +226,7 @@ def serve_forever(config: ServeConfig, address: str | None, host: str, port: int
     ray = import_ray()
     from ray import serve
 
+    check_flags(replicas, cpus, device)
     started = connect(address)
     own = address in (None, "", "local")
     try:
@@ -265,9 +287,10 @@ def run_batch_ray(path: Path, config: ServeConfig, address: str | None, replicas
     from sumie.serve.store import JobRecords, prepare_shared
 
     ray = import_ray()
+    check_flags(replicas, cpus, device)
+    lines = read_batch(path)
     connect(address)
     plan, shared = plan_replicas(config, replicas, cpus, device, dtype)
-    lines = read_batch(path)
     report = BatchReport()
     prepare_shared(shared.output_dir, shared.database)
     records = JobRecords(shared.database)
