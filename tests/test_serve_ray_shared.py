@@ -6,6 +6,7 @@ image numbering never overwrites; ``--ray`` without Ray installed, and bad ``--r
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -124,23 +125,34 @@ def test_two_stores_on_one_folder_never_overwrite(tmp_path: Path) -> None:
             assert path.name.endswith(f"-{seed}.png") and im.getpixel((0, 0))[:2] == (seed // 10, seed % 10)
 
 
-def test_prepare_shared_recovers_once_and_shared_servers_do_not(tmp_path: Path) -> None:
+def test_prepare_shared_recovers_once_and_shared_servers_only_dead_processes(tmp_path: Path) -> None:
     db = tmp_path / "sumie-jobs.sqlite3"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    host = socket.gethostname()
+    dead, alive = f"{host}:{int(gone.stdout)}", f"{host}:{os.getpid()}"
     records = JobRecords(db)
-    records.add("left", "txt2img", {})
-    records.start("left", "host:1")
-    records.add("live", "txt2img", {})
+    records.add("other-host", "txt2img", {}, "elsewhere:1")
+    records.start("other-host", "elsewhere:1")
+    records.add("alive", "txt2img", {}, alive)
+    records.start("alive", alive)
+    records.add("dead-running", "txt2img", {}, dead)
+    records.start("dead-running", dead)
+    records.add("dead-queued", "txt2img", {}, dead)
     records.close()
     from sumie.serve.server import Server
 
     server = Server(ServeConfig(output_dir=tmp_path, shared=True, preload=False))
-    try:  # a replica starting beside running ones must not fail their jobs
-        assert server.recovered == 0 and server.records.get("left").state == "running"
+    try:  # a replica starting beside running ones fails only the jobs of this host's dead processes
+        assert server.recovered == 2
+        assert [server.records.get(j).state for j in ("other-host", "alive", "dead-running", "dead-queued")] == \
+            ["running", "running", "failed", "failed"]
+        assert dead in server.records.get("dead-queued").error
     finally:
         server.close()
-    assert prepare_shared(tmp_path, db) == (2, [])
+    assert prepare_shared(tmp_path, db) == (2, [])  # before replicas start: every unfinished job
     again = JobRecords(db)
-    assert again.get("left").state == "failed" and again.get("live").state == "failed"
+    assert again.get("other-host").state == "failed" and again.get("alive").state == "failed"
     again.close()
 
 

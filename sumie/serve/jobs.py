@@ -234,7 +234,7 @@ class JobQueue:
                 raise ApiError(409, f"force_task_id: a job with id {jid!r} already exists; use another id",
                                field="force_task_id")
             worker = min(self.workers, key=lambda w: len(w.status().pending) + (w.status().running is not None))
-            self.records.add(jid, kind, summary)
+            self.records.add(jid, kind, summary, self.worker_id)
 
             def run(manager: ModelManager, control: JobControl) -> Any:
                 live = LiveState(jid, kind, control=control, textinfo="starting")

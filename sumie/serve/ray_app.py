@@ -2,26 +2,27 @@
 
 ``sumie serve --ray [ADDRESS]`` runs N replicas of the same app :func:`sumie.serve.create_app` builds (the same
 routes, nothing forked), each a Ray actor with its own engine worker and queue (one GPU each where the cluster has
-GPUs), behind Ray Serve's HTTP proxy on ``--host`` / ``--port``. A request goes to one replica (the proxy picks
-the less busy of two); a job lives in the replica that queued it.
+GPUs), behind Ray Serve's HTTP proxy on ``--host`` / ``--port``. A request goes to one replica (the proxy picks the
+less busy of two); a job lives in the replica that queued it.
 
 The job records are the single server's SQLite file (WAL) under ``--output-dir``, opened by every replica
-(``ServeConfig.shared``): a running job writes its progress there (at most every ``progress_write_s``, and its
-last step) and a cancel asked through another replica is read there, so ``GET /api/v1/jobs/{id}`` (state,
-progress, outputs, info), its events, ``DELETE`` and A1111's ``/progress`` answer on whichever replica the proxy
-picks. Why SQLite and not a store actor: it is what the single server already trusts for crashes (WAL, recovery at
-start), it needs no extra hop per poll, and it outlives the cluster. Its cost: SQLite's WAL needs every user on one
-machine (shared memory; not a network file system), so the replicas are pinned to the node that runs ``sumie serve
---ray`` (its GPUs, all of them if wanted); the model folders and the output folder are that node's.
+(``ServeConfig.shared``): a running job writes its progress there (at most every ``progress_write_s``, and its last
+step) and a cancel asked through another replica is read there, so ``GET /api/v1/jobs/{id}`` (state, progress,
+outputs, info), its events, ``DELETE`` and A1111's ``/progress`` answer on whichever replica the proxy picks. A
+replica that Ray starts in place of one that died marks the jobs the dead one held failed
+(:meth:`~sumie.serve.store.JobRecords.recover_dead`). Why SQLite and not a store actor: it is what the single server
+already trusts for crashes (WAL, recovery at start), it needs no extra hop per poll, and it outlives the cluster.
+Its cost: SQLite's WAL needs every user on one machine (shared memory; not a network file system), so the replicas
+are pinned to the node that runs ``sumie serve --ray`` (its GPUs, all of them if wanted); the model folders and the
+output folder are that node's.
 
-Queue semantics are the single server's, per replica: ``--max-queue`` jobs queued or running in a replica, then
-503 with Retry-After, never a silent drop. In front of them Ray Serve lets a replica hold ``max_queue + 16``
-requests at once (room for polls and event streams beside the waiting A1111 requests) and its proxy holds as many
-again while it picks replicas, refusing any beyond that with its own 503 (plain text, with Retry-After; Ray's
-``max_queued_requests``). The proxy balances
-on requests in flight, not on jobs queued: a native job's POST returns at once, so a replica may be full while
-another has room; a client retries after Retry-After. ComfyUI's queue and history (``/prompt``, ``/history``,
-``/ws``) stay per replica: use the native or A1111 API through Ray.
+Queue semantics are the single server's, per replica: ``--max-queue`` jobs queued or running in a replica, then 503
+with Retry-After, never a silent drop. In front of them Ray Serve lets a replica hold ``max_queue + 16`` requests at
+once (room for polls and event streams beside the waiting A1111 requests) and its proxy holds as many again while it
+picks replicas, refusing any beyond that with its own 503 (plain text, with Retry-After; Ray's
+``max_queued_requests``). The proxy balances on requests in flight, not on jobs queued: a native job's POST returns
+at once, so a replica may be full while another has room; a client retries after Retry-After. ComfyUI's queue and
+history (``/prompt``, ``/history``, ``/ws``) stay per replica: use the native or A1111 API through Ray.
 
 ``sumie batch FILE -o DIR --ray [ADDRESS]`` spreads the lines over ``--replicas`` Ray actors, each a
 :class:`~sumie.serve.server.Server` (one engine), with the line code of :mod:`sumie.serve.batch`, so the outputs,

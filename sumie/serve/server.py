@@ -57,10 +57,12 @@ class Server:
         self.options = Options()
         self.outputs = OutputStore(config.output_dir)
         self.records = JobRecords(config.database)
-        # writes a killed process left half done, jobs it left unfinished (a shared store: done once, before)
+        # writes a killed process left half done, jobs it left unfinished (a shared store: done once, before; here
+        # only the jobs of this host's processes that died, e.g. a replica Ray replaces)
         self.cleaned = [] if config.shared else self.outputs.clean_temp()
-        self.recovered = 0 if config.shared else self.records.recover()
         self.queue = JobQueue(config, self.folders, self.hashes, self.records)
+        self.recovered = self.records.recover_dead(self.queue.worker_id.rpartition(":")[0]) if config.shared \
+            else self.records.recover()
         self.comfy = ComfyService(self, config.input_dir, config.preview_method)  # ComfyUI's API (comfy_routes)
         default = self.catalog.checkpoints()[0]
         self.options.update({"sd_model_checkpoint": self.catalog.title(default)})

@@ -14,6 +14,7 @@ images in one folder cannot overwrite each other: the loser of a name takes the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -125,11 +126,28 @@ class JobRecords:
                                       (now, "the server stopped before the job started; submit it again"))
             return ran.rowcount + queued.rowcount
 
-    def add(self, job_id: str, kind: str, request: dict[str, Any]) -> None:
-        """A new queued job."""
+    def add(self, job_id: str, kind: str, request: dict[str, Any], worker: str | None = None) -> None:
+        """A new job, queued in process ``worker`` (HOST:PID)."""
         with self._lock:
-            self._db.execute("INSERT INTO jobs (id, kind, state, created, request) VALUES (?, ?, 'queued', ?, ?)",
-                             (job_id, kind, time.time(), json.dumps(request, default=str)))
+            self._db.execute("INSERT INTO jobs (id, kind, state, created, request, worker) VALUES "
+                             "(?, ?, 'queued', ?, ?, ?)", (job_id, kind, time.time(),
+                                                           json.dumps(request, default=str), worker))
+
+    def recover_dead(self, host: str) -> int:
+        """Mark failed the unfinished jobs of processes of ``host`` that no longer run (a replica that died while
+        others share the records); returns how many."""
+        with self._lock:
+            workers = [w for (w,) in self._db.execute(
+                "SELECT DISTINCT worker FROM jobs WHERE state IN ('queued', 'running') AND worker LIKE ?",
+                (f"{host}:%",))]
+        dead = [w for w in workers if w.rpartition(":")[2].isdigit() and not _alive(int(w.rpartition(":")[2]))]
+        now, count = time.time(), 0
+        with self._lock:
+            for w in dead:
+                count += self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE worker=? AND "
+                                          "state IN ('queued', 'running')",
+                                          (now, f"the process that held the job ({w}) stopped", w)).rowcount
+        return count
 
     def start(self, job_id: str, worker: str | None = None) -> None:
         """The job began running in process ``worker`` (HOST:PID)."""
@@ -188,6 +206,16 @@ def _record(row: tuple[Any, ...] | None) -> JobRecord | None:
         return None
     return JobRecord(*row[:7], json.loads(row[7]), json.loads(row[8]), _loads(row[9]), row[10], _loads(row[11]),
                      bool(row[12]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _loads(text: str | None) -> Any:
