@@ -13,6 +13,10 @@ from sumie.errors import ConfigError
 _LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _host(args: argparse.Namespace) -> str:
     """--host wins; else --listen binds every interface; else localhost only."""
     if args.host is not None:
@@ -72,6 +76,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "this machine can generate images and change settings. Pass --api-auth user:password or "
               f"--api-token TOKEN.\n{bar}",
               file=sys.stderr)
+    if args.ray is not None:
+        from sumie.serve.ray_app import serve_forever
+
+        return serve_forever(config, args.ray, host, args.port, args.replicas, args.replica_cpus, args.device,
+                             args.dtype, log=_log)
     import uvicorn
 
     from sumie.serve import create_app
@@ -105,13 +114,30 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                                                       "on the CPU)")
 
 
+def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``, ``--replicas``, ``--replica-cpus`` of ``serve`` and ``batch``."""
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help=f"{what} (needs pip install 'sumie[ray]'); ADDRESS: a running cluster (ray://HOST:10001, "
+                        "HOST:6379 or auto), or none / 'local' to start one here")
+    p.add_argument("--replicas", type=int, metavar="N", help="with --ray: engines, one Ray actor each (default: one "
+                                                             "per GPU of this node, else 1)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
+                   help="with --ray: CPUs Ray reserves per replica (default: 1)")
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run a JSON-lines file of native-API request bodies; exit 1 when a line failed."""
     from sumie.serve.batch import run_batch
 
     args.api_auth, args.api_token, args.max_queue, args.max_queue_per_client = None, [], 1 << 30, 0
     args.input_dir, args.preview_method = None, "none"  # the server's ComfyUI side is not used
-    report = run_batch(Path(args.file), build_config(args), log=lambda line: print(line, file=sys.stderr))
+    if args.ray is not None:
+        from sumie.serve.ray_app import run_batch_ray
+
+        report = run_batch_ray(Path(args.file), build_config(args), args.ray, args.replicas, args.replica_cpus,
+                               args.device, args.dtype, log=_log)
+    else:
+        report = run_batch(Path(args.file), build_config(args), log=_log)
     print(f"sumie batch: {len(report.done)} done, {len(report.skipped)} skipped (done before), "
           f"{len(report.failed)} failed", file=sys.stderr)
     return 1 if report.failed else 0
@@ -127,6 +153,7 @@ def add_parsers(sub: Any) -> None:
     _model_args(b)
     b.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N", help="largest width x height")
     b.add_argument("--max-steps", type=int, default=500, metavar="N", help="most sampling steps")
+    _ray_args(b, "spread the lines over Ray actors")
     b.set_defaults(func=cmd_batch)
     p = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 API and ComfyUI's API")
     p.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 with --listen)")
@@ -151,6 +178,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="N",
                    help="largest width x height of a request (default: 2048x2048)")
     p.add_argument("--max-steps", type=int, default=500, metavar="N", help="most sampling steps (default: 500)")
+    _ray_args(p, "serve through Ray Serve: --replicas copies of this server behind Ray's HTTP proxy, sharing the "
+                 "job records under --output-dir")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)

@@ -51,6 +51,11 @@ class ServeConfig:
     retry_after_s: int = 5
     input_dir: Path | None = None  # ComfyUI's input folder (default: OUTPUT_DIR/../input)
     preview_method: str = "none"  # ComfyUI's --preview-method: none, auto or latent2rgb (binary WebSocket frames)
+    # One of several processes on one output folder and job records (the replicas of ``sumie serve --ray``): no
+    # start-up recovery or temp-file cleanup (whoever starts them does it once: sumie.serve.store.prepare_shared);
+    # running jobs write their progress to the records and jobs of the other processes are answered from there.
+    shared: bool = False
+    progress_write_s: float = 0.5  # with ``shared``: least time between two progress writes of one job
 
     def __post_init__(self) -> None:
         if not self.devices:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -168,6 +171,7 @@ class JobQueue:
         self.load_error: str | None = None
         self.finished = 0
         self._last: Engine | None = None
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"  # who ran a job, in its record
 
     # ---------------------------------------------------------------- engines (worker thread)
     def engine(self, manager: ModelManager, checkpoint: Path, vae: Path | None) -> Engine:
@@ -230,13 +234,15 @@ class JobQueue:
                 raise ApiError(409, f"force_task_id: a job with id {jid!r} already exists; use another id",
                                field="force_task_id")
             worker = min(self.workers, key=lambda w: len(w.status().pending) + (w.status().running is not None))
-            self.records.add(jid, kind, summary)
+            self.records.add(jid, kind, summary, self.worker_id)
 
             def run(manager: ModelManager, control: JobControl) -> Any:
                 live = LiveState(jid, kind, control=control, textinfo="starting")
                 with self._lock:
                     live.cancelled = jid in self._cancelled
-                self.records.start(jid)
+                self.records.start(jid, self.worker_id)
+                if self.config.shared:
+                    self._share_progress(live)
                 with self._lock:
                     self.live[jid] = live
                 try:
@@ -250,6 +256,30 @@ class JobQueue:
             self._clients[jid] = client
         handle.add_done_callback(self._finished)
         return handle
+
+    def _share_progress(self, live: LiveState) -> None:
+        """Write ``live``'s progress to the records (at most every ``progress_write_s``, and its last step), so any
+        process answers for it; stop it there when another process asked to cancel it."""
+        last = [0.0]
+
+        def write(ev: ProgressEvent | None) -> None:
+            now = time.monotonic()
+            final = ev is not None and ev.done >= ev.total
+            if ev is not None and not final and now - last[0] < self.config.progress_write_s:
+                return
+            last[0] = now
+            p, eta = live.progress()
+            cancel = self.records.set_progress(live.job_id, {
+                "progress": p, "eta_relative": eta, "batch": live.job_no, "batches": live.job_count,
+                "step": live.sampling_step, "steps": live.sampling_steps, "job_timestamp": live.timestamp,
+                "textinfo": live.textinfo})
+            if cancel and not live.cancelled:
+                live.cancelled = True
+                if live.control is not None:
+                    live.control.interrupt()
+
+        write(None)  # at the start: a cancel asked while it was queued
+        live.listeners.append(write)
 
     def _finished(self, handle: JobHandle) -> None:
         with self._lock:
@@ -265,8 +295,10 @@ class JobQueue:
         else:
             result = handle.result()
             interrupted = bool(getattr(result, "interrupted", False))
+            info = getattr(result, "info", None)
             self.records.finish(handle.id, "interrupted" if interrupted else "done",
-                                outputs=[str(p) for p in getattr(result, "paths", [])])
+                                outputs=[str(p) for p in getattr(result, "paths", [])],
+                                info=json.loads(info) if isinstance(info, str) else None)
 
     @staticmethod
     async def wait(handle: JobHandle) -> Any:
@@ -293,11 +325,13 @@ class JobQueue:
             return self._handles.get(job_id)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or stop a running one at its next step without saving; False when not active."""
+        """Cancel a queued job, or stop a running one at its next step without saving; False when not active.
+        With ``shared``, a job of another process is asked through the records (it stops within
+        ``progress_write_s`` of a step, or when it would start)."""
         with self._lock:
             handle, live = self._handles.get(job_id), self.live.get(job_id)
             if handle is None:
-                return False
+                return self.config.shared and self.records.request_cancel(job_id)
             self._cancelled.add(job_id)
         if handle.cancel():
             return True

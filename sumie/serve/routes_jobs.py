@@ -4,13 +4,15 @@
   routes (422 naming the field, 503 when the queue is full) and answered 202 at once with the job's id and URLs. A
   native job always saves its images (``save_images`` is implied; no base64 in the answer) under ``--output-dir``.
 * ``GET /api/v1/jobs/{id}``: state (queued, running, done, interrupted, failed, cancelled), progress while it runs,
-  error, output URLs and (for jobs of this process) A1111's ``info``. Any job in the records answers, A1111 ones too
-  (``force_task_id``).
+  error, output URLs, A1111's ``info`` and the process that ran it (``worker``). Any job in the records answers,
+  A1111 ones too (``force_task_id``), whichever process (Ray replica) runs it.
 * ``DELETE /api/v1/jobs/{id}``: a queued job is removed, a running one stops at its next step and saves nothing;
   both end ``cancelled``.
 * ``GET /api/v1/jobs/{id}/events``: ``text/event-stream``: ``state`` (queued / running), one ``progress`` per sampler
   step (``?previews=true``: with a live preview PNG), then ``done`` with the job as ``GET`` shows it, whatever the
-  final state. A client that connects late gets the steps so far replayed first (kept for the last 256 jobs).
+  final state. A client that connects late gets the steps so far replayed first (kept for the last 256 jobs). A job
+  that another process runs (``sumie serve --ray``'s replicas share the records) streams the progress that process
+  writes to the records (every ``progress_write_s``: ``step``, ``steps``, ``batch``, ``batches``, ``progress``).
 * ``GET /api/v1/outputs/{path}``: an image file inside the output folder (no other file, nothing outside it).
 """
 
@@ -35,7 +37,7 @@ from sumie.pipelines.control import ProgressEvent
 from sumie.serve.errors import ApiError
 from sumie.serve.jobs import client_of
 from sumie.serve.models import Img2ImgRequest, Txt2ImgRequest
-from sumie.serve.server import Outcome, Server
+from sumie.serve.server import Server
 
 __all__ = ["JobRequest", "JobView", "NativeJobs", "router"]
 
@@ -53,6 +55,8 @@ class JobRequest(Img2ImgRequest, Txt2ImgRequest):
 
 class JobProgress(BaseModel):
     """Where a running job is (A1111's formula for ``progress`` / ``eta_relative``)."""
+
+    model_config = ConfigDict(extra="ignore")
 
     progress: float
     eta_relative: float
@@ -75,6 +79,7 @@ class JobView(BaseModel):
     progress: JobProgress | None = None
     outputs: list[str]
     info: dict[str, Any] | None = None
+    worker: str | None = None  # the process that ran it (HOST:PID): one of the replicas under Ray
     url: str
     events: str
 
@@ -86,7 +91,6 @@ class NativeJobs:
         self.server = server
         self._lock = threading.Lock()
         self._events: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-        self._info: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def create(self, body: JobRequest, client: str = "") -> JobView:
         """Plan and queue a job for ``client``; its view (state queued)."""
@@ -106,15 +110,6 @@ class NativeJobs:
         with self._lock:
             self._events[handle.id] = events
             self._trim(self._events)
-
-        def finished(h: Any) -> None:
-            if h.state == "done":
-                outcome: Outcome = h.result()
-                with self._lock:
-                    self._info[h.id] = json.loads(outcome.info)
-                    self._trim(self._info)
-
-        handle.add_done_callback(finished)
         return self.view(handle.id)
 
     @staticmethod
@@ -138,13 +133,13 @@ class NativeJobs:
             p, eta = live.progress()
             progress = JobProgress(progress=p, eta_relative=eta, batch=live.job_no, batches=live.job_count,
                                    step=live.sampling_step, steps=live.sampling_steps)
-        with self._lock:
-            info = self._info.get(job_id)
+        elif rec.progress is not None and rec.state == "running":  # another process runs it (shared store)
+            progress = JobProgress.model_validate(rec.progress)
         base = f"/api/v1/jobs/{quote(job_id)}"
         return JobView(id=rec.id, task=rec.kind, state=rec.state, created=rec.created, started=rec.started,
                        finished=rec.finished, error=rec.error, progress=progress,
-                       outputs=[u for u in (self.output_url(p) for p in rec.outputs) if u is not None], info=info,
-                       url=base, events=f"{base}/events")
+                       outputs=[u for u in (self.output_url(p) for p in rec.outputs) if u is not None],
+                       info=rec.info, worker=rec.worker, url=base, events=f"{base}/events")
 
     def output_url(self, path: str) -> str | None:
         """The URL of an output file (None if it is not inside the output folder)."""
@@ -171,11 +166,16 @@ class NativeJobs:
     async def stream(self, job_id: str, previews: bool) -> AsyncIterator[str]:
         """The job's Server-Sent Events (see the module docstring)."""
         sent, last_state, idle = 0, None, 0.0
+        shared: list[dict[str, Any]] = []
         while True:
             rec = self.server.records.get(job_id)
             if rec is None:
                 return
             events = self.events_of(job_id)  # read after the record: a finished job's events are all here
+            if not events and rec.progress is not None:  # another process runs it: its progress as it last wrote it
+                if shared[-1:] != [rec.progress]:
+                    shared.append(rec.progress)
+                events = shared
             fresh = events[sent:]
             sent = len(events)
             if rec.state != last_state and rec.state not in TERMINAL:

@@ -31,7 +31,7 @@ from sumie.serve.jobs import JobCancelled, JobQueue, LiveState
 from sumie.serve.mapping import Plan, build_info, build_plan
 from sumie.serve.models import GenerationResponse, Img2ImgRequest, Txt2ImgRequest
 from sumie.serve.options import Options
-from sumie.serve.store import JobRecords, OutputStore
+from sumie.serve.store import JobRecord, JobRecords, OutputStore
 
 __all__ = ["Outcome", "Server"]
 
@@ -56,10 +56,13 @@ class Server:
         self.catalog = Catalog(self.folders, self.hashes)
         self.options = Options()
         self.outputs = OutputStore(config.output_dir)
-        self.cleaned = self.outputs.clean_temp()  # writes a killed process left half done
         self.records = JobRecords(config.database)
-        self.recovered = self.records.recover()
+        # writes a killed process left half done, jobs it left unfinished (a shared store: done once, before; here
+        # only the jobs of this host's processes that died, e.g. a replica Ray replaces)
+        self.cleaned = [] if config.shared else self.outputs.clean_temp()
         self.queue = JobQueue(config, self.folders, self.hashes, self.records)
+        self.recovered = self.records.recover_dead(self.queue.worker_id.rpartition(":")[0]) if config.shared \
+            else self.records.recover()
         self.comfy = ComfyService(self, config.input_dir, config.preview_method)  # ComfyUI's API (comfy_routes)
         default = self.catalog.checkpoints()[0]
         self.options.update({"sd_model_checkpoint": self.catalog.title(default)})
@@ -196,6 +199,10 @@ class Server:
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
         """GET /progress: A1111's formula; the live preview (a strip of the batch) unless skipped."""
         live = self.queue.running()
+        if live is None and self.config.shared:
+            rec = self.records.running()  # another process's job, as it last wrote it
+            if rec is not None and rec.progress is not None:
+                return _shared_progress(rec)
         if live is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": _state(None), "current_image": None,
                     "textinfo": None}
@@ -215,6 +222,16 @@ def _state(live: LiveState | None) -> dict[str, Any]:
             "stopping_generation": False, "job": live.kind, "job_count": live.job_count,
             "job_timestamp": live.timestamp, "job_no": live.job_no, "sampling_step": live.sampling_step,
             "sampling_steps": live.sampling_steps}
+
+
+def _shared_progress(rec: JobRecord) -> dict[str, Any]:
+    """GET /progress of a job another process runs, from its record (no preview: the latent is there)."""
+    p = rec.progress or {}
+    state = {**_state(None), "job": rec.kind, "job_count": p.get("batches", 1), "job_no": p.get("batch", 0),
+             "job_timestamp": p.get("job_timestamp", "0"), "sampling_step": p.get("step", 0),
+             "sampling_steps": p.get("steps", 0)}
+    return {"progress": p.get("progress", 0.0), "eta_relative": p.get("eta_relative", 0.0), "state": state,
+            "current_image": None, "textinfo": p.get("textinfo")}
 
 
 def _strip(images: list[Image.Image]) -> Image.Image:

@@ -2,14 +2,19 @@
 
 Images go to ``OUTPUT_DIR/txt2img-images/YYYY-MM-DD/00000-SEED.png`` (``img2img-images`` for img2img), numbered as
 A1111 numbers them, written atomically with their infotext (:func:`sumie.pipelines.output.save_image`). Job records
-(id, kind, state, times, error, output paths) live in one SQLite file in WAL mode, so a crash loses no finished
-record; at start, jobs a previous process left queued or running are marked failed with the reason (queued jobs
-are not resumed) and the temporary files of writes it left unfinished are removed (:meth:`OutputStore.clean_temp`).
+(id, kind, state, times, error, output paths, A1111's info, which process ran it, and the progress of a running
+job) live in one SQLite file in WAL mode, so a crash loses no finished record and every process that opens the
+file (the replicas of ``sumie serve --ray``, all on one machine: SQLite's WAL needs shared memory) sees every
+job. At start, jobs a previous process left queued or running are marked failed with the reason (queued jobs are
+not resumed) and the temporary files of writes it left unfinished are removed (:meth:`OutputStore.clean_temp`;
+with several processes on one store: :func:`prepare_shared`, once, before they start). Two processes numbering
+images in one folder cannot overwrite each other: the loser of a name takes the next one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -21,11 +26,13 @@ from typing import Any
 
 from PIL import Image
 
+from sumie.errors import SumieError
 from sumie.pipelines.output import next_free_path, save_image
 
 __all__ = ["JobRecord", "JobRecords", "OutputStore"]
 
 _TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # sumie.pipelines.output._write_tmp's names
+_CLAIM_TRIES = 20
 _EXT = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 
 
@@ -57,8 +64,13 @@ class OutputStore:
         day = datetime.fromtimestamp(when if when is not None else time.time()).strftime("%Y-%m-%d")
         folder = self.root / f"{kind}-images" / day
         with self._lock:
-            path = next_free_path(folder, str(seed), ext=_EXT.get(fmt.lower(), ".png"))
-            return save_image(image, path, infotext, quality=quality)
+            for _ in range(_CLAIM_TRIES):  # another process (a Ray replica) may take the same number first
+                path = next_free_path(folder, str(seed), ext=_EXT.get(fmt.lower(), ".png"))
+                try:
+                    return save_image(image, path, infotext, quality=quality)
+                except FileExistsError:
+                    continue
+        raise SumieError(f"{folder}: no free file name after {_CLAIM_TRIES} tries (other writers took each)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,14 @@ class JobRecord:
     error: str | None
     outputs: list[str]
     request: dict[str, Any]
+    info: dict[str, Any] | None = None  # A1111's info of a finished job
+    worker: str | None = None  # the process that ran it: HOST:PID
+    progress: dict[str, Any] | None = None  # a running job's progress as its process last wrote it
+    cancel: bool = False  # a cancel asked of the process that runs it
+
+
+_COLUMNS = "id, kind, state, created, started, finished, error, outputs, request, info, worker, progress, cancel"
+_ADDED = {"info": "TEXT", "worker": "TEXT", "progress": "TEXT", "cancel": "INTEGER NOT NULL DEFAULT 0"}
 
 
 class JobRecords:
@@ -90,6 +110,10 @@ class JobRecords:
             self._db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, "
                              "state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, error TEXT, "
                              "outputs TEXT NOT NULL DEFAULT '[]', request TEXT NOT NULL DEFAULT '{}')")
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED.items():  # a file written by an older Sumie
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def recover(self) -> int:
         """Mark jobs left queued or running by a previous process as failed, with the reason; returns how many.
@@ -102,31 +126,70 @@ class JobRecords:
                                       (now, "the server stopped before the job started; submit it again"))
             return ran.rowcount + queued.rowcount
 
-    def add(self, job_id: str, kind: str, request: dict[str, Any]) -> None:
-        """A new queued job."""
+    def add(self, job_id: str, kind: str, request: dict[str, Any], worker: str | None = None) -> None:
+        """A new job, queued in process ``worker`` (HOST:PID)."""
         with self._lock:
-            self._db.execute("INSERT INTO jobs (id, kind, state, created, request) VALUES (?, ?, 'queued', ?, ?)",
-                             (job_id, kind, time.time(), json.dumps(request, default=str)))
+            self._db.execute("INSERT INTO jobs (id, kind, state, created, request, worker) VALUES "
+                             "(?, ?, 'queued', ?, ?, ?)", (job_id, kind, time.time(),
+                                                           json.dumps(request, default=str), worker))
 
-    def start(self, job_id: str) -> None:
-        """The job began running."""
+    def recover_dead(self, host: str) -> int:
+        """Mark failed the unfinished jobs of processes of ``host`` that no longer run (a replica that died while
+        others share the records); returns how many."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET state='running', started=? WHERE id=?", (time.time(), job_id))
+            workers = [w for (w,) in self._db.execute(
+                "SELECT DISTINCT worker FROM jobs WHERE state IN ('queued', 'running') AND worker LIKE ?",
+                (f"{host}:%",))]
+        dead = [w for w in workers if w.rpartition(":")[2].isdigit() and not _alive(int(w.rpartition(":")[2]))]
+        now, count = time.time(), 0
+        with self._lock:
+            for w in dead:
+                count += self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE worker=? AND "
+                                          "state IN ('queued', 'running')",
+                                          (now, f"the process that held the job ({w}) stopped", w)).rowcount
+        return count
 
-    def finish(self, job_id: str, state: str, *, error: str | None = None, outputs: list[str] | None = None) -> None:
+    def start(self, job_id: str, worker: str | None = None) -> None:
+        """The job began running in process ``worker`` (HOST:PID)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state='running', started=?, worker=? WHERE id=?",
+                             (time.time(), worker, job_id))
+
+    def finish(self, job_id: str, state: str, *, error: str | None = None, outputs: list[str] | None = None,
+               info: dict[str, Any] | None = None) -> None:
         """The job ended (done, interrupted, failed or cancelled)."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET state=?, finished=?, error=?, outputs=? WHERE id=?",
-                             (state, time.time(), error, json.dumps(outputs or []), job_id))
+            self._db.execute("UPDATE jobs SET state=?, finished=?, error=?, outputs=?, info=?, progress=NULL "
+                             "WHERE id=?", (state, time.time(), error, json.dumps(outputs or []),
+                                            None if info is None else json.dumps(info), job_id))
+
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> bool:
+        """Write a running job's progress; returns whether a cancel was asked of it (by any process)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET progress=? WHERE id=? AND state='running'",
+                             (json.dumps(progress), job_id))
+            row = self._db.execute("SELECT cancel FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask the process that has a queued or running job to cancel it; False when it has ended (or is unknown)."""
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET cancel=1 WHERE id=? AND state IN ('queued', 'running')",
+                                   (job_id,))
+        return cur.rowcount > 0
+
+    def running(self) -> JobRecord | None:
+        """The running job that started first (any process), or None."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state='running' ORDER BY started LIMIT 1"
+                                   ).fetchone()
+        return _record(row)
 
     def get(self, job_id: str) -> JobRecord | None:
         """One job's record, or None."""
         with self._lock:
-            row = self._db.execute("SELECT id, kind, state, created, started, finished, error, outputs, request "
-                                   "FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if row is None:
-            return None
-        return JobRecord(*row[:7], json.loads(row[7]), json.loads(row[8]))
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _record(row)
 
     def exists(self, job_id: str) -> bool:
         """Whether a record with this id exists."""
@@ -136,3 +199,34 @@ class JobRecords:
         """Close the database."""
         with self._lock:
             self._db.close()
+
+
+def _record(row: tuple[Any, ...] | None) -> JobRecord | None:
+    if row is None:
+        return None
+    return JobRecord(*row[:7], json.loads(row[7]), json.loads(row[8]), _loads(row[9]), row[10], _loads(row[11]),
+                     bool(row[12]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def prepare_shared(output_dir: Path, database: Path) -> tuple[int, list[Path]]:
+    """What a single server does at start, done once before the processes of a shared store start (they skip
+    it, or each would fail the others' running jobs): (unfinished records marked failed, temp files removed)."""
+    records = JobRecords(database)
+    try:
+        return records.recover(), OutputStore(output_dir).clean_temp()
+    finally:
+        records.close()
