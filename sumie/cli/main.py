@@ -499,7 +499,7 @@ def _generate(args: argparse.Namespace) -> int:
     times = {"load_start": time.time()}
     engine = sumie.load(model, dtype=dtype, device=device, vae=vae, prediction=args.prediction,  # type: ignore
                         embeddings_dir=embeddings, taesd=args.taesd, file_hash=hashes.model_hash,
-                        manager=manager, compile=bool(getattr(args, "compile", False)))
+                        manager=manager)
     times["load_end"] = time.time()
     lora_cli.attach(engine, loras, args)
     _check_size(args, p, engine.models.vae.downscale)
@@ -658,8 +658,6 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     m.add_argument("--vae-tile-size", type=int, metavar="PX", help=_none_default("VAE tile size in pixels", 512))
     m.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: a GPU when there is one)")
     m.add_argument("--embeddings", metavar="DIR", help="textual-inversion embeddings folder")
-    m.add_argument("--compile", action="store_true",
-                   help="run the UNet through torch.compile (inductor; the first image pays the compile time)")
     m.add_argument("--taesd", metavar="FILE", help="TAESD decoder weights for --preview")
     lora_cli.add_generation_args(p)
     ip_cli.add_generation_args(p)

@@ -416,7 +416,7 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
          embeddings_dir: str | Path | None = None, taesd: str | Path | None = None,
          vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
          file_hash: str | Callable[[Path], str] | None = None, manager: ModelManager | None = None,
-         lora_dirs: Sequence[str | Path] = (), compile: bool = False) -> Engine:
+         lora_dirs: Sequence[str | Path] = ()) -> Engine:
     """Load a checkpoint (single file or diffusers folder) into an :class:`Engine`.
 
     ``model``: a path, or None / ``"sumie-tiny"`` for the embedded default model (64 px, trained by Sumie);
@@ -425,9 +425,7 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
     ``prediction``: force "eps" or "v"; ``embeddings_dir``: textual-inversion embeddings; ``taesd``: a TAESD
     (decoder) file for previews; ``file_hash``: the model hash or a (cached) function giving it, instead of hashing
     the whole file; ``manager``: a shared model manager (refiners are loaded through it); ``lora_dirs``: folders
-    where ``<lora:NAME>`` tags and ``GenerationParams.loras`` names are looked up (besides the manager's);
-    ``compile``: run the UNet through ``torch.compile`` (:meth:`ModelSet.compile_unet`; opt-in, the first image
-    pays the compile time).
+    where ``<lora:NAME>`` tags and ``GenerationParams.loras`` names are looked up (besides the manager's).
     """
     precision = Precision.of(dtype)
     if vae_dtype is not None or text_encoder_dtype is not None:
@@ -444,7 +442,4 @@ def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = to
         if tiny.decoder is None:
             raise ConfigError(f"{taesd}: this TAESD file has no decoder; previews need the decoder part")
         tiny.eval().requires_grad_(False)
-    engine = Engine(models, embeddings_dir=embeddings_dir, taesd=tiny, manager=manager, lora_dirs=lora_dirs)
-    if compile:
-        engine.base.compile_unet()
-    return engine
+    return Engine(models, embeddings_dir=embeddings_dir, taesd=tiny, manager=manager, lora_dirs=lora_dirs)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor
 
 from sumie.checkpoints.loader import StableDiffusionModels
@@ -32,24 +29,6 @@ class ModelSet:
         self.tokenizer = tokenizer
         self.embeddings = embeddings
         self.discretization = DiscreteSigmas.from_betas(zero_terminal_snr=models.zero_terminal_snr)
-        self.compiled: tuple[torch.nn.Module, Callable[..., Tensor]] | None = None  # (the UNet, its compiled call)
-
-    def compile_unet(self, backend: str | Callable[..., Any] = "inductor") -> None:
-        """Run the UNet through ``torch.compile`` from now on (opt-in; the first call of a pass compiles).
-
-        Shapes are dynamic from the first compile (``dynamic=True``): the batch (cond + uncond rows, batch size) and
-        the latent size (hires fix) do not recompile; height and width get separate symbols even when the first
-        latent is square (no duck sizing, set only while the UNet runs). The weights are graph inputs, so a LoRA
-        patch (new tensors in the same modules) needs no recompile either; the module itself is not replaced, its
-        state-dict keys stay.
-        """
-        fn = torch.compile(self.models.unet, backend=backend, dynamic=True)
-
-        def call(*args: Any, **kwargs: Any) -> Tensor:
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
-                return fn(*args, **kwargs)
-
-        self.compiled = (self.models.unet, call)
 
     @property
     def name(self) -> str:
@@ -78,9 +57,6 @@ class ModelSet:
                  consistency: bool = False) -> EpsDenoiser | LCMDenoiser:
         """The x0 denoiser of this model's UNet (with the request's hooks) under a timestep convention; with
         ``consistency`` wrapped in LCM's boundary condition at the same timesteps."""
-        unet: Callable[..., Tensor] = self.models.unet  # the UNet may have been swapped (tests spy on it)
-        if self.compiled is not None and self.compiled[0] is unet:
-            unet = self.compiled[1]
-        network = UNetNetwork(unet, hooks)
+        network = UNetNetwork(self.models.unet, hooks)  # the UNet may have been swapped (tests spy on it)
         den = convention_denoiser(self.models.config.prediction, network, self.discretization, convention, sigmas)
         return LCMDenoiser(den, den.schedule) if consistency else den
