@@ -20,8 +20,33 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
+def _weight_state(linear: nn.Module) -> tuple[object, ...] | None:
+    """What identifies a plain Linear's current weight (object, version, storage, dtype); None: do not cache.
+
+    A LoRA patch installs a new tensor (another object), an in-place change (optimizer step, ``load_state_dict``)
+    bumps the version, ``module.to()`` moves the storage. Wrapped layers (training adapters) and inference-mode
+    weights (no version counter) are not cached.
+    """
+    if type(linear) is not nn.Linear:
+        return None
+    w = linear.weight
+    if w.is_inference():
+        return None
+    return (w, w._version, w.data_ptr(), w.dtype, w.device)
+
+
+def _same_state(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Two :func:`_weight_state` results name the same weight object in the same version and storage."""
+    return a[0] is b[0] and a[1:] == b[1:]
+
+
 class CrossAttention(nn.Module):
-    """Multi-head attention; self-attention when ``context`` is None (Vaswani et al. 2017)."""
+    """Multi-head attention; self-attention when ``context`` is None (Vaswani et al. 2017).
+
+    Cross-attention keys and values depend only on the text context, which is the same at every step of a pass: they
+    are computed once and reused while the context (compared by value) and the to_k / to_v weights are unchanged and
+    no gradient is recorded - the same computation on the same inputs, so the output is bit for bit the same.
+    """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int) -> None:
         super().__init__()
@@ -31,6 +56,21 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # LDM: to_out.0 (index 1 was dropout)
+        # (context copy, to_k state, to_v state, k, v) of the last cross-attention call; not part of the state dict
+        self._kv_cache: tuple[Tensor, tuple[object, ...], tuple[object, ...], Tensor, Tensor] | None = None
+
+    def context_kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, heads, L, d] of a context [B, L, context_dim], reused across calls (class docstring)."""
+        if torch.is_grad_enabled():
+            return self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        ks, vs = _weight_state(self.to_k), _weight_state(self.to_v)
+        cached = self._kv_cache
+        if (cached is not None and ks is not None and vs is not None and _same_state(cached[1], ks)
+                and _same_state(cached[2], vs) and _same_tensor(cached[0], ctx)):
+            return cached[3], cached[4]
+        k, v = self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        self._kv_cache = None if ks is None or vs is None else (ctx.clone(), ks, vs, k, v)
+        return k, v
 
     def _heads(self, t: Tensor) -> Tensor:
         """[B, L, heads * d] -> [B, heads, L, d]."""
@@ -41,13 +81,19 @@ class CrossAttention(nn.Module):
         """x [B, N, query_dim], context [B, L, context_dim] -> [B, N, query_dim]; hooks from ``options`` at ``site``."""
         ctx = x if context is None else context
         b, n, _ = x.shape
-        if options is None or site is None or options.empty:
-            out = F.scaled_dot_product_attention(self._heads(self.to_q(x)), self._heads(self.to_k(ctx)),
-                                                 self._heads(self.to_v(ctx)))
+        hooked = not (options is None or site is None or options.empty)
+        if hooked:
+            for patch in options.attn_inputs:  # type: ignore[union-attr]
+                ctx = patch(x, ctx, site, options)  # type: ignore[arg-type]
+        q = self._heads(self.to_q(x))
+        if context is None:
+            k, v = self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        else:  # the text context (or what an input patch made of it): the same at every step of a pass
+            k, v = self.context_kv(ctx)
+        if not hooked:
+            out = F.scaled_dot_product_attention(q, k, v)
             return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-        for patch in options.attn_inputs:
-            ctx = patch(x, ctx, site, options)
-        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        assert options is not None and site is not None
         if options.attention is not None:
             out = options.attention(q, k, v, site, options)
         else:
@@ -63,6 +109,13 @@ class CrossAttention(nn.Module):
                 scale = scale.to(q.dtype).view(-1, 1, 1, 1)
             out = out + F.scaled_dot_product_attention(q, ek, ev) * scale
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Same shape, dtype, device and values (a NaN never matches: the keys are then recomputed)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return bool(torch.equal(a, b))
 
 
 class GEGLU(nn.Module):
