@@ -46,8 +46,10 @@ def unet_config(cfg: UNetConfig) -> dict[str, Any]:
     if attends[-1] and cfg.transformer_depth[-1] != cfg.transformer_depth_middle:
         raise ConfigError("bench --compare diffusers: this UNet's middle block depth differs from its last level's, "
                           "which diffusers cannot express")
-    # diffusers' middle block takes the last entry; a level without attention ignores its own
-    depths = [d if a else cfg.transformer_depth_middle for d, a in zip(cfg.transformer_depth, attends, strict=True)]
+    # diffusers' middle block takes the last entry; a level without attention ignores its own (published: 1)
+    last = len(blocks) - 1
+    depths = [d if a else (cfg.transformer_depth_middle if i == last else 1)
+              for i, (d, a) in enumerate(zip(cfg.transformer_depth, attends, strict=True))]
     heads: Any = [c // cfg.num_head_channels for c in blocks] if cfg.num_head_channels > 0 else cfg.num_heads
     out: dict[str, Any] = {
         "_class_name": "UNet2DConditionModel", "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1,
