@@ -2,11 +2,13 @@
 process, interleaved (Sumie, diffusers, Sumie, ...) so machine load falls on both alike; medians reported.
 
 Each child loads the model (timed), warms up with one short generation at the same size and batch, then times one
-generation: seconds per image, UNet seconds per step, text-encoder and VAE-decode seconds (forward hooks on those
-modules, the same code for both engines), peak RSS, and peak CUDA memory on a GPU. Both use Karras sigmas with the
-chosen sampler (Euler: diffusers' ``EulerDiscreteScheduler``; DPM++ 2M: ``DPMSolverMultistepScheduler``), the same
-per-image seeds and CPU-generator start noise, and Sumie runs with ``convention="diffusers"``, so the two images
-should agree closely; their mean absolute difference in uint8 levels is reported.
+generation: seconds per image (wall clock, and the process's CPU seconds: less swayed by other jobs on a shared
+machine, though threads that spin-wait count too), UNet seconds per step, text-encoder and VAE-decode seconds
+(forward hooks on those modules, the same code for both engines), peak RSS, and peak CUDA memory on a GPU.
+Both use Karras sigmas with the chosen sampler (Euler: diffusers' ``EulerDiscreteScheduler``; DPM++ 2M:
+``DPMSolverMultistepScheduler``), the same per-image seeds and CPU-generator start noise, and Sumie runs with
+``convention="diffusers"``, so the two images should agree closely; their mean absolute difference in uint8 levels
+is reported.
 
 diffusers is a bench extra (``pip install 'sumie[bench]'``), imported only inside the child that runs it.
 """
@@ -36,8 +38,8 @@ PROMPT, NEGATIVE = "a photo of a cat sitting on a wooden table, best quality", "
 RESULT_PREFIX = "sumie-bench-result: "
 INSTALL_HINT = "pip install 'sumie[bench]'"
 # per-engine fields whose median is reported, and the ones a ratio (diffusers / sumie) is printed for
-FIELDS = ("import_s", "load_s", "seconds_per_image", "unet_s_per_step", "text_encoder_s", "vae_s", "peak_rss_mib",
-          "peak_cuda_mib")
+FIELDS = ("import_s", "load_s", "seconds_per_image", "cpu_seconds_per_image", "unet_s_per_step", "text_encoder_s",
+          "vae_s", "peak_rss_mib", "peak_cuda_mib")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,11 +224,11 @@ def run_child(engine: str, spec: RunSpec) -> dict[str, Any]:
         if spec.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         images = generate(spec.steps)
         if spec.device.startswith("cuda"):
             torch.cuda.synchronize()
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if timer.calls["unet"] == 0:
         raise RuntimeError(f"{engine}: the UNet hook saw no call; the timings would be wrong")
     paths = []
@@ -235,6 +237,7 @@ def run_child(engine: str, spec: RunSpec) -> dict[str, Any]:
         im.save(paths[-1])
     return {
         "engine": engine, "import_s": import_s, "load_s": load_s, "seconds_per_image": total / spec.batch,
+        "cpu_seconds_per_image": cpu / spec.batch,
         "unet_s_per_step": timer.seconds["unet"] / spec.steps, "unet_calls": timer.calls["unet"],
         "text_encoder_s": timer.seconds["text_encoder"], "vae_s": timer.seconds["vae"],
         "peak_rss_mib": _peak_rss_mib(),
@@ -412,9 +415,9 @@ def _row(size: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return row
 
 
-COLUMNS = (("s/image", "seconds_per_image"), ("UNet s/step", "unet_s_per_step"), ("text s", "text_encoder_s"),
-           ("VAE s", "vae_s"), ("load s", "load_s"), ("import s", "import_s"), ("peak RSS MiB", "peak_rss_mib"),
-           ("peak CUDA MiB", "peak_cuda_mib"))
+COLUMNS = (("s/image", "seconds_per_image"), ("CPU s/image", "cpu_seconds_per_image"),
+           ("UNet s/step", "unet_s_per_step"), ("text s", "text_encoder_s"), ("VAE s", "vae_s"), ("load s", "load_s"),
+           ("import s", "import_s"), ("peak RSS MiB", "peak_rss_mib"), ("peak CUDA MiB", "peak_cuda_mib"))
 
 
 def format_report(report: dict[str, Any]) -> str:
