@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -230,6 +231,21 @@ def test_rows_take_medians_and_ratios(tmp_path: Path) -> None:
     assert row["ratio"]["seconds_per_image"] == 2.5 and row["ratio"]["peak_rss_mib"] == 2.5
     assert row["ratio"]["peak_cuda_mib"] is None and row["diffusers"]["peak_cuda_mib"] is None
     assert row["mean_abs_diff_uint8"] == 2.0
+    machine = {"cpu": "Test CPU", "cpus": 2, "torch": "t", "diffusers": "d", "date": "2026-01-01 00:00 UTC",
+               "loadavg_start": [1.0, 1.0, 1.0]}
+    report = {"model": "/x/sd15.safetensors", "family": "sd1", "steps": 20, "sampler": "euler", "schedule": "Karras",
+              "cfg": 7.0, "batch": 1, "device": "cpu", "dtype": "fp32", "threads": 2, "repeat": 3,
+              "machine": machine, "loadavg_end": [3.0, 2.0, 1.0], "rows": [row]}
+    md = bench_compare.format_markdown(report)
+    assert md.count("|") == bench_compare.MARKDOWN_HEADER.splitlines()[0].count("|")
+    assert "| sd15.safetensors | 256² | 20 |" in md and "| 2.00 / 5.00 | **2.50x** |" in md
+    assert "| Test CPU (2 CPUs) | t, d | 2026-01-01 00:00 UTC | 1.0 -> 3.0 |" in md
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(report))
+    assert main(["bench", "--from-json", str(saved), "--markdown"]) == 0
+    text = bench_compare.format_report(report)
+    assert re.search(r"256x256  ratio d/s +2.50x +2.50x", text) and "median of 3 (interleaved)" in text
+    assert main(["bench", "--from-json", str(tmp_path / "a.png")]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ --make-random

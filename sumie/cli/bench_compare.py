@@ -448,6 +448,36 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_HEADER = ("| model | size | steps | sampler | batch | dtype, device | s/image Sumie / diffusers | ratio | "
+                   "CPU s/image ratio | UNet s/step S / D | text s S / D | VAE s S / D | load s S / D | "
+                   "peak RSS MiB S / D | image diff | runs | machine | torch, diffusers | date | load avg |\n"
+                   "|" + "---|" * 20)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """One Markdown table row per size (for docs/benchmarks.md), each with its machine, versions and date."""
+    m = report["machine"]
+    out = []
+    for row in report["rows"]:
+        s, d, r = row["sumie"], row["diffusers"], row["ratio"]
+
+        def pair(f: str, s: dict[str, Any] = s, d: dict[str, Any] = d) -> str:
+            return f"{_num(s[f])} / {_num(d[f])}"
+
+        load = f"{m['loadavg_start'][0]:.1f} -> {report['loadavg_end'][0]:.1f}" if m["loadavg_start"] else "-"
+        out.append(" | ".join(["", Path(report["model"]).name, f"{row['size']}²", str(report["steps"]),
+                               f"{report['sampler']} (Karras), CFG {report['cfg']:g}", str(report["batch"]),
+                               f"{report['dtype']} {report['device']}, {report['threads']} threads",
+                               pair("seconds_per_image"), f"**{_num(r['seconds_per_image'], 'x')}**",
+                               _num(r["cpu_seconds_per_image"], "x"), pair("unet_s_per_step"),
+                               pair("text_encoder_s"), pair("vae_s"), pair("load_s"),
+                               f"{pair('peak_rss_mib')} ({_num(r['peak_rss_mib'], 'x')})",
+                               f"{row['mean_abs_diff_uint8']:.2f}", str(report["repeat"]),
+                               f"{m['cpu']} ({m['cpus']} CPUs)", f"{m['torch']}, {m['diffusers']}", m["date"], load,
+                               ""]).strip())
+    return "\n".join(out)
+
+
 def _num(v: float | None, suffix: str = "") -> str:
     if v is None:
         return "-"

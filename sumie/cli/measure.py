@@ -39,6 +39,8 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     c.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up generation in each process")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    c.add_argument("--markdown", action="store_true", help="print table rows for docs/benchmarks.md")
+    c.add_argument("--from-json", metavar="FILE", help="format a report saved with --json instead of running")
     c.add_argument("--make-random", choices=["sd15", "sdxl"], metavar="sd15|sdxl",
                    help="instead: write a random-weight checkpoint in the real single-file layout to -o FILE "
                         "(SD1.5: fp32 like v1-5-pruned-emaonly; SDXL: fp16 like sd_xl_base_1.0)")
@@ -121,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.model is not None:
             raise ConfigError("give the model once: as MODEL or as --model")
         args.model = args.checkpoint
-    if args.make_random or args.compare:
+    if args.make_random or args.compare or args.from_json:
         return _cmd_compare(args)
     runs = args.runs if args.runs is not None else (5 if args.cold else 3)
     _check_positive(steps=args.steps, runs=runs)
@@ -138,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """``--make-random`` or ``--compare diffusers``."""
-    from sumie.cli.bench_compare import format_report, make_random, run_compare, sampler_key
+    from sumie.cli.bench_compare import format_markdown, format_report, make_random, run_compare, sampler_key
 
     if args.make_random:
         if not args.output:
@@ -147,6 +149,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.output}: already exists; pass --overwrite to replace it")
         make_random(args.make_random, args.output)
         print(f"wrote {args.output} ({args.make_random}, random weights)")
+        return 0
+    if args.from_json:
+        try:
+            report = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--from-json {args.from_json}: cannot read a report ({e})") from None
+        print(format_markdown(report) if args.markdown else format_report(report))
         return 0
     if args.model is None:
         raise ConfigError("--compare diffusers needs a checkpoint: sumie bench --compare diffusers MODEL "
@@ -159,7 +168,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                          cfg=7.0 if args.cfg_scale is None else args.cfg_scale, batch=args.batch, repeat=args.repeat,
                          threads=args.threads, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
                          progress=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2) if args.json else format_markdown(report) if args.markdown
+          else format_report(report))
     return 0
 
 
