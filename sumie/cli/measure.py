@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Any
+
+from sumie.errors import ConfigError
 
 
 def add_parsers(sub: Any, model_arg: Any) -> None:
@@ -24,6 +28,24 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
                    "warm-up; 5 with --cold)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("checkpoint", nargs="?", metavar="MODEL", help="the checkpoint (as --model)")
+    c = p.add_argument_group("comparison with diffusers (--compare diffusers; needs pip install 'sumie[bench]')")
+    c.add_argument("--compare", choices=["diffusers"], help="run Sumie and diffusers on MODEL, each in its own "
+                   "process, interleaved; print both and the ratios diffusers / Sumie")
+    c.add_argument("--sizes", default="256,512", help="square sizes, comma-separated (default: 256,512)")
+    c.add_argument("--cfg", type=float, dest="cfg_scale", help="as --cfg-scale (default with --compare: 7)")
+    c.add_argument("--batch", type=int, default=1, help="images per generation")
+    c.add_argument("--repeat", type=int, default=1, help="(Sumie, diffusers) process pairs per size; medians")
+    c.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up generation in each process")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    c.add_argument("--markdown", action="store_true", help="print table rows for docs/benchmarks.md")
+    c.add_argument("--from-json", metavar="FILE", help="format a report saved with --json instead of running")
+    c.add_argument("--make-random", choices=["sd15", "sdxl"], metavar="sd15|sdxl",
+                   help="instead: write a random-weight checkpoint in the real single-file layout to -o FILE "
+                        "(SD1.5: fp32 like v1-5-pruned-emaonly; SDXL: fp16 like sd_xl_base_1.0)")
+    c.add_argument("-o", "--output", help="the file --make-random writes")
+    c.add_argument("--overwrite", action="store_true", help="let --make-random replace an existing file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="evaluate a model")
@@ -100,6 +122,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Median seconds per image and where they go."""
     from sumie.cli.bench import run_bench, run_cold
 
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise ConfigError("give the model once: as MODEL or as --model")
+        args.model = args.checkpoint
+    if args.make_random or args.compare or args.from_json:
+        return _cmd_compare(args)
     runs = args.runs if args.runs is not None else (5 if args.cold else 3)
     _check_positive(steps=args.steps, runs=runs)
     bench = run_cold if args.cold else run_bench
@@ -110,6 +138,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         for k, v in report.items():
             print(f"{k + ':':<19} {v}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """``--make-random`` or ``--compare diffusers``."""
+    from sumie.cli.bench_compare import format_markdown, format_report, make_random, run_compare, sampler_key
+
+    if args.make_random:
+        if not args.output:
+            raise ConfigError("--make-random needs -o FILE, the checkpoint to write")
+        if Path(args.output).exists() and not args.overwrite:
+            raise ConfigError(f"{args.output}: already exists; pass --overwrite to replace it")
+        make_random(args.make_random, args.output)
+        print(f"wrote {args.output} ({args.make_random}, random weights)")
+        return 0
+    if args.from_json:
+        try:
+            report = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--from-json {args.from_json}: cannot read a report ({e})") from None
+        print(format_markdown(report) if args.markdown else format_report(report))
+        return 0
+    if args.model is None:
+        raise ConfigError("--compare diffusers needs a checkpoint: sumie bench --compare diffusers MODEL "
+                          "(make one with --make-random sd15 -o sd15.safetensors)")
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes {args.sizes!r}: give sizes in pixels, comma-separated, e.g. 256,512") from None
+    report = run_compare(args.model, sizes=sizes, steps=args.steps, sampler=sampler_key(args.sampler),
+                         cfg=7.0 if args.cfg_scale is None else args.cfg_scale, batch=args.batch, repeat=args.repeat,
+                         threads=args.threads, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
+                         progress=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else format_markdown(report) if args.markdown
+          else format_report(report))
     return 0
 
 
