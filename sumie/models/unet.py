@@ -278,18 +278,36 @@ class UNetModel(UNetEncoder):
             raise ValueError(f"control residuals for {max(len(control.encoder), len(control.skips))} input blocks; "
                              f"this UNet has {n_blocks}")
 
+        cache = options.deep_cache if options is not None else None
+        branch = n_blocks  # DeepCache: the decoder input of output block n_blocks - 1 - depth is cached / reused
+        reuse = False
+        if cache is not None:
+            branch = min(cache.depth, n_blocks - 1)
+            key = (id(self), tuple(x.shape))
+            reuse = cache.reuse(key)
+
         h = x.to(dtype)
         skips: list[Tensor] = []
         for i, block in enumerate(self.input_blocks):
+            if reuse and i > branch:
+                break
             h = block(h, emb, context, None, options, ("input", i))
             if control is not None and i < len(control.encoder) and control.encoder[i] is not None:
                 h = h + control.encoder[i].to(dtype)  # type: ignore[union-attr]
             skips.append(h)
-        h = self.middle_block(h, emb, context, None, options, ("middle", 0))
-        if control is not None and control.middle is not None:
-            h = h + control.middle.to(dtype)
+        if reuse:
+            h = cache.feature  # type: ignore[union-attr, assignment]
+        else:
+            h = self.middle_block(h, emb, context, None, options, ("middle", 0))
+            if control is not None and control.middle is not None:
+                h = h + control.middle.to(dtype)
 
+        first = n_blocks - 1 - branch if reuse else 0
         for j, block in enumerate(self.output_blocks):
+            if j < first:
+                continue
+            if cache is not None and not reuse and j == n_blocks - 1 - branch:
+                cache.store(key, h)
             skip = skips.pop()
             i = len(skips)
             if control is not None and i < len(control.skips) and control.skips[i] is not None:
