@@ -279,3 +279,32 @@ def test_infotext_round_trip_and_cli_flags() -> None:
 def test_bad_speed_options_are_config_errors(sd1: Engine, kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         sd1.generate(P(**kw))
+
+
+def test_a1111_api_request_and_options_reach_the_params() -> None:
+    """The A1111 API: the request's s_min_uncond (else the option), and the NGMS / Skip Early CFG / ToMe options."""
+    from sumie.serve.config import Limits
+    from sumie.serve.mapping import build_plan
+    from sumie.serve.models import Txt2ImgRequest
+    from sumie.serve.options import DEFAULT_OPTIONS
+
+    class Catalog:
+        def checkpoint(self, name: object, field: str) -> str:
+            return "model"
+
+        def vae(self, name: object, field: str) -> None:
+            return None
+
+    def params(options: dict[str, object], **req: object) -> GenerationParams:
+        plan = build_plan("txt2img", Txt2ImgRequest(prompt="a", steps=2, **req), Catalog(),  # type: ignore[arg-type]
+                          {**DEFAULT_OPTIONS, **options}, Limits())
+        assert not any("s_min_uncond" in w for w in plan.warnings)
+        return plan.params
+
+    p = params({})
+    assert (p.s_min_uncond, p.skip_early_cond, p.token_merging_ratio) == (0.0, 0.0, 0.0)
+    p = params({"s_min_uncond": 1.5, "s_min_uncond_all": True, "skip_early_cond": 0.25, "token_merging_ratio": 0.4,
+                "token_merging_ratio_hr": 0.6})
+    assert (p.s_min_uncond, p.s_min_uncond_all, p.skip_early_cond, p.token_merging_ratio,
+            p.token_merging_ratio_hr) == (1.5, True, 0.25, 0.4, 0.6)
+    assert params({"s_min_uncond": 1.5}, s_min_uncond=3.0).s_min_uncond == 3.0
