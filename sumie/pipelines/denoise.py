@@ -15,6 +15,8 @@
   prompt is not used and CFG rescale does not apply;
 * 9-channel inpainting UNets get ``concat`` = mask + masked-image latent appended to their input
   (:class:`UNetNetwork`); the same tensor goes with cond and uncond, as in A1111;
+* A1111's uncond skips, speed options that change the image: "NGMS" (no uncond pass on odd calls once sigma is
+  below ``s_min_uncond``) and "Skip Early CFG" (none on the first ``skip_early_cond`` of the planned calls);
 * a second stage (the SDXL refiner) takes over, for good, at the first call whose sigma is past the switch point;
   the call counter runs on, as in A1111;
 * extensions plug in through :class:`ModelHooks`: wrappers around each model call (which know the call number,
