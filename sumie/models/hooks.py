@@ -2,7 +2,7 @@
 
 What ComfyUI's ``transformer_options`` does, as typed objects. A :class:`UNetOptions` goes with one UNet call
 (``unet(x, t, context, options=...)``) and reaches every attention layer together with the :class:`AttnSite` that
-says where the layer is. Extensions plug in at four kinds of points:
+says where the layer is. Extensions plug in at these kinds of points:
 
 * **extra key/value tokens** for cross-attention with their own scale (IP-Adapter's decoupled cross-attention,
   Ye et al. 2023): ``out = attn(q, k, v) + scale * attn(q, k_extra, v_extra)`` before ``to_out``
@@ -13,6 +13,9 @@ says where the layer is. Extensions plug in at four kinds of points:
   tokens to self-attention) (:attr:`UNetOptions.attn_inputs`);
 * **residuals** (:class:`Residuals`): added to an encoder block's output (T2I-Adapter: the change runs on through
   the encoder), to the middle block's output, or to a skip connection where the decoder reads it (ControlNet);
+* **speed options that change the image**: token merging around self-attention (ToMe, :attr:`UNetOptions.token_merge`;
+  the self-attention hooks then see the merged tokens) and DeepCache's reuse of the deep blocks' output
+  (:class:`DeepCache`, :attr:`UNetOptions.deep_cache`);
 * **per-call facts** (:class:`CallInfo`): the sampling step, sigma and which batch rows are cond / uncond, for hooks
   whose effect differs between the rows (an IP-Adapter's negative image embedding goes with the uncond rows).
 
