@@ -17,6 +17,7 @@ from sumie.cli import lora as lora_cli
 from sumie.cli import preprocess as preprocess_cli
 from sumie.cli import sd_upscale as sd_upscale_cli
 from sumie.cli import serve as serve_cli
+from sumie.cli import speed as speed_cli
 from sumie.cli import upscale as upscale_cli
 from sumie.errors import SumieError
 
@@ -190,7 +191,7 @@ _PARAM_FIELDS = {
     "cfg_rescale": "cfg_rescale", "eta": "eta", "s_noise": "s_noise", "ensd": "eta_noise_seed_delta",
     "convention": "convention", "denoising_strength": "denoising_strength", "resize_mode": "resize_mode",
     "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
-}
+} | speed_cli.PARAM_FIELDS
 _INPAINT_FIELDS = {"mask_blur": "mask_blur", "invert_mask": "invert", "inpainting_fill": "fill",
                    "only_masked": "full_res", "only_masked_padding": "full_res_padding"}
 _HIRES_FIELDS = {"hires_scale": "scale", "hires_steps": "steps", "hires_denoise": "denoising_strength",
@@ -662,6 +663,7 @@ def _add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     lora_cli.add_generation_args(p)
     ip_cli.add_generation_args(p)
     control_cli.add_generation_args(p)
+    speed_cli.add_generation_args(p)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="OUT",
                    help="folder (numbered 00000-<seed>.png) or, for one image, a .png, .jpg or .webp file "

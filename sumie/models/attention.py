@@ -159,7 +159,13 @@ class BasicTransformerBlock(nn.Module):
                 sites: tuple[AttnSite, AttnSite] | None = None) -> Tensor:
         """x [B, N, dim], context [B, L, context_dim] -> [B, N, dim]; ``sites`` = (self, cross) for the hooks."""
         s_self, s_cross = sites if sites is not None else (None, None)
-        x = x + self.attn1(self.norm1(x), None, options, s_self)
+        merge = None
+        if options is not None and options.token_merge is not None and s_self is not None:
+            merge = options.token_merge(x, s_self, options)  # ToMe: self-attention on merged tokens
+        if merge is None:
+            x = x + self.attn1(self.norm1(x), None, options, s_self)
+        else:
+            x = x + merge[1](self.attn1(merge[0](self.norm1(x)), None, options, s_self))
         x = x + self.attn2(self.norm2(x), context, options, s_cross)
         return x + self.ff(self.norm3(x))
 

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sumie.configs import TextEncoderConfig
 from sumie.errors import ConfigError
@@ -151,6 +152,13 @@ class CLIPTextModel(nn.Module):
         self.text_projection = (
             nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim is not None else None
         )
+        self.gradient_checkpointing = False  # training: recompute each layer in the backward pass (torch checkpoint)
+
+    def _layer(self, block: nn.Module, x: Tensor) -> Tensor:
+        """One encoder layer, under gradient checkpointing when it is on and autograd records."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def _layer_index(self, layer: int) -> int:
         """Python-style index into the per-layer outputs (-1 = last layer) -> index in [0, layers)."""
@@ -185,13 +193,13 @@ class CLIPTextModel(nn.Module):
 
         x = tm.embeddings(tokens, token_embeds)
         for block in layers[: stop + 1]:
-            x = block(x)
+            x = self._layer(block, x)
         hidden = tm.final_layer_norm(x) if norm else x
         if not need_pooled:
             return hidden, None
 
         for block in layers[stop + 1 :]:
-            x = block(x)
+            x = self._layer(block, x)
         eos = tokens.argmax(dim=-1)  # first occurrence of the largest id: EOS for both pad=EOS and pad=0
         pooled = tm.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), eos])
         if self.text_projection is not None:

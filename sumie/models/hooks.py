@@ -2,7 +2,7 @@
 
 What ComfyUI's ``transformer_options`` does, as typed objects. A :class:`UNetOptions` goes with one UNet call
 (``unet(x, t, context, options=...)``) and reaches every attention layer together with the :class:`AttnSite` that
-says where the layer is. Extensions plug in at four kinds of points:
+says where the layer is. Extensions plug in at these kinds of points:
 
 * **extra key/value tokens** for cross-attention with their own scale (IP-Adapter's decoupled cross-attention,
   Ye et al. 2023): ``out = attn(q, k, v) + scale * attn(q, k_extra, v_extra)`` before ``to_out``
@@ -13,6 +13,9 @@ says where the layer is. Extensions plug in at four kinds of points:
   tokens to self-attention) (:attr:`UNetOptions.attn_inputs`);
 * **residuals** (:class:`Residuals`): added to an encoder block's output (T2I-Adapter: the change runs on through
   the encoder), to the middle block's output, or to a skip connection where the decoder reads it (ControlNet);
+* **speed options that change the image**: token merging around self-attention (ToMe, :attr:`UNetOptions.token_merge`;
+  the self-attention hooks then see the merged tokens) and DeepCache's reuse of the deep blocks' output
+  (:class:`DeepCache`, :attr:`UNetOptions.deep_cache`);
 * **per-call facts** (:class:`CallInfo`): the sampling step, sigma and which batch rows are cond / uncond, for hooks
   whose effect differs between the rows (an IP-Adapter's negative image embedding goes with the uncond rows).
 
@@ -32,8 +35,8 @@ BlockKind = Literal["input", "middle", "output"]
 AttnKind = Literal["self", "cross"]
 
 __all__ = [
-    "AttentionFn", "AttnInputPatch", "AttnSite", "BlockKind", "CallInfo", "ExtraKV", "ExtraTokens", "Residuals",
-    "UNetOptions",
+    "AttentionFn", "AttnInputPatch", "AttnSite", "BlockKind", "CallInfo", "DeepCache", "ExtraKV", "ExtraTokens",
+    "Residuals", "TokenFn", "TokenMerge", "UNetOptions",
 ]
 
 
@@ -80,6 +83,10 @@ ExtraKV = Callable[[AttnSite, "UNetOptions"], ExtraTokens | None]
 AttentionFn = Callable[[Tensor, Tensor, Tensor, AttnSite, "UNetOptions"], Tensor]
 # fn(x, context, site, options) -> the tokens keys and values are made from; x [B, N, C] (normed), context [B, L, C']
 AttnInputPatch = Callable[[Tensor, Tensor, AttnSite, "UNetOptions"], Tensor]
+# fn(x, site, options) -> (merge, unmerge) around the self-attention at ``site`` (None: none there); x [B, N, C] is
+# the transformer block's input, merge [B, N, C] -> [B, N', C], unmerge back (ToMe, sumie.models.tome)
+TokenFn = Callable[[Tensor], Tensor]
+TokenMerge = Callable[[Tensor, AttnSite, "UNetOptions"], "tuple[TokenFn, TokenFn] | None"]
 
 
 @dataclass
@@ -112,6 +119,34 @@ class Residuals:
 
 
 @dataclass
+class DeepCache:
+    """DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free"): reuse the UNet's deep features.
+
+    Every ``interval``-th UNet call (0, N, 2N, ...) runs in full and keeps the decoder's input at skip branch
+    ``depth`` (the output of the deeper decoder blocks); the calls between run only input blocks 0..depth, then the
+    cached features, then the last depth + 1 output blocks. One object per sampling pass; a call with another UNet
+    or another batch / latent shape than the cached one (a refiner, an NGMS call without the uncond rows) runs in
+    full and refreshes the cache.
+    """
+
+    interval: int
+    depth: int = 0
+    calls: int = 0
+    feature: Tensor | None = None
+    key: tuple[object, ...] | None = None  # (UNet id, input shape) the feature belongs to
+
+    def reuse(self, key: tuple[object, ...]) -> bool:
+        """Whether this call may skip the deep blocks (counts the call)."""
+        due = self.calls % self.interval == 0
+        self.calls += 1
+        return not due and self.feature is not None and self.key == key
+
+    def store(self, key: tuple[object, ...], feature: Tensor) -> None:
+        """Keep the decoder input at the branch [B, C, h, w] of a full call."""
+        self.key, self.feature = key, feature
+
+
+@dataclass
 class UNetOptions:
     """Hooks and per-call facts carried through one UNet call (see the module docstring)."""
 
@@ -119,8 +154,11 @@ class UNetOptions:
     attention: AttentionFn | None = None
     attn_inputs: list[AttnInputPatch] = field(default_factory=list)
     call: CallInfo | None = None
+    token_merge: TokenMerge | None = None  # ToMe around self-attention (a speed option that changes the image)
+    deep_cache: DeepCache | None = None  # DeepCache feature reuse (a speed option that changes the image)
 
     @property
     def empty(self) -> bool:
-        """Whether no attention hook is set (the UNet then takes its plain path)."""
-        return not self.extra_kv and self.attention is None and not self.attn_inputs
+        """Whether no hook is set (the UNet then takes its plain path)."""
+        return (not self.extra_kv and self.attention is None and not self.attn_inputs and self.token_merge is None
+                and self.deep_cache is None)

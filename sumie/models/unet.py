@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sumie.configs import UNetConfig
 from sumie.models.attention import GroupNorm32, SpatialTransformer
@@ -251,6 +252,16 @@ class UNetModel(UNetEncoder):
         self.out = nn.Sequential(
             GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
+        # training: recompute each block's activations in the backward pass instead of keeping them (Chen et al.
+        # 2016, torch.utils.checkpoint); only while autograd records, so sampling is unchanged
+        self.gradient_checkpointing = False
+
+    def _block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, size: Sequence[int] | None,
+               options: UNetOptions | None, where: tuple[BlockKind, int]) -> Tensor:
+        """One block's forward, under gradient checkpointing when it is on and autograd records."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, size, options, where, use_reentrant=False)
+        return block(h, emb, context, size, options, where)
 
     def forward(
         self,
@@ -278,22 +289,40 @@ class UNetModel(UNetEncoder):
             raise ValueError(f"control residuals for {max(len(control.encoder), len(control.skips))} input blocks; "
                              f"this UNet has {n_blocks}")
 
+        cache = options.deep_cache if options is not None else None
+        branch = n_blocks  # DeepCache: the decoder input of output block n_blocks - 1 - depth is cached / reused
+        reuse = False
+        if cache is not None:
+            branch = min(cache.depth, n_blocks - 1)
+            key = (id(self), tuple(x.shape))
+            reuse = cache.reuse(key)
+
         h = x.to(dtype)
         skips: list[Tensor] = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, None, options, ("input", i))
+            if reuse and i > branch:
+                break
+            h = self._block(block, h, emb, context, None, options, ("input", i))
             if control is not None and i < len(control.encoder) and control.encoder[i] is not None:
                 h = h + control.encoder[i].to(dtype)  # type: ignore[union-attr]
             skips.append(h)
-        h = self.middle_block(h, emb, context, None, options, ("middle", 0))
-        if control is not None and control.middle is not None:
-            h = h + control.middle.to(dtype)
+        if reuse:
+            h = cache.feature  # type: ignore[union-attr, assignment]
+        else:
+            h = self._block(self.middle_block, h, emb, context, None, options, ("middle", 0))
+            if control is not None and control.middle is not None:
+                h = h + control.middle.to(dtype)
 
+        first = n_blocks - 1 - branch if reuse else 0
         for j, block in enumerate(self.output_blocks):
+            if j < first:
+                continue
+            if cache is not None and not reuse and j == n_blocks - 1 - branch:
+                cache.store(key, h)
             skip = skips.pop()
             i = len(skips)
             if control is not None and i < len(control.skips) and control.skips[i] is not None:
                 skip = skip + control.skips[i].to(dtype)  # type: ignore[union-attr]
             h = torch.cat([h, skip], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, options, ("output", j))
+            h = self._block(block, h, emb, context, skips[-1].shape[-2:] if skips else None, options, ("output", j))
         return self.out(h).to(x.dtype)

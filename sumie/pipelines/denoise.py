@@ -15,6 +15,8 @@
   prompt is not used and CFG rescale does not apply;
 * 9-channel inpainting UNets get ``concat`` = mask + masked-image latent appended to their input
   (:class:`UNetNetwork`); the same tensor goes with cond and uncond, as in A1111;
+* A1111's uncond skips, speed options that change the image: "NGMS" (no uncond pass on odd calls once sigma is
+  below ``s_min_uncond``) and "Skip Early CFG" (none on the first ``skip_early_cond`` of the planned calls);
 * a second stage (the SDXL refiner) takes over, for good, at the first call whose sigma is past the switch point;
   the call counter runs on, as in A1111;
 * extensions plug in through :class:`ModelHooks`: wrappers around each model call (which know the call number,
@@ -154,6 +156,13 @@ class GuidedModel:
     stage_index: int = 0
     switched_at: int | None = field(default=None)
     padded: bool = False  # a call padded cond or uncond with empty chunks (A1111 writes "Pad conds: True")
+    # A1111's uncond skips (speed options that change the image): NGMS below sigma s_min_uncond on odd calls (every
+    # call with s_min_uncond_all), Skip Early CFG while calls / total_calls <= skip_early_cond
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
+    total_calls: int = 0  # A1111's total_steps: the planned model calls of the pass
+    uncond_skipped: int = 0  # calls that ran without the uncond pass because of the two options above
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -206,6 +215,9 @@ class GuidedModel:
             uncond_or_none, scale = None, 1.0
         elif self.cfg_above_one_only and scale <= 1.0 and stage.cond.simple:
             scale = 1.0
+        skip = (uncond_or_none is not None and not (stage.cond.simple and scale == 1.0)
+                and self.skips_uncond(sigma, call))
+        self.uncond_skipped += skip
         extra = None
         if self.pass_call:
             def extra(rows: Tensor) -> dict[str, Any]:
@@ -216,7 +228,15 @@ class GuidedModel:
             denoiser = functools.partial(wrapper, denoiser)
         rescale = self.rescale if uncond_or_none is not None else 0.0
         return guided_call(denoiser, x, sigma, parts, uncond_or_none, scale, rescale, self.rescale_space,
-                           repeat_context=True, extra=extra)
+                           repeat_context=True, extra=extra, skip_uncond=skip)
+
+    def skips_uncond(self, sigma: Tensor, call: int) -> bool:
+        """A1111's rule: Skip Early CFG first (``call / total_calls <= skip_early_cond``), then NGMS (odd calls, or
+        every call with ``s_min_uncond_all``, while ``sigma[0] < s_min_uncond``)."""
+        if self.skip_early_cond and self.total_calls and call / self.total_calls <= self.skip_early_cond:
+            return True
+        return bool((call % 2 or self.s_min_uncond_all) and self.s_min_uncond > 0
+                    and float(sigma[0]) < self.s_min_uncond)
 
 
 def sampler_options(spec: SamplerSpec, eta: float | None = None, s_noise: float | None = None) -> dict[str, Any]:

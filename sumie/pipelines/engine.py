@@ -252,6 +252,8 @@ class Engine:
             if plan.upscaler not in hires_mod.PIXEL_UPSCALERS:  # a model: loaded once for every batch
                 run.upscaler = self.manager.get("upscaler", resolve_upscaler(self.manager, plan.upscaler))
         out_w, out_h = plan.output_size if plan is not None else (width, height)
+        if p.taesd_decode:  # fails now, not after sampling
+            vae_io.check_taesd_decoder(self.taesd, self.models.vae)
         vae_tiling.plan_tiles("decode", self.models.vae, out_h, out_w, job.vae_tiling)  # fails now, not after sampling
         previewer = vae_io.Previewer(self.models.vae, self.taesd) if preview_every else None
         show = self.show_progress if show_progress is None else show_progress
@@ -276,7 +278,11 @@ class Engine:
                     latent = run.txt2img(batch_seeds, batch_subseeds, refiner_ok=plan is None)
                     if plan is not None and not job.control.stop_batch:
                         latent = run.hires(plan, latent, batch_seeds, batch_subseeds)
-                batch = vae_io.decode_images(job.decode_vae, latent, conv.rounding, job.warn, job.vae_tiling)
+                if p.taesd_decode:  # A1111 "VAE Decoder: TAESD"
+                    tiny = vae_io.check_taesd_decoder(self.taesd, job.decode_vae)
+                    batch = img_ops.to_image(vae_io.decode_taesd(tiny, latent), conv.rounding)
+                else:
+                    batch = vae_io.decode_images(job.decode_vae, latent, conv.rounding, job.warn, job.vae_tiling)
                 if init is not None and init.inputs is not None and conv.overlay:
                     batch = [inpaint_ops.apply_overlay(im, init.inputs[k % len(init.inputs)].overlay,
                                                        init.inputs[k % len(init.inputs)].paste_to)

@@ -84,14 +84,14 @@ _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".ggu
 # Fields that change an A1111 image but have no GenerationParams counterpart: (field, value(s) that are harmless).
 _UNSUPPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Image CFG scale", ()), ("Face restoration", ()), ("Seed resize from-1", ()),
-    ("Token merging ratio", ("0",)), ("Tiling", ("False",)), ("NGMS", ("0",)), ("Noise multiplier", ("1", "1.0")),
+    ("Tiling", ("False",)), ("Noise multiplier", ("1", "1.0")),
     ("Hires prompt", ("",)), ("Hires negative prompt", ("",)), ("Hires sampler", ("Use same sampler",)),
     ("Hires schedule type", ("Use same scheduler",)), ("Hires checkpoint", ("Use same checkpoint",)),
     ("Sigma churn", ()), ("Sigma tmin", ()), ("Sigma tmax", ()), ("Schedule rho", (0, "0")),
     ("Schedule min sigma", (0, "0")), ("Schedule max sigma", (0, "0")), ("Discard penultimate sigma", ("False",)),
     ("Emphasis", ("Original",)), ("Pad conds v0", ("False",)),
     ("Old prompt editing timelines", ("False",)), ("Downcast alphas_cumprod", ("False",)),
-    ("Refiner switch by sampling steps", ("False",)), ("VAE Encoder", ("Full",)), ("VAE Decoder", ("Full",)),
+    ("Refiner switch by sampling steps", ("False",)), ("VAE Encoder", ("Full",)), ("VAE Decoder", ("Full", "TAESD")),
     ("FP8 weight", ("Disable",)),
 )
 
@@ -237,6 +237,27 @@ def _sampler_fields(params: GenerationParams, spec: registry.SamplerSpec, schedu
         out["Sigma noise"] = params.s_noise
     if params.cfg_rescale:
         out["CFG Rescale"] = params.cfg_rescale
+    out.update(speed_fields(params))
+    return out
+
+
+def speed_fields(params: GenerationParams) -> dict[str, object]:
+    """A1111's fields of the speed options that change the image, written when on (NGMS, Skip Early CFG, VAE
+    Decoder; the token merging ratios have their fixed places), then Sumie's own (token merging random, DeepCache)."""
+    out: dict[str, object] = {}
+    if params.skip_early_cond:
+        out["Skip Early CFG"] = params.skip_early_cond
+    if params.s_min_uncond:
+        out["NGMS"] = params.s_min_uncond
+        if params.s_min_uncond_all:
+            out["NGMS all steps"] = True
+    if params.taesd_decode:
+        out["VAE Decoder"] = "TAESD"
+    if params.token_merging_random and (params.token_merging_ratio or params.token_merging_ratio_hr):
+        out["Token merging random"] = True
+    if params.deepcache_interval > 1:
+        out["DeepCache interval"] = params.deepcache_interval
+        out["DeepCache depth"] = params.deepcache_depth
     return out
 
 
@@ -278,6 +299,9 @@ def infotext_fields(params: GenerationParams, *, seed: int, subseed: int, index:
         "Model": model_name or None, "Variation seed": subseed if variation else None,
         "Variation seed strength": params.subseed_strength if variation else None,
         "Clip skip": params.clip_skip if params.clip_skip > 1 else None, "RNG": "CPU",
+        "Token merging ratio": params.token_merging_ratio or None,
+        "Token merging ratio hr": (params.token_merging_ratio_hr or params.token_merging_ratio or None)
+        if params.hires is not None else None,
     })
     fields.update(_init_fields(params))
     for key, value in (extra or {}).items():
@@ -525,6 +549,15 @@ def params_from_infotext(text: str | Mapping[str, Any],
         raise ConfigError(f"infotext field 'Convention' is {convention!r}; use a1111 or diffusers")
     p.convention = convention
     p.pad_conds = str(d.get("Pad conds", "False")) == "True"
+    p.token_merging_ratio = _number(d, "Token merging ratio", float, 0.0)
+    p.token_merging_ratio_hr = _number(d, "Token merging ratio hr", float, 0.0)
+    p.token_merging_random = str(d.get("Token merging random", "False")) == "True"
+    p.s_min_uncond = _number(d, "NGMS", float, 0.0)
+    p.s_min_uncond_all = str(d.get("NGMS all steps", "False")) == "True"
+    p.skip_early_cond = _number(d, "Skip Early CFG", float, 0.0)
+    p.deepcache_interval = _number(d, "DeepCache interval", int, 0)
+    p.deepcache_depth = _number(d, "DeepCache depth", int, 0)
+    p.taesd_decode = str(d.get("VAE Decoder", "Full")) == "TAESD"
     p.controlnets = controlnets_from_infotext(d)
     notes = unsupported_fields(d)
     if notes:

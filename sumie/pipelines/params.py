@@ -167,3 +167,13 @@ class GenerationParams:
     # sumie.pipelines.vae_tiling); tile size in image pixels (overlap: an eighth of it)
     vae_tiling: VAETilingMode = "auto"
     vae_tile_size: int = 512
+    # speed options that change the image, all off by default (README "Speed options that change the image")
+    token_merging_ratio: float = 0.0  # A1111 "Token merging ratio": ToMe (Bolya & Hoffman 2023), fraction merged
+    token_merging_ratio_hr: float = 0.0  # the hires pass's ratio (0 = token_merging_ratio), A1111's
+    token_merging_random: bool = False  # random destination tokens drawn from the seed (A1111: the fixed corner)
+    s_min_uncond: float = 0.0  # A1111 "NGMS": below this sigma skip the uncond pass (every other model call)
+    s_min_uncond_all: bool = False  # A1111 "NGMS all steps": skip it on every call below s_min_uncond
+    skip_early_cond: float = 0.0  # A1111 "Skip Early CFG": no uncond pass on this fraction of the first calls
+    deepcache_interval: int = 0  # DeepCache (Ma et al. 2023): every N-th UNet call in full, the others reuse the
+    deepcache_depth: int = 0  # deep features and recompute input blocks 0..depth and their decoder blocks only
+    taesd_decode: bool = False  # A1111 "VAE Decoder: TAESD": the final decode with the engine's TAESD

@@ -18,6 +18,8 @@ from PIL import Image
 from torch import Tensor
 
 from sumie.errors import ConfigError
+from sumie.models.hooks import DeepCache
+from sumie.models.tome import TokenMerging
 from sumie.models.upscalers.detect import Upscaler
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
@@ -28,6 +30,7 @@ from sumie.pipelines.control import PassName
 from sumie.pipelines.denoise import GuidedModel, Stage, denoise, refiner_switch
 from sumie.pipelines.job import Job, StopBatch
 from sumie.pipelines.modelset import ModelSet
+from sumie.pipelines.params import GenerationParams
 from sumie.pipelines.scheduled_conds import PromptConds, SDXLSizes, total_steps
 from sumie.pipelines.upscale import upscale
 from sumie.pipelines.variation import VariationRNG
@@ -35,7 +38,23 @@ from sumie.sampling import registry
 from sumie.sampling.guidance import masked_model
 from sumie.sampling.img2img import img2img_schedule
 
-__all__ = ["InitImages", "Run"]
+__all__ = ["InitImages", "Run", "speed_hooks"]
+
+
+def speed_hooks(p: GenerationParams, pass_name: PassName, latent_size: tuple[int, int],
+                seed: int) -> dict[str, object]:
+    """The UNet hooks of the speed options that change the image, for one pass (empty when they are off): ToMe at
+    A1111's ratio for the pass (the hires pass: ``token_merging_ratio_hr``, else the first pass's) and DeepCache."""
+    out: dict[str, object] = {}
+    ratio = p.token_merging_ratio
+    if pass_name == "hires":
+        ratio = p.token_merging_ratio_hr or ratio
+    if ratio > 0:
+        generator = torch.Generator().manual_seed(seed) if p.token_merging_random else None
+        out["token_merge"] = TokenMerging(ratio, (int(latent_size[0]), int(latent_size[1])), generator=generator)
+    if p.deepcache_interval > 1:
+        out["deep_cache"] = DeepCache(p.deepcache_interval, p.deepcache_depth)
+    return out
 
 
 @dataclass
@@ -141,9 +160,12 @@ class Run:
                 raise ConfigError("the refiner must be an inpainting model exactly when the base model is one")
             switch = refiner_switch(self.base.discretization, p.refiner.switch_at)
         stages = []
+        speed = speed_hooks(p, pass_name, tuple(noise.shape[-2:]), seeds[0])
         for ms in sets:
             cond, uncond = self.pass_conds(ms, planned, planned_hr, size)
             hooks = job.hooks
+            if speed:
+                hooks = dataclasses.replace(hooks, unet=dataclasses.replace(hooks.unet, **speed))
             if ms is not self.base:  # residual functions made for the base UNet (ControlNets) skip the refiner
                 hooks = dataclasses.replace(hooks, residuals=[r for r in hooks.residuals
                                                               if not getattr(r, "base_only", False)])
@@ -153,7 +175,9 @@ class Run:
         guided = GuidedModel(stages, p.cfg_scale, p.cfg_rescale,  # type: ignore[arg-type]
                              job.convention.rescale_space(self.base.models.config.prediction), switch,
                              wrappers=job.hooks.wrappers, pass_call=True, pad_empty=pad,
-                             cfg_above_one_only=job.convention.cfg_above_one_only)
+                             cfg_above_one_only=job.convention.cfg_above_one_only, s_min_uncond=p.s_min_uncond,
+                             s_min_uncond_all=p.s_min_uncond_all, skip_early_cond=p.skip_early_cond,
+                             total_calls=planned_hr if planned_hr is not None else planned)
         model = guided
         if mask is not None:
             model = masked_model(guided, mask, init_latent, noise if blend_input else None,  # type: ignore[arg-type]

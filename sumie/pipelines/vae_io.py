@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from sumie.configs import VAEConfig
-from sumie.errors import NaNError
+from sumie.errors import ConfigError, NaNError
 from sumie.models.taesd import TAESD
 from sumie.models.vae import AutoencoderKL
 from sumie.pipelines.images import to_image
@@ -39,7 +39,8 @@ CHEAP_FACTORS = {
 }
 _SD_VAE = VAEConfig()
 
-__all__ = ["CHEAP_FACTORS", "Previewer", "VAETiling", "cheap_factors", "decode", "decode_images", "encode"]
+__all__ = ["CHEAP_FACTORS", "Previewer", "VAETiling", "cheap_factors", "check_taesd_decoder", "decode",
+           "decode_images", "decode_taesd", "encode"]
 
 
 def encode(vae: AutoencoderKL, x: Tensor, generators: Sequence[torch.Generator | None] | None = None,
@@ -104,6 +105,25 @@ def decode_images(vae: AutoencoderKL, latent: Tensor, rounding: Literal["truncat
                   warn: Warn | None = None, tiling: VAETiling | None = None) -> list[Image.Image]:
     """Scaled latents -> RGB images (A1111 truncates to uint8, diffusers rounds)."""
     return to_image(decode(vae, latent, warn, tiling), rounding)
+
+
+def check_taesd_decoder(taesd: TAESD | None, vae: AutoencoderKL) -> TAESD:
+    """The TAESD that decodes this VAE's latents in its place, or a ConfigError saying why it cannot."""
+    if taesd is None or taesd.decoder is None:
+        raise ConfigError("TAESD decode needs a TAESD decoder: load one (--taesd FILE, sumie.load(..., taesd=FILE)) "
+                          "or turn TAESD decode off")
+    if vae.downscale != 8 or vae.config.z_channels != taesd.latent_channels:
+        raise ConfigError(f"TAESD decodes {taesd.latent_channels}-channel latents 8x; this model's VAE has "
+                          f"{vae.config.z_channels} channels at {vae.downscale}x: turn TAESD decode off")
+    return taesd
+
+
+def decode_taesd(taesd: TAESD, latent: Tensor) -> Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, 8h, 8w] float32 with TAESD, one at a time; NaN-checked."""
+    out = torch.cat([taesd.decode(latent[i : i + 1]).float() for i in range(latent.shape[0])])
+    if not bool(torch.isfinite(out).all()):
+        raise NaNError("TAESD decode produced NaN or infinite values: run it in float32 or use the full VAE")
+    return out
 
 
 def cheap_factors(vae: VAEConfig) -> Tensor | None:

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from sumie.sampling.registry import SamplerSpec
 
 __all__ = ["ETA_MAX", "MAX_SEED_VALUE", "S_NOISE_MAX", "IgnoredSettingWarning", "Namer", "api_name", "check_request",
-           "check_sampler", "check_seed", "check_size", "check_values", "effective_eta", "processing_size",
-           "uses_s_noise", "uses_white_noise"]
+           "check_sampler", "check_seed", "check_size", "check_speed_options", "check_values", "effective_eta",
+           "processing_size", "uses_s_noise", "uses_white_noise"]
 
 Namer = Callable[[str], str]
 MAX_SEED_VALUE = 2**64 - 1  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1; Sumie: -1 or >= 0
@@ -111,9 +111,28 @@ def check_values(p: GenerationParams, name: Namer = api_name) -> None:
         raise ConfigError(f"{name('s_noise')} must be in [0, {S_NOISE_MAX:g}] (1 = unscaled noise), got {p.s_noise}")
     if p.refiner is not None and not _in_range(p.refiner.switch_at, 0.0, 1.0):
         raise ConfigError(f"{name('refiner.switch_at')} must be in [0, 1], got {p.refiner.switch_at}")
+    check_speed_options(p, name)
     count = max(p.batch_size, len(p.init_images)) * p.n_iter
     check_seed("seed", int(p.seed), 1 if p.subseed_strength else count, p.eta_noise_seed_delta, name)
     check_seed("subseed", int(p.subseed), count, 0, name)
+
+
+def check_speed_options(p: GenerationParams, name: Namer = api_name) -> None:
+    """The speed options that change the image: ToMe ratios, NGMS, Skip Early CFG, DeepCache."""
+    for field in ("token_merging_ratio", "token_merging_ratio_hr"):
+        if not _in_range(getattr(p, field), 0.0, 0.9):
+            raise ConfigError(f"{name(field)} must be in [0, 0.9] (0 = off, A1111's slider), got {getattr(p, field)}")
+    if not _in_range(p.s_min_uncond, 0.0, 1000.0):
+        raise ConfigError(f"{name('s_min_uncond')} must be a sigma >= 0 (0 = off), got {p.s_min_uncond}")
+    if not _in_range(p.skip_early_cond, 0.0, 1.0):
+        raise ConfigError(f"{name('skip_early_cond')} must be in [0, 1] (a fraction of the steps), got "
+                          f"{p.skip_early_cond}")
+    if p.deepcache_interval < 0 or p.deepcache_interval > 1000:
+        raise ConfigError(f"{name('deepcache_interval')} must be 0 or 1 (off) or N >= 2 (a full UNet call every N "
+                          f"calls), got {p.deepcache_interval}")
+    if p.deepcache_depth < 0:
+        raise ConfigError(f"{name('deepcache_depth')} must be >= 0 (0 = the shallowest skip branch), got "
+                          f"{p.deepcache_depth}")
 
 
 def effective_eta(spec: SamplerSpec, eta: float | None) -> float | None:

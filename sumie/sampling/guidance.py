@@ -106,20 +106,22 @@ ExtraKwargs = Callable[[Tensor], dict[str, Any]]
 
 def guided_call(denoiser: Denoiser, x: Tensor, sigma: Tensor, conds: Sequence[tuple[Cond, float]],
                 uncond: Cond | None, scale: float, rescale: float = 0.0, rescale_space: RescaleSpace = "v", *,
-                repeat_context: bool = False, extra: ExtraKwargs | None = None) -> Tensor:
+                repeat_context: bool = False, extra: ExtraKwargs | None = None, skip_uncond: bool = False) -> Tensor:
     """One guided evaluation: every cond and the uncond in one batched denoiser call, then CFG -> x0 [B, ...].
 
     Rows are ordered cond 1, ..., cond n, uncond (A1111's order); ``x0 = uncond + sum_i w_i * scale * (cond_i -
     uncond)`` (Ho & Salimans 2022; composable diffusion, Liu et al. 2022, for several weighted conds). A single cond
     of weight 1 skips the uncond pass at scale 1 or without an uncond. ``repeat_context`` lets contexts of different
-    lengths share the call (:func:`repeat_to_common_length`).
+    lengths share the call (:func:`repeat_to_common_length`). ``skip_uncond`` runs the conds alone and stands the
+    first cond in for the uncond at scale 1 (A1111's NGMS / Skip Early CFG): a plain prompt gives its cond.
     """
     b = x.shape[0]
     if sigma.ndim == 0:
         sigma = sigma.expand(b)
     simple = len(conds) == 1 and conds[0][1] == 1.0
-    with_uncond = uncond is not None and not (simple and scale == 1.0)
-    if not with_uncond and not simple:
+    skip = skip_uncond and uncond is not None
+    with_uncond = uncond is not None and not (simple and scale == 1.0) and not skip
+    if not with_uncond and not simple and not skip:
         raise ConfigError("weighted or several conds need an uncond to guide against")
     if rescale and not simple:
         raise ConfigError("CFG rescale does not combine with AND; drop one of them")
@@ -131,9 +133,12 @@ def guided_call(denoiser: Denoiser, x: Tensor, sigma: Tensor, conds: Sequence[tu
         kwargs.update(extra(torch.tensor(labels, device=x.device).repeat_interleave(b)))
     reps = (n,) + (1,) * (x.ndim - 1)
     out = denoiser(x.repeat(reps), sigma.repeat(n), **kwargs)
-    if not with_uncond:
+    if skip and not simple:  # A1111: the first cond's prediction in the uncond's place, CFG at scale 1
+        uncond_out, scale, rescale = out[:b], 1.0, 0.0
+    elif not with_uncond:
         return out
-    uncond_out = out[len(conds) * b :]
+    else:
+        uncond_out = out[len(conds) * b :]
     if rescale:
         return rescale_cfg(x, sigma, out[:b], uncond_out, scale, rescale, rescale_space)
     denoised = uncond_out.clone()

@@ -139,7 +139,7 @@ def _ignored(req: Any, warnings: list[str]) -> None:
     for name in ("restore_faces", "tiling"):
         if getattr(req, name):
             warnings.append(f"{name} is not supported by Sumie and was ignored")
-    for name in ("s_churn", "s_tmin", "s_tmax", "s_min_uncond"):
+    for name in ("s_churn", "s_tmin", "s_tmax"):
         if getattr(req, name):
             warnings.append(f"{name} is not supported by Sumie and was ignored")
     for name in ("seed_resize_from_h", "seed_resize_from_w"):
@@ -158,9 +158,17 @@ def _ignored(req: Any, warnings: list[str]) -> None:
 
 
 def _options_into(p: GenerationParams, spec: Any, opts: dict[str, Any], req: Any) -> None:
-    """Options that change a generation: clip skip, ENSD, the samplers' eta when the request gives none."""
+    """Options that change a generation: clip skip, ENSD, the samplers' eta when the request gives none, NGMS, Skip
+    Early CFG and token merging."""
     p.clip_skip = int(opts["CLIP_stop_at_last_layers"])
     p.eta_noise_seed_delta = int(opts["eta_noise_seed_delta"])
+    # the speed options that change the image: A1111's request field s_min_uncond, else its option; the others are
+    # options only
+    p.s_min_uncond = float(req.s_min_uncond if req.s_min_uncond is not None else opts["s_min_uncond"])
+    p.s_min_uncond_all = bool(opts["s_min_uncond_all"])
+    p.skip_early_cond = float(opts["skip_early_cond"])
+    p.token_merging_ratio = float(opts["token_merging_ratio"])
+    p.token_merging_ratio_hr = float(opts["token_merging_ratio_hr"])
     accepted = inspect.signature(spec.function).parameters
     if req.eta is None and "eta" in accepted:
         want = opts["eta_ddim"] if spec.name == "ddim" else opts["eta_ancestral"]

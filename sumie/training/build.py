@@ -238,6 +238,13 @@ def _build_models(cfg: TrainConfig) -> TrainModels:
     if models.train_vae and not t.train_vae_encoder:  # decoder only (as Stability's sd-vae-ft-mse): same latents
         for frozen in (vae.encoder, vae.quant_conv):
             frozen.requires_grad_(False)
+    if t.gradient_checkpointing:
+        if models.unet is not None:
+            models.unet.gradient_checkpointing = True
+        te_grads = models.train_text_encoders or t.what == "embedding" or (
+            t.what == "lora" and cfg.lora is not None and "text_encoder" in cfg.lora.targets)
+        for te in models.text_encoders:
+            te.gradient_checkpointing = te_grads
     if t.what == "lora":
         _add_lora(models, cfg)
     elif t.what == "embedding":

@@ -111,6 +111,9 @@ class TrainSection:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     channels_last: bool = True  # NHWC convolutions for the UNet and VAE (measured ~20% faster UNet steps on CPU)
+    # recompute the UNet's blocks (and the trained text encoders' layers) in the backward pass instead of keeping
+    # their activations: less memory, more time (README "Training", measured cost)
+    gradient_checkpointing: bool = False
     device: str = "cpu"
     # diffusion
     prediction: Literal["eps", "v"] | None = None  # None = the model's
