@@ -212,7 +212,13 @@ def deploy(config: ServeConfig, plan: RayPlan, host: str, port: int) -> float:
         ray_actor_options=plan.actor_options(), max_ongoing_requests=limits.max_queue + _POLL_ROOM,
         max_queued_requests=plan.replicas * (limits.max_queue + _POLL_ROOM),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s))
-    serve.start(http_options={"host": host, "port": port}, detached=False)
+    try:
+        serve.start(http_options={"host": host, "port": port}, detached=False)
+    except (ray.exceptions.RayError, RuntimeError, TimeoutError) as e:
+        # Ray Serve gives its HTTP proxy actor a fixed 60 s to start: a machine too busy to start it ends here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SumieError(f"Ray Serve's HTTP proxy did not start on {host}:{port} ({first}); is the port free and "
+                         f"the machine not overloaded? Try again, or another --port") from None
     try:
         serve.run(deployment.bind(config), name=APP_NAME, route_prefix="/", blocking=False)
     except (ray.exceptions.RayError, RuntimeError) as e:
