@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -105,3 +106,16 @@ def to_api(workflow: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         assert values == [], (node["type"], values)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def ws_until(ws: Any, done: Callable[[dict[str, Any]], bool], *, timeout: float = 120) -> list[dict[str, Any]]:
+    """ComfyUI WebSocket JSON messages (binary previews skipped) up to and including the first one ``done`` accepts."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        m = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if isinstance(m, bytes):
+            continue
+        out.append(json.loads(m))
+        if done(out[-1]):
+            return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from serve_helpers import Running, running_server
+from serve_helpers import Running, running_server, ws_until
 from test_comfy_execution import STEPS, example_prompt, run
 from websockets.sync.client import connect
 
@@ -190,16 +189,7 @@ def test_partial_targets_and_progress_state_over_the_websocket(srv: tuple[Runnin
                                             "partial_execution_targets": ["10"]})
         assert status == 200 and body["node_errors"] == {}
         pid = body["prompt_id"]
-        msgs: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 120
-        while True:
-            m = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-            if isinstance(m, bytes):
-                continue
-            msg = json.loads(m)
-            msgs.append(msg)
-            if msg["type"] == "executing" and msg["data"]["node"] is None:
-                break
+        msgs = ws_until(ws, lambda msg: msg["type"] == "executing" and msg["data"]["node"] is None)
         seen_by_other: list[str] = []  # progress_state goes to every socket (send_sync without a sid), the rest not
         while True:
             try:

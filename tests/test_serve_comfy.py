@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import Running, running_server
+from serve_helpers import Running, running_server, ws_until
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -103,16 +103,7 @@ def _read_until_done(ws: ClientConnection, prompt_id: str, *, timeout: float = 1
 
 def _wait_for(ws: ClientConnection, kind: str, *, timeout: float = 120) -> list[Any]:
     """Messages up to and including the first of type ``kind``."""
-    out: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        m = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        if isinstance(m, bytes):
-            continue
-        msg = json.loads(m)
-        out.append(msg)
-        if msg["type"] == kind:
-            return out
+    return ws_until(ws, lambda msg: msg["type"] == kind, timeout=timeout)
 
 
 def _types(messages: list[Any]) -> list[str]:
