@@ -119,3 +119,14 @@ def ws_until(ws: Any, done: Callable[[dict[str, Any]], bool], *, timeout: float 
         out.append(json.loads(m))
         if done(out[-1]):
             return out
+
+
+def ws_drain(ws: Any, *, quiet: float = 0.5) -> list[str]:
+    """The types of the WebSocket messages that arrive until none comes for ``quiet`` s ("binary" for previews)."""
+    kinds: list[str] = []
+    while True:
+        try:
+            m = ws.recv(timeout=quiet)
+        except TimeoutError:
+            return kinds
+        kinds.append("binary" if isinstance(m, bytes) else json.loads(m)["type"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from serve_helpers import Running, running_server, ws_until
+from serve_helpers import Running, running_server, ws_drain, ws_until
 from test_comfy_execution import STEPS, example_prompt, run
 from websockets.sync.client import connect
 
@@ -190,13 +190,7 @@ def test_partial_targets_and_progress_state_over_the_websocket(srv: tuple[Runnin
         assert status == 200 and body["node_errors"] == {}
         pid = body["prompt_id"]
         msgs = ws_until(ws, lambda msg: msg["type"] == "executing" and msg["data"]["node"] is None)
-        seen_by_other: list[str] = []  # progress_state goes to every socket (send_sync without a sid), the rest not
-        while True:
-            try:
-                m = ws2.recv(timeout=0.5)
-            except TimeoutError:
-                break
-            seen_by_other.append("binary" if isinstance(m, bytes) else json.loads(m)["type"])
+        seen_by_other = ws_drain(ws2)  # progress_state goes to every socket (send_sync without a sid), the rest not
     assert "progress_state" in seen_by_other and set(seen_by_other) <= {"status", "progress_state"}
     states = [m["data"] for m in msgs if m["type"] == "progress_state"]
     assert states and all(d["prompt_id"] == pid for d in states)

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import Running, running_server, ws_until
+from serve_helpers import Running, running_server, ws_drain, ws_until
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -242,13 +242,7 @@ def test_websocket_sequence_of_a_run_and_of_an_interrupted_run(srv: Running) -> 
         assert entry["status"]["status_str"] == "error" and not entry["status"]["completed"]
         assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached",
                                                                "execution_interrupted"]
-        ws2_types = set()
-        while True:
-            try:
-                m = ws2.recv(timeout=0.3)
-            except TimeoutError:
-                break
-            ws2_types.add("binary" if isinstance(m, bytes) else json.loads(m)["type"])
+        ws2_types = set(ws_drain(ws2, quiet=0.3))
         assert ws2_types == {"status", "progress_state"}  # WebUIProgressHandler sends it to every socket
 
 
@@ -540,12 +534,6 @@ def test_a_prompt_without_client_id_broadcasts_only_what_comfyui_does(srv: Runni
         status, body = _post(srv, "/prompt", {"prompt": api_prompt(seed=51)})
         assert status == 200
         _wait_history(srv, body["prompt_id"])
-        kinds: list[str] = []
-        while True:
-            try:
-                m = ws.recv(timeout=0.5)
-            except TimeoutError:
-                break
-            kinds.append("binary" if isinstance(m, bytes) else json.loads(m)["type"])
+        kinds = ws_drain(ws)
     assert [k for k in kinds if k not in ("status", "progress_state")] == ["progress", "binary"] * STEPS
     assert "progress_state" in kinds
