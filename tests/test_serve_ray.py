@@ -25,12 +25,14 @@ import pytest
 import ray
 from PIL import Image
 from ray import serve
+from ray.cluster_utils import Cluster
 from serve_helpers import running_server
 
 from sumie.serve import ServeConfig
 from sumie.serve.batch import run_batch
 from sumie.serve.config import Limits
-from sumie.serve.ray_app import deploy, plan_replicas, run_batch_ray
+from sumie.serve.ray_app import Deployed, deploy, plan_replicas, run_batch_ray
+from sumie.serve.store_actor import close_store
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two replicas: about a minute on 2 busy cores
 
@@ -76,26 +78,74 @@ def test_serve_command_starts_a_cluster_serves_and_stops_on_sigint(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    # 4 logical CPUs on this 2-core machine: 2 for the Serve replicas, 2 for the batch actors
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Two Ray nodes on this machine. The head has no CPU for replicas: it runs this process (the driver) and the job
+    # store actor. The other node, with 4 logical CPUs on this 2-core machine (2 for the Serve replicas, 2 for the
+    # batch actors), runs every replica and batch actor, so they reach the records and images only through the store.
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes.add_node(num_cpus=4)
+    ray.init(address=nodes.address, log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+        nodes.shutdown()
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    out = tmp_path_factory.mktemp("ray-serve")
-    plan, shared = plan_replicas(ServeConfig(output_dir=out, limits=Limits(max_queue=MAX_QUEUE)), 2, 1.0, "cpu")
+def serve_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The deployment's --output-dir (records and images, on the head node)."""
+    return tmp_path_factory.mktemp("ray-serve")
+
+
+@pytest.fixture(scope="module")
+def deployment(cluster: Any, serve_out: Path) -> Iterator[tuple[Deployed, str]]:
+    """Two CPU replicas behind Serve's proxy: (what deploy started, the proxy's URL)."""
+    plan, shared = plan_replicas(ServeConfig(output_dir=serve_out, limits=Limits(max_queue=MAX_QUEUE)), 2, 1.0,
+                                 "cpu")
     assert plan.replicas == 2 and plan.gpus == 0 and shared.shared and shared.output_dir.is_absolute()
     port = _free_port()
-    deploy(shared, plan, "127.0.0.1", port)
+    running = deploy(shared, plan, "127.0.0.1", port)  # holds the store actor: it ends when this is dropped
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            yield client
+        yield running, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+        close_store(running.store)
+
+
+@pytest.fixture(scope="module")
+def deployed(deployment: tuple[Deployed, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=deployment[1], timeout=120) as client:
+        yield client
+
+
+def _open_files(pid: int) -> set[str]:
+    """The files process ``pid`` has open (Linux /proc)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
+
+
+def _raylet(pid: int) -> int:
+    """The pid of the Ray node (its raylet process) that started worker process ``pid``."""
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    assert "raylet" in Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace"), parent
+    return parent
+
+
+def test_replicas_run_on_another_node_and_reach_the_store_only_through_its_actor(
+        deployment: tuple[Deployed, str], deployed: httpx.Client, serve_out: Path) -> None:
+    answers = [deployed.post("/sdapi/v1/txt2img", json={"prompt": f"node {k}", "seed": k, "steps": 2,
+                                                        "save_images": True, **FAST}) for k in range(4)]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    replicas = {int(r.headers["x-sumie-replica"].rpartition(":")[2]) for r in answers}
+    store = ray.get(deployment[0].store.__ray_call__.remote(lambda _actor: os.getpid()))
+    assert replicas and all(_raylet(p) != _raylet(store) for p in replicas)  # another Ray node than the store's
+    database = os.path.realpath(serve_out / "sumie-jobs.sqlite3")
+    assert database in _open_files(store)  # the store actor holds the records open ...
+    for pid in replicas:  # ... and no replica does (nor its WAL): they reach them only through the actor
+        assert not {f for f in _open_files(pid) if f.startswith(database)}, pid
+    assert [json.loads(r.json()["info"])["seed"] for r in answers] == [0, 1, 2, 3]
+    names = {p.name.split("-", 1)[1] for p in serve_out.rglob("*.png")}
+    assert names >= {"0.png", "1.png", "2.png", "3.png"}  # the store wrote them where --output-dir says
 
 
 def _png(b64: str) -> Image.Image:

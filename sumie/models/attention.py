@@ -61,7 +61,7 @@ class CrossAttention(nn.Module):
 
     def context_kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, heads, L, d] of a context [B, L, context_dim], reused across calls (class docstring)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph holds no Python cache
             return self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
         ks, vs = _weight_state(self.to_k), _weight_state(self.to_v)
         cached = self._kv_cache

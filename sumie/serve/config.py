@@ -56,6 +56,9 @@ class ServeConfig:
     # running jobs write their progress to the records and jobs of the other processes are answered from there.
     shared: bool = False
     progress_write_s: float = 0.5  # with ``shared``: least time between two progress writes of one job
+    # The named Ray actor that holds the records and the output folder for every replica (``sumie serve --ray``,
+    # ``sumie batch --ray``; :mod:`sumie.serve.store_actor`), so replicas may run on other machines; None: local files.
+    store_actor: str | None = None
 
     def __post_init__(self) -> None:
         if not self.devices:

@@ -166,6 +166,7 @@ class JobQueue:
         self._handles: dict[str, JobHandle] = {}
         self._clients: dict[str, str] = {}  # job id -> client, while queued or running
         self._cancelled: set[str] = set()
+        self._recorded: set[str] = set()  # jobs whose end is in the records (written by the job itself)
         self.live: dict[str, LiveState] = {}
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -245,8 +246,14 @@ class JobQueue:
                     self._share_progress(live)
                 with self._lock:
                     self.live[jid] = live
-                try:
-                    return fn(manager, live)
+                try:  # the record ends before the handle does: a client woken by the handle reads the end
+                    result = fn(manager, live)
+                except BaseException as e:
+                    self._record_end(jid, None, e)
+                    raise
+                else:
+                    self._record_end(jid, result, None)
+                    return result
                 finally:
                     with self._lock:
                         self.live.pop(jid, None)
@@ -281,24 +288,33 @@ class JobQueue:
         write(None)  # at the start: a cancel asked while it was queued
         live.listeners.append(write)
 
+    def _record_end(self, jid: str, result: Any, error: BaseException | None) -> None:
+        """Write how job ``jid`` ended (its result, or the exception it raised) to the records."""
+        with self._lock:
+            self._recorded.add(jid)
+        if isinstance(error, JobCancelled):
+            self.records.finish(jid, "cancelled", error="cancelled by the client")
+        elif error is not None:
+            self.records.finish(jid, "failed", error=str(error))
+        else:
+            info = getattr(result, "info", None)
+            self.records.finish(jid, "interrupted" if getattr(result, "interrupted", False) else "done",
+                                outputs=[str(p) for p in getattr(result, "paths", [])],
+                                info=json.loads(info) if isinstance(info, str) else None)
+
     def _finished(self, handle: JobHandle) -> None:
         with self._lock:
             self._handles.pop(handle.id, None)
             self._clients.pop(handle.id, None)
             self._cancelled.discard(handle.id)
             self.finished += 1
-        if handle.state == "cancelled" or isinstance(handle.exception() if handle.state == "failed" else None,
-                                                     JobCancelled):
-            self.records.finish(handle.id, "cancelled", error="cancelled by the client")
-        elif handle.state == "failed":
-            self.records.finish(handle.id, "failed", error=str(handle.exception()))
-        else:
-            result = handle.result()
-            interrupted = bool(getattr(result, "interrupted", False))
-            info = getattr(result, "info", None)
-            self.records.finish(handle.id, "interrupted" if interrupted else "done",
-                                outputs=[str(p) for p in getattr(result, "paths", [])],
-                                info=json.loads(info) if isinstance(info, str) else None)
+            recorded = handle.id in self._recorded
+            self._recorded.discard(handle.id)
+        if not recorded:  # it never ran: cancelled while queued (or the worker refused it)
+            error = handle.exception() if handle.state == "failed" else None
+            self._record_end(handle.id, None, error if error is not None else JobCancelled())
+            with self._lock:
+                self._recorded.discard(handle.id)
 
     @staticmethod
     async def wait(handle: JobHandle) -> Any:

@@ -3,18 +3,18 @@
 ``sumie serve --ray [ADDRESS]`` runs N replicas of the same app :func:`sumie.serve.create_app` builds (the same
 routes, nothing forked), each a Ray actor with its own engine worker and queue (one GPU each where the cluster has
 GPUs), behind Ray Serve's HTTP proxy on ``--host`` / ``--port``. A request goes to one replica (the proxy picks the
-less busy of two); a job lives in the replica that queued it.
+less busy of two); a job lives in the replica that queued it. Ray places the replicas on any node of the cluster
+with the CPUs or GPU they ask for.
 
-The job records are the single server's SQLite file (WAL) under ``--output-dir``, opened by every replica
-(``ServeConfig.shared``): a running job writes its progress there (at most every ``progress_write_s``, and its last
-step) and a cancel asked through another replica is read there, so ``GET /api/v1/jobs/{id}`` (state, progress,
-outputs, info), its events, ``DELETE`` and A1111's ``/progress`` answer on whichever replica the proxy picks. A
-replica that Ray starts in place of one that died marks the jobs the dead one held failed
-(:meth:`~sumie.serve.store.JobRecords.recover_dead`). Why SQLite and not a store actor: it is what the single server
-already trusts for crashes (WAL, recovery at start), it needs no extra hop per poll, and it outlives the cluster.
-Its cost: SQLite's WAL needs every user on one machine (shared memory; not a network file system), so the replicas
-are pinned to the node that runs ``sumie serve --ray`` (its GPUs, all of them if wanted); the model folders and the
-output folder are that node's.
+The job records and the output images live in one store, a Ray actor on the node that runs the command
+(:mod:`sumie.serve.store_actor`): the single server's SQLite file and numbered images under ``--output-dir``,
+written only by that actor. Every replica reaches them through it (``ServeConfig.store_actor``, with ``shared``
+semantics): a running job writes its progress there (at most every ``progress_write_s``, and its last step) and a
+cancel asked through another replica is read there, so ``GET /api/v1/jobs/{id}`` (state, progress, outputs, info),
+its events, its output files, ``DELETE`` and A1111's ``/progress`` answer on whichever replica, on whichever node,
+the proxy picks. A replica that Ray starts in place of one that died marks the jobs the dead one held failed
+(:func:`~sumie.serve.store.recover_dead`, for the processes of its own machine). The model folders must exist at
+the same paths on every node that runs a replica.
 
 Queue semantics are the single server's, per replica: ``--max-queue`` jobs queued or running in a replica, then 503
 with Retry-After, never a silent drop. In front of them Ray Serve lets a replica hold ``max_queue + 16`` requests at
@@ -25,8 +25,8 @@ at once, so a replica may be full while another has room; a client retries after
 history (``/prompt``, ``/history``, ``/ws``) stay per replica: use the native or A1111 API through Ray.
 
 ``sumie batch FILE -o DIR --ray [ADDRESS]`` spreads the lines over ``--replicas`` Ray actors, each a
-:class:`~sumie.serve.server.Server` (one engine), with the line code of :mod:`sumie.serve.batch`, so the outputs,
-job ids and the resume rule are those of the single-process batch.
+:class:`~sumie.serve.server.Server` (one engine) on the same store, with the line code of :mod:`sumie.serve.batch`,
+so the outputs, job ids and the resume rule are those of the single-process batch.
 
 Ray is an optional extra (``pip install 'sumie[ray]'``), imported only here and only when ``--ray`` is given.
 """
@@ -48,8 +48,8 @@ from typing import Any
 from sumie.errors import ConfigError, SumieError
 from sumie.serve.config import ServeConfig
 
-__all__ = ["BatchWorker", "RayPlan", "ReplicaHeader", "SumieReplica", "deploy", "import_ray", "plan_replicas",
-           "run_batch_ray", "serve_forever", "shared_config"]
+__all__ = ["BatchWorker", "Deployed", "RayPlan", "ReplicaHeader", "SumieReplica", "deploy", "import_ray",
+           "plan_replicas", "run_batch_ray", "serve_forever", "shared_config"]
 
 APP_NAME = "sumie"
 _POLL_ROOM = 16  # requests a replica takes besides max_queue (GET polls, event streams)
@@ -107,37 +107,34 @@ def check_flags(replicas: int | None, cpus: float, device: str | None) -> None:
 
 @dataclass(frozen=True)
 class RayPlan:
-    """How many replicas, what each one asks of Ray, and the node they are pinned to."""
+    """How many replicas and what each one asks of Ray (Ray places them on any node that has it)."""
 
     replicas: int
     cpus: float
     gpus: float
-    node: str  # Ray's node IP of this process (the replicas share its SQLite records)
 
     def actor_options(self) -> dict[str, Any]:
         """Ray's ``ray_actor_options`` of one replica."""
-        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "resources": {f"node:{self.node}": 0.001}}
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus}
 
 
 def plan_replicas(config: ServeConfig, replicas: int | None, cpus: float, device: str | None,
                   dtype: str | None = None) -> tuple[RayPlan, ServeConfig]:
-    """The replicas on this node (default: one per GPU of the node, else 1) and the config each one runs: one device
-    (``cuda``: the GPU Ray gives it; ``cpu``) and ``shared`` records. ``device`` / ``dtype``: the user's ``--device``
+    """The replicas (default: one per GPU of the cluster, else 1) and the config each one runs: one device
+    (``cuda``: the GPU Ray gives it; ``cpu``), ``shared`` records. ``device`` / ``dtype``: the user's ``--device``
     and ``--dtype`` (None: not given)."""
     ray = import_ray()
     check_flags(replicas, cpus, device)
-    node = ray.util.get_node_ip_address()
-    here = next((n for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress") == node), None)
-    gpus = int((here or {}).get("Resources", {}).get("GPU", 0))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and device not in ("cpu",)
     if device is not None and device.startswith("cuda") and gpus == 0:
-        raise ConfigError(f"--device {device}: this Ray node has no GPU; use --device cpu")
+        raise ConfigError(f"--device {device}: this Ray cluster has no GPU; use --device cpu")
     n = replicas if replicas is not None else (gpus if use_gpu else 1)
     if use_gpu and n > gpus:
-        raise ConfigError(f"--replicas {n}: this node has {gpus} GPU(s), one per replica; use --replicas {gpus} or "
-                          "--device cpu")
+        raise ConfigError(f"--replicas {n}: the cluster has {gpus} GPU(s), one per replica; use --replicas {gpus} "
+                          "or --device cpu")
     dtype = dtype or ("fp16" if use_gpu else "fp32")
-    return RayPlan(n, cpus, 1.0 if use_gpu else 0.0, node), \
+    return RayPlan(n, cpus, 1.0 if use_gpu else 0.0), \
         shared_config(config, devices=("cuda",) if use_gpu else ("cpu",), dtype=dtype)
 
 
@@ -195,17 +192,37 @@ class SumieReplica:
         return self.sumie_app
 
 
-def deploy(config: ServeConfig, plan: RayPlan, host: str, port: int) -> float:
-    """Start Serve's HTTP proxy on host:port and deploy ``plan.replicas`` replicas of the app; returns when every
-    replica has its model loaded (the seconds it took). ``config`` is a :func:`shared_config`."""
+@dataclass(frozen=True)
+class Deployed:
+    """What :func:`deploy` started: the seconds it took and the store actor. Ray ends the actor when the last
+    handle of it is dropped, so hold this while the deployment runs (and end it with
+    :func:`~sumie.serve.store_actor.close_store`)."""
+
+    seconds: float
+    store: Any
+
+
+def deploy(config: ServeConfig, plan: RayPlan, host: str, port: int) -> Deployed:
+    """Start the job store on this node, Serve's HTTP proxy on host:port, and ``plan.replicas`` replicas of the app;
+    returns when every replica has its model loaded. ``config`` is a :func:`shared_config`."""
+    from sumie.serve.store_actor import close_store, start_store
+
+    t0 = time.monotonic()
+    name, store = start_store(config.output_dir, config.database)  # its start-up recovery runs once, here
+    try:
+        _run_app(dataclasses.replace(config, store_actor=name), plan, host, port)
+    except BaseException:
+        close_store(store)
+        raise
+    return Deployed(time.monotonic() - t0, store)
+
+
+def _run_app(config: ServeConfig, plan: RayPlan, host: str, port: int) -> None:
+    """Serve's HTTP proxy and the replicas (see :func:`deploy`)."""
     ray = import_ray()
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
-    from sumie.serve.store import prepare_shared
-
-    t0 = time.monotonic()
-    prepare_shared(config.output_dir, config.database)  # once, before any replica opens the records
     limits = config.limits
     deployment = serve.deployment(
         serve.ingress()(SumieReplica), name="SumieReplica", num_replicas=plan.replicas,
@@ -223,7 +240,6 @@ def deploy(config: ServeConfig, plan: RayPlan, host: str, port: int) -> float:
         serve.run(deployment.bind(config), name=APP_NAME, route_prefix="/", blocking=False)
     except (ray.exceptions.RayError, RuntimeError) as e:
         raise SumieError(f"the Ray Serve deployment failed: {e}") from None
-    return time.monotonic() - t0
 
 
 def serve_forever(config: ServeConfig, address: str | None, host: str, port: int, replicas: int | None,
@@ -233,15 +249,18 @@ def serve_forever(config: ServeConfig, address: str | None, host: str, port: int
     ray = import_ray()
     from ray import serve
 
+    from sumie.serve.store_actor import close_store
+
     check_flags(replicas, cpus, device)
     started = connect(address)
     own = address in (None, "", "local")
+    deployed: Deployed | None = None
     try:
         plan, shared = plan_replicas(config, replicas, cpus, device, dtype)
         log(f"sumie: Ray cluster ready in {started:.1f} s; deploying {plan.replicas} replica(s) "
-            f"({'1 GPU' if plan.gpus else f'{plan.cpus:g} CPU'} each) on node {plan.node}")
-        took = deploy(shared, plan, host, port)
-        log(f"sumie: {plan.replicas} replica(s) ready in {took:.1f} s; serving AUTOMATIC1111's API on "
+            f"({'1 GPU' if plan.gpus else f'{plan.cpus:g} CPU'} each)")
+        deployed = deploy(shared, plan, host, port)
+        log(f"sumie: {plan.replicas} replica(s) ready in {deployed.seconds:.1f} s; serving AUTOMATIC1111's API on "
             f"http://{host}:{port}/sdapi/v1 and the native jobs API on http://{host}:{port}/api/v1/jobs "
             f"(records: {shared.database}); Ctrl-C stops")
         stop = threading.Event()
@@ -258,6 +277,8 @@ def serve_forever(config: ServeConfig, address: str | None, host: str, port: int
             serve.shutdown()
         elif APP_NAME in serve.status().applications:
             serve.delete(APP_NAME)  # a shared cluster: only what this command deployed
+        if deployed is not None:
+            close_store(deployed.store)
         ray.shutdown()
 
 
@@ -291,7 +312,7 @@ def run_batch_ray(path: Path, config: ServeConfig, address: str | None, replicas
                   device: str | None, dtype: str | None = None, log: Callable[[str], None] = print) -> Any:
     """``sumie batch --ray``: the lines not done before, spread over ``replicas`` actors; a BatchReport."""
     from sumie.serve.batch import BatchReport, pending_lines, read_batch, record_line
-    from sumie.serve.store import JobRecords, prepare_shared
+    from sumie.serve.store_actor import close_store, connect_store, start_store
 
     ray = import_ray()
     check_flags(replicas, cpus, device)
@@ -299,23 +320,23 @@ def run_batch_ray(path: Path, config: ServeConfig, address: str | None, replicas
     connect(address)
     plan, shared = plan_replicas(config, replicas, cpus, device, dtype)
     report = BatchReport()
-    prepare_shared(shared.output_dir, shared.database)
-    records = JobRecords(shared.database)
+    name, store = start_store(shared.output_dir, shared.database)
     try:
-        todo = pending_lines(lines, records, report, log)
+        todo = pending_lines(lines, connect_store(name)[1], report, log)
+        if not todo:
+            return report
+        actor = ray.remote(BatchWorker).options(**plan.actor_options())
+        workers = [actor.remote(dataclasses.replace(shared, store_actor=name))
+                   for _ in range(min(plan.replicas, len(todo)))]
+        try:
+            pool = ray.util.ActorPool(workers)
+            for n, outputs, error in pool.map_unordered(lambda w, line: w.run.remote(*line), todo):
+                record_line(report, n, outputs, error, log)
+        finally:
+            ray.get([w.close.remote() for w in workers])
+            for w in workers:
+                ray.kill(w)
     finally:
-        records.close()
-    if not todo:
-        return report
-    actor = ray.remote(BatchWorker).options(**plan.actor_options())
-    workers = [actor.remote(shared) for _ in range(min(plan.replicas, len(todo)))]
-    try:
-        pool = ray.util.ActorPool(workers)
-        for n, outputs, error in pool.map_unordered(lambda w, line: w.run.remote(*line), todo):
-            record_line(report, n, outputs, error, log)
-    finally:
-        ray.get([w.close.remote() for w in workers])
-        for w in workers:
-            ray.kill(w)
+        close_store(store)
     report.done.sort()
     return report

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mimetypes
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -42,7 +43,6 @@ from sumie.serve.server import Server
 __all__ = ["JobRequest", "JobView", "NativeJobs", "router"]
 
 TERMINAL = ("done", "interrupted", "failed", "cancelled")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _KEEP = 256  # finished jobs whose events and info stay in memory
 
 
@@ -149,19 +149,13 @@ class NativeJobs:
             return None
         return "/api/v1/outputs/" + quote(Path(os.path.relpath(real, root)).as_posix())
 
-    def output_file(self, rel: str) -> Path:
-        """The image file at ``rel`` inside the output folder; 404 for anything else (other files, paths out)."""
-        text = rel.replace("\\", "/")
-        parts = PurePosixPath(text).parts
-        missing = ApiError(404, f"no output file {rel!r}", field="path")
-        if not text or text.startswith("/") or ".." in parts or "\x00" in text or (len(text) > 1 and text[1] == ":"):
-            raise missing
-        root = os.path.realpath(self.server.config.output_dir)
-        real = os.path.realpath(os.path.join(root, *parts))
-        if os.path.commonpath([root, real]) != root or not real.lower().endswith(_IMAGE_SUFFIXES) \
-                or not os.path.isfile(real):
-            raise missing
-        return Path(real)
+    def output_file(self, rel: str) -> Response:
+        """The image file at ``rel`` inside the output folder (read through the job store, which may sit on another
+        machine); 404 for anything else (other files, paths out)."""
+        data = self.server.outputs.read(rel)
+        if data is None:
+            raise ApiError(404, f"no output file {rel!r}", field="path")
+        return Response(content=data, media_type=mimetypes.guess_type(rel)[0] or "application/octet-stream")
 
     async def stream(self, job_id: str, previews: bool) -> AsyncIterator[str]:
         """The job's Server-Sent Events (see the module docstring)."""
@@ -245,8 +239,8 @@ def job_events(job_id: str, request: Request, previews: bool = False) -> Streami
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/outputs/{path:path}", response_class=FileResponse,
+@router.get("/outputs/{path:path}", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "an output image"}})
-def output(path: str, request: Request) -> FileResponse:
+def output(path: str, request: Request) -> Response:
     """An output image by the URL a job gives (only files inside the output folder)."""
-    return FileResponse(_jobs(request).output_file(path))
+    return _jobs(request).output_file(path)

@@ -31,7 +31,7 @@ from sumie.serve.jobs import JobCancelled, JobQueue, LiveState
 from sumie.serve.mapping import Plan, build_info, build_plan
 from sumie.serve.models import GenerationResponse, Img2ImgRequest, Txt2ImgRequest
 from sumie.serve.options import Options
-from sumie.serve.store import JobRecord, JobRecords, OutputStore
+from sumie.serve.store import JobRecord, JobRecords, OutputStore, recover_dead
 
 __all__ = ["Outcome", "Server"]
 
@@ -55,13 +55,17 @@ class Server:
         self.hashes = FileHashes()
         self.catalog = Catalog(self.folders, self.hashes)
         self.options = Options()
-        self.outputs = OutputStore(config.output_dir)
-        self.records = JobRecords(config.database)
+        if config.store_actor is not None:  # the replicas of ``sumie serve --ray``, on any node of the cluster
+            from sumie.serve.store_actor import connect_store
+
+            self.outputs, self.records = connect_store(config.store_actor)
+        else:
+            self.outputs, self.records = OutputStore(config.output_dir), JobRecords(config.database)
         # writes a killed process left half done, jobs it left unfinished (a shared store: done once, before; here
         # only the jobs of this host's processes that died, e.g. a replica Ray replaces)
         self.cleaned = [] if config.shared else self.outputs.clean_temp()
         self.queue = JobQueue(config, self.folders, self.hashes, self.records)
-        self.recovered = self.records.recover_dead(self.queue.worker_id.rpartition(":")[0]) if config.shared \
+        self.recovered = recover_dead(self.records, self.queue.worker_id.rpartition(":")[0]) if config.shared \
             else self.records.recover()
         self.comfy = ComfyService(self, config.input_dir, config.preview_method)  # ComfyUI's API (comfy_routes)
         default = self.catalog.checkpoints()[0]

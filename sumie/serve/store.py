@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image
@@ -29,11 +29,12 @@ from PIL import Image
 from sumie.errors import SumieError
 from sumie.pipelines.output import next_free_path, save_image
 
-__all__ = ["JobRecord", "JobRecords", "OutputStore"]
+__all__ = ["JobRecord", "JobRecords", "OutputStore", "prepare_shared", "recover_dead"]
 
 _TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # sumie.pipelines.output._write_tmp's names
 _CLAIM_TRIES = 20
 _EXT = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what the output folder serves
 
 
 class OutputStore:
@@ -71,6 +72,29 @@ class OutputStore:
                 except FileExistsError:
                     continue
         raise SumieError(f"{folder}: no free file name after {_CLAIM_TRIES} tries (other writers took each)")
+
+
+    def find(self, rel: str) -> Path | None:
+        """The image file at ``rel`` (a path relative to the output folder), or None for anything else: other
+        files, absolute paths, paths that leave the folder (also through links)."""
+        text = rel.replace("\\", "/")
+        parts = PurePosixPath(text).parts
+        if not text or text.startswith("/") or ".." in parts or "\x00" in text or (len(text) > 1 and text[1] == ":"):
+            return None
+        root = os.path.realpath(self.root)
+        real = os.path.realpath(os.path.join(root, *parts))
+        if os.path.commonpath([root, real]) != root or not real.lower().endswith(IMAGE_SUFFIXES) \
+                or not os.path.isfile(real):
+            return None
+        return Path(real)
+
+    def read(self, rel: str) -> bytes | None:
+        """The bytes of the image file at ``rel`` (see :meth:`find`), or None."""
+        path = self.find(rel)
+        try:
+            return None if path is None else path.read_bytes()
+        except OSError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -133,17 +157,18 @@ class JobRecords:
                              "(?, ?, 'queued', ?, ?, ?)", (job_id, kind, time.time(),
                                                            json.dumps(request, default=str), worker))
 
-    def recover_dead(self, host: str) -> int:
-        """Mark failed the unfinished jobs of processes of ``host`` that no longer run (a replica that died while
-        others share the records); returns how many."""
+    def unfinished_workers(self, host: str) -> list[str]:
+        """The processes (HOST:PID) of ``host`` that hold queued or running jobs."""
         with self._lock:
-            workers = [w for (w,) in self._db.execute(
+            return [w for (w,) in self._db.execute(
                 "SELECT DISTINCT worker FROM jobs WHERE state IN ('queued', 'running') AND worker LIKE ?",
                 (f"{host}:%",))]
-        dead = [w for w in workers if w.rpartition(":")[2].isdigit() and not _alive(int(w.rpartition(":")[2]))]
+
+    def fail_workers(self, workers: list[str]) -> int:
+        """Mark failed the unfinished jobs of ``workers``, processes that stopped; returns how many."""
         now, count = time.time(), 0
         with self._lock:
-            for w in dead:
+            for w in workers:
                 count += self._db.execute("UPDATE jobs SET state='failed', finished=?, error=? WHERE worker=? AND "
                                           "state IN ('queued', 'running')",
                                           (now, f"the process that held the job ({w}) stopped", w)).rowcount
@@ -206,6 +231,15 @@ def _record(row: tuple[Any, ...] | None) -> JobRecord | None:
         return None
     return JobRecord(*row[:7], json.loads(row[7]), json.loads(row[8]), _loads(row[9]), row[10], _loads(row[11]),
                      bool(row[12]))
+
+
+def recover_dead(records: JobRecords, host: str) -> int:
+    """Mark failed the unfinished jobs of processes of ``host`` (this machine) that no longer run: a replica that
+    died while others share the records; returns how many. ``records`` may be another machine's
+    (:mod:`sumie.serve.store_actor`): the processes are looked up here."""
+    dead = [w for w in records.unfinished_workers(host)
+            if w.rpartition(":")[2].isdigit() and not _alive(int(w.rpartition(":")[2]))]
+    return records.fail_workers(dead) if dead else 0
 
 
 def _alive(pid: int) -> bool:
