@@ -38,8 +38,8 @@ PROMPT, NEGATIVE = "a photo of a cat sitting on a wooden table, best quality", "
 RESULT_PREFIX = "sumie-bench-result: "
 INSTALL_HINT = "pip install 'sumie[bench]'"
 # per-engine fields whose median is reported, and the ones a ratio (diffusers / sumie) is printed for
-FIELDS = ("import_s", "load_s", "seconds_per_image", "cpu_seconds_per_image", "unet_s_per_step", "text_encoder_s",
-          "vae_s", "peak_rss_mib", "peak_cuda_mib")
+FIELDS = ("import_s", "load_s", "warmup_s", "seconds_per_image", "cpu_seconds_per_image", "unet_s_per_step",
+          "text_encoder_s", "vae_s", "peak_rss_mib", "peak_cuda_mib")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class RunSpec:
     warmup_steps: int = 2
     config_dir: str = ""  # the diffusers config folder (bench_diffusers.write_config_folder)
     out_dir: str = ""  # where the child writes its images
+    compile_unet: bool = False  # Sumie's opt-in compiled UNet (compiled during the warm-up)
 
     @property
     def seeds(self) -> list[int]:
@@ -147,6 +148,8 @@ def _sumie_child(spec: RunSpec) -> tuple[Callable[[int], list[Any]], dict[str, l
 
     engine = sumie.load(spec.model, dtype=_torch_dtype(spec.dtype), device=spec.device)
     engine.show_progress = False
+    if spec.compile_unet:
+        engine.compile_unet()
     models = engine.models
 
     def generate(steps: int) -> list[Any]:
@@ -223,7 +226,9 @@ def run_child(engine: str, spec: RunSpec) -> dict[str, Any]:
         for stage, modules in stages.items():
             for m in modules:
                 timer.attach(stage, m)
+        t_warm = time.perf_counter()
         generate(spec.warmup_steps)
+        warmup_s = time.perf_counter() - t_warm
         timer.reset()
         if spec.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -240,7 +245,8 @@ def run_child(engine: str, spec: RunSpec) -> dict[str, Any]:
         paths.append(str(Path(spec.out_dir) / f"{engine}-{i}.png"))
         im.save(paths[-1])
     return {
-        "engine": engine, "import_s": import_s, "load_s": load_s, "seconds_per_image": total / spec.batch,
+        "engine": engine, "import_s": import_s, "load_s": load_s, "warmup_s": warmup_s,
+        "seconds_per_image": total / spec.batch,
         "cpu_seconds_per_image": cpu / spec.batch,
         "unet_s_per_step": timer.seconds["unet"] / spec.steps, "unet_calls": timer.calls["unet"],
         "text_encoder_s": timer.seconds["text_encoder"], "vae_s": timer.seconds["vae"],
@@ -361,7 +367,7 @@ def _config_folder(model: str, sampler: str) -> Iterator[tuple[Path, Any]]:
 
 def run_compare(model: str, *, sizes: list[int], steps: int = 20, sampler: str = "euler", cfg: float = 7.0,
                 batch: int = 1, repeat: int = 1, threads: int | None = None, device: str = "cpu",
-                dtype: str = "fp32", warmup_steps: int = 2, timeout: float = 3600,
+                dtype: str = "fp32", warmup_steps: int = 2, timeout: float = 3600, compile_unet: bool = False,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sumie against diffusers at each size: per-engine medians over ``repeat`` interleaved child pairs, the ratios
     diffusers / Sumie, and the mean |diff| between their images."""
@@ -392,14 +398,14 @@ def run_compare(model: str, *, sizes: list[int], steps: int = 20, sampler: str =
                     out.mkdir(exist_ok=True)
                     spec = RunSpec(model=str(model), size=size, steps=steps, sampler=sampler, cfg=cfg, batch=batch,
                                    threads=threads, device=device, dtype=dtype, warmup_steps=warmup_steps,
-                                   config_dir=str(config_dir), out_dir=str(out))
+                                   config_dir=str(config_dir), out_dir=str(out), compile_unet=compile_unet)
                     if progress:
                         progress(f"{size}x{size} run {rep + 1}/{repeat}: {engine}")
                     runs[engine].append(_spawn(engine, spec, timeout))
             rows.append(_row(size, runs))
     return {"model": str(model), "family": config.family, "steps": steps, "sampler": sampler,
             "schedule": "Karras", "cfg": cfg, "batch": batch, "device": device, "dtype": dtype, "threads": threads,
-            "repeat": repeat, "warmup_steps": warmup_steps, "machine": host,
+            "repeat": repeat, "warmup_steps": warmup_steps, "compile_unet": compile_unet, "machine": host,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "rows": rows}
 
@@ -421,7 +427,8 @@ def _row(size: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 COLUMNS = (("s/image", "seconds_per_image"), ("CPU s/image", "cpu_seconds_per_image"),
            ("UNet s/step", "unet_s_per_step"), ("text s", "text_encoder_s"), ("VAE s", "vae_s"), ("load s", "load_s"),
-           ("import s", "import_s"), ("peak RSS MiB", "peak_rss_mib"), ("peak CUDA MiB", "peak_cuda_mib"))
+           ("import s", "import_s"), ("warm-up s", "warmup_s"), ("peak RSS MiB", "peak_rss_mib"),
+           ("peak CUDA MiB", "peak_cuda_mib"))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -438,8 +445,8 @@ def format_report(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         size = f"{row['size']}x{row['size']}"
         for engine in ENGINES:
-            table.append((size, engine, *(_num(row[engine][f]) for f in order)))
-        table.append((size, "ratio d/s", *(_num(row["ratio"][f], "x") for f in order)))
+            table.append((size, engine, *(_num(row[engine].get(f)) for f in order)))
+        table.append((size, "ratio d/s", *(_num(row["ratio"].get(f), "x") for f in order)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
               for r in table]
@@ -470,7 +477,9 @@ def format_markdown(report: dict[str, Any]) -> str:
 
         load = f"{m['loadavg_start'][0]:.1f} -> {report['loadavg_end'][0]:.1f}" if m["loadavg_start"] else "-"
         out.append(" | ".join(["", Path(report["model"]).name, f"{row['size']}²", str(report["steps"]),
-                               f"{report['sampler']} (Karras), CFG {report['cfg']:g}", str(report["batch"]),
+                               f"{report['sampler']} (Karras), CFG {report['cfg']:g}"
+                               + (f", Sumie's UNet compiled (warm-up {s['warmup_s']:.0f} s)"
+                                  if report.get("compile_unet") else ""), str(report["batch"]),
                                f"{report['dtype']} {report['device']}, {report['threads']} threads",
                                pair("seconds_per_image"), f"**{_num(r['seconds_per_image'], 'x')}**",
                                _num(r["cpu_seconds_per_image"], "x"), pair("unet_s_per_step"),

@@ -503,6 +503,7 @@ def _generate(args: argparse.Namespace) -> int:
                         manager=manager)
     times["load_end"] = time.time()
     lora_cli.attach(engine, loras, args)
+    speed_cli.apply_engine_args(engine, args)
     _check_size(args, p, engine.models.vae.downscale)
     engine.show_progress = False if args.quiet else None  # tqdm on stderr when it is a terminal
     _check_model_hash(fields, engine)

@@ -65,6 +65,7 @@ def cmd_upscale_sd(args: argparse.Namespace) -> int:
     engine = sumie.load(model, dtype=dtype, device=device, vae=vae, prediction=args.prediction,  # type: ignore
                         embeddings_dir=embeddings, taesd=args.taesd, file_hash=hashes.model_hash, manager=manager)
     lora_cli.attach(engine, loras, args)
+    cli.speed_cli.apply_engine_args(engine, args)
     cli._check_size(args, p, engine.models.vae.downscale)
     engine.show_progress = False if args.quiet else None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 # CLI option -> GenerationParams field (all default to None = not given, as the other one-to-one options)
 PARAM_FIELDS = {
@@ -14,7 +16,13 @@ PARAM_FIELDS = {
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The speed options that change the image (each off by default; README "Speed options that change the image")."""
+    """The speed options that change the image (each off by default; README "Speed options that change the image"),
+    and ``--compile``, which does not."""
+    e = p.add_argument_group("speed options that keep the image")
+    e.add_argument("--compile", action="store_true",
+                   help="run the UNet through torch.compile (inductor) with its weights frozen: faster once "
+                        "compiled, the image within fp32 rounding; compiling takes minutes on a CPU, again for each "
+                        "new size and after a LoRA changes the weights (README \"Speed\")")
     g = p.add_argument_group("speed options that change the image (off by default)")
     g.add_argument("--token-merging-ratio", type=float, metavar="X",
                    help="ToMe: merge this fraction of the self-attention tokens at the highest resolution, in "
@@ -40,3 +48,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--taesd-decode", action="store_true", default=None,
                    help="decode the final images with the --taesd FILE decoder instead of the VAE (A1111's "
                         "\"VAE Decoder: TAESD\")")
+
+
+def apply_engine_args(engine: Any, args: argparse.Namespace) -> None:
+    """``--compile``: the engine's opt-in compiled UNet, its compile messages on stderr."""
+    if getattr(args, "compile", False):
+        engine.compile_unet(log=lambda m: print(f"sumie: {m}", file=sys.stderr, flush=True))

@@ -80,9 +80,11 @@ class UNetNetwork:
     attention hooks and residual functions of ``hooks``.
     """
 
-    def __init__(self, unet: Callable[..., Tensor], hooks: ModelHooks | None = None) -> None:
+    def __init__(self, unet: Callable[..., Tensor], hooks: ModelHooks | None = None,
+                 plain: Callable[..., Tensor] | None = None) -> None:
         self.unet = unet
         self.hooks = hooks
+        self.plain = plain or unet  # what runs the calls without hooks (a CompiledUNet when compiling is on)
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
                  concat: Tensor | None = None, call: CallInfo | None = None,
@@ -94,7 +96,7 @@ class UNetNetwork:
         extra = {} if guidance is None else {"guidance": guidance}
         hooks = self.hooks
         if hooks is None or (hooks.unet.empty and not hooks.residuals):
-            return self.unet(x, t, context, y=y, **extra)
+            return self.plain(x, t, context, y=y, **extra)
         control: Residuals | None = None
         for fn in hooks.residuals:
             r = fn(x, t, context, y, call)

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import Tensor
 
 from sumie.checkpoints.loader import StableDiffusionModels
+from sumie.pipelines.compiled import CompiledUNet
 from sumie.pipelines.denoise import ModelHooks, UNetNetwork
 from sumie.pipelines.scheduled_conds import PromptEncoder
 from sumie.prompts.embeddings import EmbeddingLibrary
@@ -29,6 +30,7 @@ class ModelSet:
         self.tokenizer = tokenizer
         self.embeddings = embeddings
         self.discretization = DiscreteSigmas.from_betas(zero_terminal_snr=models.zero_terminal_snr)
+        self.compiled: CompiledUNet | None = None  # the opt-in compiled UNet (Engine.compile_unet)
 
     @property
     def name(self) -> str:
@@ -57,6 +59,7 @@ class ModelSet:
                  consistency: bool = False) -> EpsDenoiser | LCMDenoiser:
         """The x0 denoiser of this model's UNet (with the request's hooks) under a timestep convention; with
         ``consistency`` wrapped in LCM's boundary condition at the same timesteps."""
-        network = UNetNetwork(self.models.unet, hooks)  # the UNet may have been swapped (tests spy on it)
+        compiled = self.compiled if self.compiled is not None and self.compiled.unet is self.models.unet else None
+        network = UNetNetwork(self.models.unet, hooks, compiled)  # the UNet may have been swapped (tests spy on it)
         den = convention_denoiser(self.models.config.prediction, network, self.discretization, convention, sigmas)
         return LCMDenoiser(den, den.schedule) if consistency else den
