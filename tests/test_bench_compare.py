@@ -165,6 +165,11 @@ def test_bad_options(tiny_sd1: Path, argv: list[str], message: str, capsys: pyte
     assert message in capsys.readouterr().err
 
 
+def test_compile_with_cold_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--cold", "--compile"]) == 2
+    assert "--compile with --cold" in capsys.readouterr().err
+
+
 def test_no_model_names_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--compare", "diffusers"]) == 2
     assert "--make-random sd15" in capsys.readouterr().err
@@ -219,7 +224,8 @@ def test_rows_take_medians_and_ratios(tmp_path: Path) -> None:
     Image.fromarray(b).save(tmp_path / "b.png")
 
     def run(engine: str, s: float, image: str) -> dict[str, Any]:
-        return {"import_s": 1.0, "load_s": 2 * s, "seconds_per_image": s, "cpu_seconds_per_image": 2 * s,
+        return {"import_s": 1.0, "load_s": 2 * s, "warmup_s": 3 * s, "seconds_per_image": s,
+                "cpu_seconds_per_image": 2 * s,
                 "unet_s_per_step": s / 20, "text_encoder_s": 0.1, "vae_s": 0.2, "peak_rss_mib": 100 * s,
                 "peak_cuda_mib": None, "unet_calls": 20, "images": [str(tmp_path / image)], "engine": engine}
 
@@ -240,6 +246,10 @@ def test_rows_take_medians_and_ratios(tmp_path: Path) -> None:
     assert md.count("|") == bench_compare.MARKDOWN_HEADER.splitlines()[0].count("|")
     assert "| sd15.safetensors | 256² | 20 |" in md and "| 2.00 / 5.00 | **2.50x** |" in md
     assert "| Test CPU (2 CPUs) | t, d | 2026-01-01 00:00 UTC | 1.0 -> 3.0 |" in md
+    assert "compiled" not in md
+    compiled = bench_compare.format_markdown({**report, "compile_unet": True})
+    assert "euler (Karras), CFG 7, Sumie's UNet compiled (warm-up 6 s) |" in compiled  # the median warm-up, 3 * 2.0
+    assert "warm-up s" in bench_compare.format_report(report)
     saved = tmp_path / "report.json"
     saved.write_text(json.dumps(report))
     assert main(["bench", "--from-json", str(saved), "--markdown"]) == 0

@@ -29,8 +29,12 @@ __all__ = ["CompiledUNet", "weights_key"]
 
 
 def weights_key(module: nn.Module) -> tuple[tuple[int, int, int], ...]:
-    """What identifies ``module``'s current weights: each parameter and buffer's (object id, version, storage)."""
-    return tuple((id(t), t._version, t.data_ptr()) for t in (*module.parameters(), *module.buffers()))
+    """What identifies ``module``'s current weights: each parameter and buffer's (object id, version, storage).
+
+    Weights created under ``torch.inference_mode`` have no version counter (-1 here): an in-place change to them
+    goes unseen, while a patch that installs new tensors (Sumie's patcher, LoRA) is seen as for any weight."""
+    return tuple((id(t), -1 if t.is_inference() else t._version, t.data_ptr())
+                 for t in (*module.parameters(), *module.buffers()))
 
 
 class CompiledUNet:
@@ -57,7 +61,7 @@ class CompiledUNet:
             # other weights (an earlier CompiledUNet's too) could be reused. Drop them all; other compiled
             # functions of this process compile again on their next call.
             torch.compiler.reset()
-            self._fn = torch.compile(self.unet, dynamic=False, fullgraph=True)
+            self._fn = torch.compile(self.unet, dynamic=False)  # (module hooks, e.g. timers, run between graphs)
             self._key, self._shapes = key, set()
         shape = (tuple(x.shape), tuple(timesteps.shape), tuple(context.shape), None if y is None else tuple(y.shape),
                  None if guidance is None else tuple(guidance.shape), x.dtype, x.device)
