@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_unet import random_unet, unet_inputs
 from torch import Tensor
 
 import sumie
-from sumie.configs import TINY
 from sumie.models.hooks import Residuals
 from sumie.models.unet import UNetModel
 from sumie.pipelines.compiled import CompiledUNet, weights_key
@@ -21,24 +21,11 @@ from sumie.pipelines.params import GenerationParams
 
 pytestmark = pytest.mark.slow
 
-CFG = TINY["sd1"].unet
 # fp32, inductor's fused kernels sum in another order than ATen's (measured here: 2e-6 on outputs of scale ~3)
 ATOL, RTOL = 1e-4, 1e-4
 
 
-def _model(seed: int = 0) -> UNetModel:
-    g = torch.Generator().manual_seed(seed)
-    m = UNetModel(CFG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
-
-
-def _inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, CFG.in_channels, 8, 8, generator=g), torch.tensor([900.0, 20.0]),
-            torch.randn(2, 5, CFG.context_dim, generator=g))
+_model, _inputs = random_unet, unet_inputs
 
 
 def test_compiled_unet_equals_eager_runs_hooks_eagerly_and_follows_weight_changes() -> None:

@@ -10,29 +10,14 @@ from __future__ import annotations
 import copy
 
 import torch
+from tiny_unet import random_unet, unet_inputs
 from torch import Tensor
 
 from sumie.adapters.patcher import ModelPatcher
-from sumie.configs import TINY
 from sumie.models.attention import CrossAttention
 from sumie.models.unet import UNetModel
 
-CFG = TINY["sd1"].unet
-
-
-def _model(seed: int = 0) -> UNetModel:
-    g = torch.Generator().manual_seed(seed)
-    m = UNetModel(CFG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
-
-
-def _inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, CFG.in_channels, 8, 8, generator=g), torch.tensor([900.0, 20.0]),
-            torch.randn(2, 5, CFG.context_dim, generator=g))
+_model, _inputs = random_unet, unet_inputs
 
 
 def _cross(m: UNetModel) -> list[CrossAttention]:

@@ -13,31 +13,14 @@ import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_unet import CFG, random_unet, unet_inputs
 from torch import Tensor
 
 from sumie.checkpoints.keymaps.unet import ldm_to_diffusers_unet
-from sumie.configs import TINY, UNetConfig
 from sumie.models.hooks import AttnSite, CallInfo, ExtraTokens, Residuals, UNetOptions
 from sumie.models.unet import UNetModel
 
-CFG = TINY["sd1"].unet  # 2 levels, attention on both, SD1 key layout (1x1 conv proj_in/out)
-
-
-def _model(cfg: UNetConfig = CFG, seed: int = 0) -> UNetModel:
-    g = torch.Generator().manual_seed(seed)
-    m = UNetModel(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
-
-
-def _inputs(cfg: UNetConfig = CFG, batch: int = 2, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, 8, 8, generator=g)
-    t = torch.tensor([900.0, 20.0][:batch])
-    ctx = torch.randn(batch, 5, cfg.context_dim, generator=g)
-    return x, t, ctx
+_model, _inputs = random_unet, unet_inputs
 
 
 def _close(a: Tensor, b: Tensor, rel: float = 1e-5) -> None:
