@@ -223,7 +223,7 @@ def test_a_full_replica_answers_503_with_retry_after(deployed: httpx.Client) -> 
     lock = threading.Lock()
 
     def post(k: int) -> None:
-        r = deployed.post("/api/v1/jobs", json={"prompt": f"flood {k}", "seed": k, "steps": 60, **FAST})
+        r = deployed.post("/api/v1/jobs", json={"prompt": f"flood {k}", "seed": k, "steps": 500, **FAST})
         with lock:
             answers.append(r)
 

@@ -166,7 +166,7 @@ class JobQueue:
         self._handles: dict[str, JobHandle] = {}
         self._clients: dict[str, str] = {}  # job id -> client, while queued or running
         self._cancelled: set[str] = set()
-        self._recorded: set[str] = set()  # jobs whose end is in the records (written by the job itself)
+        self._recorded: set[str] = set()  # jobs that ran: each wrote its end to the records itself
         self.live: dict[str, LiveState] = {}
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -246,17 +246,19 @@ class JobQueue:
                     self._share_progress(live)
                 with self._lock:
                     self.live[jid] = live
-                try:  # the record ends before the handle does: a client woken by the handle reads the end
+                result, error = None, None
+                try:
                     result = fn(manager, live)
-                except BaseException as e:
-                    self._record_end(jid, None, e)
-                    raise
-                else:
-                    self._record_end(jid, result, None)
                     return result
+                except BaseException as e:
+                    error = e
+                    raise
                 finally:
                     with self._lock:
                         self.live.pop(jid, None)
+                        self._recorded.add(jid)
+                    # the record ends before the handle does: a client woken by the handle reads the end
+                    self._record_end(jid, result, error)
 
             handle = worker.submit_for(client, run, job_id=jid)
             self._handles[jid] = handle
@@ -290,8 +292,6 @@ class JobQueue:
 
     def _record_end(self, jid: str, result: Any, error: BaseException | None) -> None:
         """Write how job ``jid`` ended (its result, or the exception it raised) to the records."""
-        with self._lock:
-            self._recorded.add(jid)
         if isinstance(error, JobCancelled):
             self.records.finish(jid, "cancelled", error="cancelled by the client")
         elif error is not None:
@@ -308,13 +308,11 @@ class JobQueue:
             self._clients.pop(handle.id, None)
             self._cancelled.discard(handle.id)
             self.finished += 1
-            recorded = handle.id in self._recorded
+            ran = handle.id in self._recorded
             self._recorded.discard(handle.id)
-        if not recorded:  # it never ran: cancelled while queued (or the worker refused it)
+        if not ran:  # cancelled while queued (or the worker refused it): the job never wrote its end
             error = handle.exception() if handle.state == "failed" else None
             self._record_end(handle.id, None, error if error is not None else JobCancelled())
-            with self._lock:
-                self._recorded.discard(handle.id)
 
     @staticmethod
     async def wait(handle: JobHandle) -> Any:
