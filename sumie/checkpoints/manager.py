@@ -45,6 +45,7 @@ from sumie.checkpoints.io import SAFETENSORS_EXT, read_safetensors_header
 from sumie.checkpoints.loader import StableDiffusionModels, load_models, load_vae
 from sumie.checkpoints.precision import Precision
 from sumie.errors import CheckpointError, ConfigError
+from sumie.models.packed_conv import set_weight_packing
 
 __all__ = ["KINDS", "LoadRequest", "LoadedModel", "ModelFile", "ModelFolders", "ModelManager", "held_bytes",
            "split_title"]
@@ -265,24 +266,37 @@ class _Entry:
     derived: dict[Any, object] = field(default_factory=dict)
 
 
-def _tensors(obj: object) -> Iterable[torch.Tensor]:
-    """Every parameter and buffer held by a module, a StableDiffusionModels, a tensor or a container of those."""
-    if isinstance(obj, torch.Tensor):
+def _leaves(obj: object) -> Iterable[torch.Tensor | nn.Module]:
+    """The tensors and top modules in a module, a StableDiffusionModels, an Upscaler, a tensor or a container."""
+    if isinstance(obj, torch.Tensor | nn.Module):
         yield obj
-    elif isinstance(obj, nn.Module):
-        yield from obj.parameters()
-        yield from obj.buffers()
     elif isinstance(obj, StableDiffusionModels):
         for m in obj.modules().values():
-            yield from _tensors(m)
+            yield from _leaves(m)
     elif isinstance(getattr(obj, "module", None), nn.Module):  # an Upscaler
-        yield from _tensors(obj.module)  # type: ignore[attr-defined]
+        yield obj.module  # type: ignore[attr-defined]
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from _leaves(v)
     elif isinstance(obj, list | tuple):
         for v in obj:
-            yield from _tensors(v)
+            yield from _leaves(v)
+
+
+def _tensors(obj: object) -> Iterable[torch.Tensor]:
+    """Every parameter and buffer held by a module, a StableDiffusionModels, a tensor or a container of those."""
+    for leaf in _leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+        else:
+            yield from leaf.parameters()
+            yield from leaf.buffers()
+
+
+def _set_packing(obj: object, enabled: bool) -> None:
+    for leaf in _leaves(obj):
+        if isinstance(leaf, nn.Module):
+            set_weight_packing(leaf, enabled)
 
 
 def held_bytes(obj: object) -> int:
@@ -380,11 +394,21 @@ class ModelManager:
         self.hashes = hashes if hashes is not None else FileHashes()
         self.warnings: list[str] = []
         self.loads = 0  # models loaded from disk so far (cache misses)
+        self.weight_packing = True  # convolutions prepack their weights for CPU inference (packed_conv)
         self._loaders: dict[str, Loader] = {"checkpoint": _load_checkpoint, "vae": _load_standalone_vae,
                                             "upscaler": _load_upscaler}
         self._cache: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
         self._lock = threading.Lock()  # the cache and the counters
         self._load_lock = threading.RLock()  # one load at a time (a loader may get() what it needs)
+
+    def set_weight_packing(self, enabled: bool) -> None:
+        """Prepacked convolution weights for CPU inference (:mod:`sumie.models.packed_conv`; on by default) in
+        every model loaded now and later, or (False) plain convolutions and the packed copies dropped."""
+        self.weight_packing = enabled
+        with self._lock:
+            entries = list(self._cache.values())
+        for entry in entries:
+            _set_packing(entry.value, enabled)
 
     def register_loader(self, kind: str, loader: Loader | None) -> None:
         """Load ``kind`` with ``loader(LoadRequest) -> object`` from now on (None: give the resolved path)."""
@@ -494,6 +518,8 @@ class ModelManager:
                 self._release_memory()
             request = LoadRequest(kind, path, self.device, self.dtype, dict(opts), self)
             value = loader(request)
+            if not self.weight_packing:
+                _set_packing(value, False)
             entry = _Entry(kind, self._display_name(kind, path), path, opts, value, held_bytes(value))
             with self._lock:
                 self._cache[key] = entry

@@ -60,6 +60,7 @@ class RunSpec:
     config_dir: str = ""  # the diffusers config folder (bench_diffusers.write_config_folder)
     out_dir: str = ""  # where the child writes its images
     compile_unet: bool = False  # Sumie's opt-in compiled UNet (compiled during the warm-up)
+    weight_packing: bool = True  # Sumie's prepacked CPU convolutions (the default)
 
     @property
     def seeds(self) -> list[int]:
@@ -148,6 +149,7 @@ def _sumie_child(spec: RunSpec) -> tuple[Callable[[int], list[Any]], dict[str, l
 
     engine = sumie.load(spec.model, dtype=_torch_dtype(spec.dtype), device=spec.device)
     engine.show_progress = False
+    engine.pack_weights(spec.weight_packing)
     if spec.compile_unet:
         engine.compile_unet()
     models = engine.models
@@ -368,7 +370,7 @@ def _config_folder(model: str, sampler: str) -> Iterator[tuple[Path, Any]]:
 def run_compare(model: str, *, sizes: list[int], steps: int = 20, sampler: str = "euler", cfg: float = 7.0,
                 batch: int = 1, repeat: int = 1, threads: int | None = None, device: str = "cpu",
                 dtype: str = "fp32", warmup_steps: int = 2, timeout: float = 3600, compile_unet: bool = False,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                weight_packing: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sumie against diffusers at each size: per-engine medians over ``repeat`` interleaved child pairs, the ratios
     diffusers / Sumie, and the mean |diff| between their images."""
     import torch
@@ -398,14 +400,16 @@ def run_compare(model: str, *, sizes: list[int], steps: int = 20, sampler: str =
                     out.mkdir(exist_ok=True)
                     spec = RunSpec(model=str(model), size=size, steps=steps, sampler=sampler, cfg=cfg, batch=batch,
                                    threads=threads, device=device, dtype=dtype, warmup_steps=warmup_steps,
-                                   config_dir=str(config_dir), out_dir=str(out), compile_unet=compile_unet)
+                                   config_dir=str(config_dir), out_dir=str(out), compile_unet=compile_unet,
+                                   weight_packing=weight_packing)
                     if progress:
                         progress(f"{size}x{size} run {rep + 1}/{repeat}: {engine}")
                     runs[engine].append(_spawn(engine, spec, timeout))
             rows.append(_row(size, runs))
     return {"model": str(model), "family": config.family, "steps": steps, "sampler": sampler,
             "schedule": "Karras", "cfg": cfg, "batch": batch, "device": device, "dtype": dtype, "threads": threads,
-            "repeat": repeat, "warmup_steps": warmup_steps, "compile_unet": compile_unet, "machine": host,
+            "repeat": repeat, "warmup_steps": warmup_steps, "compile_unet": compile_unet,
+            "weight_packing": weight_packing, "machine": host,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "rows": rows}
 
@@ -431,12 +435,20 @@ COLUMNS = (("s/image", "seconds_per_image"), ("CPU s/image", "cpu_seconds_per_im
            ("peak CUDA MiB", "peak_cuda_mib"))
 
 
+def _sumie_options(report: dict[str, Any], warmup_s: float | None = None) -> str:
+    """How Sumie ran when not as by default: ", Sumie's UNet compiled", ", Sumie with plain convolutions"."""
+    warm = f" (warm-up {warmup_s:.0f} s)" if warmup_s is not None else ""
+    return ((f", Sumie's UNet compiled{warm}" if report.get("compile_unet") else "")
+            + (", Sumie with plain convolutions" if report.get("weight_packing") is False else ""))
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table: one line per engine and size, then the ratios."""
     m = report["machine"]
     lines = [f"model: {report['model']} ({report['family']}), {report['sampler']} ({report['schedule']}), "
              f"{report['steps']} steps, CFG {report['cfg']:g}, batch {report['batch']}, {report['dtype']} "
-             f"{report['device']}, {report['threads']} threads, median of {report['repeat']} (interleaved)",
+             f"{report['device']}, {report['threads']} threads, median of {report['repeat']} (interleaved)"
+             + _sumie_options(report),
              f"machine: {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, diffusers {m['diffusers']}, {m['date']}, "
              f"load average {m['loadavg_start']} -> {report['loadavg_end']}"]
     columns = COLUMNS if report["device"].startswith("cuda") else COLUMNS[:-1]
@@ -478,8 +490,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         load = f"{m['loadavg_start'][0]:.1f} -> {report['loadavg_end'][0]:.1f}" if m["loadavg_start"] else "-"
         out.append(" | ".join(["", Path(report["model"]).name, f"{row['size']}²", str(report["steps"]),
                                f"{report['sampler']} (Karras), CFG {report['cfg']:g}"
-                               + (f", Sumie's UNet compiled (warm-up {s['warmup_s']:.0f} s)"
-                                  if report.get("compile_unet") else ""), str(report["batch"]),
+                               + _sumie_options(report, s["warmup_s"]), str(report["batch"]),
                                f"{report['dtype']} {report['device']}, {report['threads']} threads",
                                pair("seconds_per_image"), f"**{_num(r['seconds_per_image'], 'x')}**",
                                _num(r["cpu_seconds_per_image"], "x"), pair("unet_s_per_step"),

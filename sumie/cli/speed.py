@@ -23,6 +23,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="run the UNet through torch.compile (inductor) with its weights frozen: faster once "
                         "compiled, the image within fp32 rounding; compiling takes minutes on a CPU, again for each "
                         "new size and after a LoRA changes the weights (README \"Speed\")")
+    e.add_argument("--no-weight-packing", action="store_true",
+                   help="plain convolutions on the CPU instead of weights prepacked for oneDNN (on by default: "
+                        "faster, the image within fp32 rounding; off saves the packed copies' memory when the "
+                        "weights are not a float32 file's own, README \"Speed\")")
     g = p.add_argument_group("speed options that change the image (off by default)")
     g.add_argument("--token-merging-ratio", type=float, metavar="X",
                    help="ToMe: merge this fraction of the self-attention tokens at the highest resolution, in "
@@ -51,6 +55,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_engine_args(engine: Any, args: argparse.Namespace) -> None:
-    """``--compile``: the engine's opt-in compiled UNet, its compile messages on stderr."""
+    """``--compile``: the engine's opt-in compiled UNet, its compile messages on stderr; ``--no-weight-packing``."""
+    if getattr(args, "no_weight_packing", False):
+        engine.pack_weights(False)
     if getattr(args, "compile", False):
         engine.compile_unet(log=lambda m: print(f"sumie: {m}", file=sys.stderr, flush=True))

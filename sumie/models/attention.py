@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sumie.models.hooks import AttnSite, BlockKind, UNetOptions
+from sumie.models.packed_conv import Conv2d
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -188,8 +189,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in: nn.Module = nn.Linear(channels, inner)
             self.proj_out: nn.Module = nn.Linear(inner, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, inner, kernel_size=1)
-            self.proj_out = nn.Conv2d(inner, channels, kernel_size=1)
+            self.proj_in = Conv2d(channels, inner, kernel_size=1)
+            self.proj_out = Conv2d(inner, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )

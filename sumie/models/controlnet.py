@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from sumie.configs import UNetConfig
 from sumie.models.hooks import Residuals
+from sumie.models.packed_conv import Conv2d
 from sumie.models.unet import UNetEncoder
 
 __all__ = ["HINT_CHANNELS", "ControlNetModel", "hint_block"]
@@ -27,9 +28,9 @@ def hint_block(in_channels: int, out_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     cur = in_channels
     for i, width in enumerate(HINT_CHANNELS):
-        layers += [nn.Conv2d(cur, width, 3, padding=1, stride=2 if i in (2, 4, 6) else 1), nn.SiLU()]
+        layers += [Conv2d(cur, width, 3, padding=1, stride=2 if i in (2, 4, 6) else 1), nn.SiLU()]
         cur = width
-    layers.append(nn.Conv2d(cur, out_channels, 3, padding=1))
+    layers.append(Conv2d(cur, out_channels, 3, padding=1))
     return nn.Sequential(*layers)
 
 
@@ -39,9 +40,9 @@ class ControlNetModel(UNetEncoder):
     def __init__(self, cfg: UNetConfig, hint_channels: int = 3) -> None:
         super().__init__(cfg)
         self.input_hint_block = hint_block(hint_channels, cfg.model_channels)
-        self.zero_convs = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1)) for c in self.skip_channels])
+        self.zero_convs = nn.ModuleList([nn.Sequential(Conv2d(c, c, 1)) for c in self.skip_channels])
         mid = self.skip_channels[-1]
-        self.middle_block_out = nn.Sequential(nn.Conv2d(mid, mid, 1))
+        self.middle_block_out = nn.Sequential(Conv2d(mid, mid, 1))
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 guidance: Tensor | None = None) -> Residuals:

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from sumie.configs import UNetConfig
 from sumie.models.attention import GroupNorm32, SpatialTransformer
 from sumie.models.hooks import BlockKind, Residuals, UNetOptions
+from sumie.models.packed_conv import Conv2d
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -63,16 +64,16 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, emb_ch: int, out_ch: int, norm_groups: int) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(norm_groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+            GroupNorm32(norm_groups, in_ch), nn.SiLU(), Conv2d(in_ch, out_ch, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # Index 2 is LDM's dropout slot, kept so the conv stays at out_layers.3.
         self.out_layers = nn.Sequential(
             GroupNorm32(norm_groups, out_ch), nn.SiLU(), nn.Identity(),
-            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+            Conv2d(out_ch, out_ch, 3, padding=1),
         )
         self.skip_connection: nn.Module = (
-            nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, kernel_size=1)
+            nn.Identity() if in_ch == out_ch else Conv2d(in_ch, out_ch, kernel_size=1)
         )
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -87,7 +88,7 @@ class Downsample(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.op = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H', W']."""
@@ -99,7 +100,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         """[B, C, H, W] -> [B, C, *size] (size defaults to 2H, 2W, which is what LDM does)."""
@@ -168,7 +169,7 @@ class UNetEncoder(nn.Module):
         if cfg.guidance_embed_dim is not None:
             self.time_embedding = GuidanceProjection(cfg.guidance_embed_dim, ch)
 
-        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([UNetBlock([Conv2d(cfg.in_channels, ch, 3, padding=1)])])
         self.skip_channels = [ch]  # width of each input block's output
         cur = ch
         for level, mult in enumerate(cfg.channel_mult):
@@ -250,7 +251,7 @@ class UNetModel(UNetEncoder):
                 self.output_blocks.append(UNetBlock(layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+            GroupNorm32(groups, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
         # training: recompute each block's activations in the backward pass instead of keeping them (Chen et al.
         # 2016, torch.utils.checkpoint); only while autograd records, so sampling is unchanged

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sumie.configs import VAEConfig
+from sumie.models.packed_conv import Conv2d
 
 __all__ = ["AutoencoderKL", "DiagonalGaussian"]
 
@@ -60,10 +61,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, Cin, H, W] -> [B, Cout, H, W]."""
@@ -80,10 +81,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm = _norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""
@@ -101,7 +102,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H/2, W/2]."""
@@ -113,7 +114,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, 2H, 2W]."""
@@ -162,7 +163,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         g = cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         chans = [cfg.ch * m for m in cfg.ch_mult]
         last = len(chans) - 1
         self.down = nn.ModuleList(
@@ -171,7 +172,7 @@ class Encoder(nn.Module):
         )
         self.mid = MidBlock(chans[-1], g)
         self.norm_out = _norm(chans[-1], g)
-        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def features(self, x: Tensor) -> Tensor:
         """The convolutional part (conv_in, down levels): [B, 3, H, W] -> [B, C_top, h, w]; local, so it can tile."""
@@ -196,7 +197,7 @@ class Decoder(nn.Module):
         super().__init__()
         g = cfg.norm_groups
         chans = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
         self.mid = MidBlock(chans[-1], g)
         # Level i takes the channels of level i+1 (or of the mid block) and upsamples unless i == 0.
         self.up = nn.ModuleList(
@@ -204,7 +205,7 @@ class Decoder(nn.Module):
             for i, c in enumerate(chans)
         )
         self.norm_out = _norm(chans[0], g)
-        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
     def head(self, z: Tensor) -> Tensor:
         """The global part (conv_in, mid block with attention) at latent size: [B, z, h, w] -> [B, C_top, h, w]."""
@@ -230,8 +231,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     @property
     def dtype(self) -> torch.dtype:

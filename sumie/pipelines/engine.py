@@ -48,6 +48,7 @@ from sumie.checkpoints.loader import StableDiffusionModels, load_models
 from sumie.checkpoints.manager import ModelManager
 from sumie.checkpoints.precision import Precision
 from sumie.errors import ConfigError
+from sumie.models.packed_conv import set_weight_packing
 from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
@@ -181,6 +182,16 @@ class Engine:
         default; :mod:`sumie.pipelines.compiled`): faster on CPU once compiled, the output within fp32 rounding of
         the eager UNet, each new shape and each weight change compiled again (minutes on a CPU)."""
         self.base.compiled = CompiledUNet(self.models.unet, log) if enabled else None
+
+    def pack_weights(self, enabled: bool = True) -> None:
+        """Prepacked convolution weights on the CPU (on by default; :mod:`sumie.models.packed_conv`): the same
+        images within fp32 rounding, faster; False gives plain convolutions and drops the packed copies (their
+        memory, when the weights do not come straight from a float32 file)."""
+        self.manager.set_weight_packing(enabled)
+        set_weight_packing(self.models.unet, enabled)
+        set_weight_packing(self.models.vae, enabled)
+        for control in self._controls.values():
+            set_weight_packing(control, enabled)
 
     @property
     def default_cfg_scale(self) -> float:
@@ -386,6 +397,7 @@ class Engine:
             from sumie.adapters.control.t2i_files import fit_to_unet
 
             fit_to_unet(control, self.models.unet, cfg.family)
+        set_weight_packing(control.model, self.manager.weight_packing)
         return control.model
 
     # ---------------------------------------------------------------- validation and size

@@ -1,0 +1,191 @@
+"""Prepacked CPU convolutions (sumie.models.packed_conv): the same numbers as the plain convolution, packed again
+whenever the weight or the input shape changes, never used for autograd or training, and a float32 file's pages
+handed back once the packed copy exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from tiny_unet import random_unet, unet_inputs
+
+import sumie
+from sumie.adapters.patcher import ModelPatcher
+from sumie.checkpoints.io import load_state_dict
+from sumie.checkpoints.save import random_single_file
+from sumie.cli.main import main
+from sumie.configs import TINY
+from sumie.models.packed_conv import Conv2d, packed_bytes, set_weight_packing
+from sumie.pipelines.params import GenerationParams
+
+CL = torch.channels_last
+
+
+def _conv(cin: int = 16, cout: int = 24, k: int = 3, stride: int = 1, bias: bool = True, seed: int = 0) -> Conv2d:
+    torch.manual_seed(seed)
+    return Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias).eval()
+
+
+def _plain(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@pytest.mark.parametrize("k,stride,bias", [(3, 1, True), (3, 2, True), (1, 1, True), (3, 1, False)])
+def test_packed_equals_channels_last_conv_bitwise(k: int, stride: int, bias: bool) -> None:
+    conv = _conv(k=k, stride=stride, bias=bias)
+    x = torch.randn(2, 16, 12, 10)
+    with torch.inference_mode():
+        out = conv(x)
+        assert conv._packed is not None  # the packed path ran
+        assert torch.equal(out, _plain(conv, x.contiguous(memory_format=CL)))
+        torch.testing.assert_close(out, _plain(conv, x), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=CL)
+
+
+def test_repacked_for_a_new_weight_object_version_and_shape() -> None:
+    conv = _conv()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        first = conv._packed
+        conv.weight.add_(1.0)  # in place: the version counter moves
+        assert torch.equal(conv(x), _plain(conv, x.contiguous(memory_format=CL)))
+        assert conv._packed is not first
+        second = conv._packed
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))  # a new object (as a patch installs)
+        assert torch.equal(conv(x), _plain(conv, x.contiguous(memory_format=CL)))
+        third = conv._packed
+        assert third is not second
+        y = torch.randn(2, 16, 5, 7)
+        assert torch.equal(conv(y), _plain(conv, y.contiguous(memory_format=CL)))
+        assert conv._packed is not third and conv._packed.shape == y.shape
+        conv(y)
+        assert conv._packed.shape == y.shape  # the same shape and weight: kept
+
+
+def test_patcher_patch_and_unpatch_repack() -> None:
+    """A weight patch (LoRA's way) and its removal are both seen; the unpatched output is the original one."""
+    unet = random_unet()
+    x, t, ctx = unet_inputs()
+    key = "input_blocks.0.0.weight"
+    with torch.inference_mode():
+        before = unet(x, t, ctx)
+    patcher = ModelPatcher(unet)
+    patcher.add_patches({key: torch.randn(unet.state_dict()[key].shape)}, strength=0.5)
+    with patcher.patched(), torch.inference_mode():
+        patched = unet(x, t, ctx)
+    set_weight_packing(unet, False)
+    with patcher.patched(), torch.inference_mode():
+        patched_plain = unet(x, t, ctx)
+    set_weight_packing(unet, True)
+    with torch.inference_mode():
+        after = unet(x, t, ctx)
+    assert torch.equal(after, before)
+    assert (patched - before).abs().max() > 1e-2
+    torch.testing.assert_close(patched, patched_plain, rtol=1e-4, atol=1e-4)
+
+
+def test_unet_packed_against_plain_and_off_switch() -> None:
+    unet = random_unet()
+    x, t, ctx = unet_inputs()
+    with torch.inference_mode():
+        packed = unet(x, t, ctx)
+    assert packed_bytes(unet) > 0
+    assert set_weight_packing(unet, False) == sum(isinstance(m, Conv2d) for m in unet.modules())
+    assert packed_bytes(unet) == 0
+    with torch.inference_mode():
+        plain = unet(x, t, ctx)
+    assert packed_bytes(unet) == 0
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_path_for_autograd_training_and_other_dtypes() -> None:
+    conv = _conv()
+    x = torch.randn(1, 16, 8, 8)
+    out = conv(x)  # grad enabled
+    assert out.requires_grad and conv._packed is None
+    assert torch.equal(out, _plain(conv, x))
+    with torch.no_grad():
+        conv(x)
+    assert conv._packed is not None
+    conv.train()
+    assert conv._packed is None  # training drops the copy
+    with torch.no_grad():
+        conv(x)
+    assert conv._packed is None
+    conv.eval().double()
+    with torch.no_grad():
+        assert torch.equal(conv(x.double()), _plain(conv, x.double()))
+    assert conv._packed is None
+
+
+def _file_rss_kib(t: torch.Tensor) -> int:
+    """Resident KiB of the /proc/self/smaps mapping that holds ``t``."""
+    ptr = t.data_ptr()
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head[0] == "Rss:":
+                return int(head[1])
+    raise AssertionError("no mapping holds the tensor")
+
+
+def test_file_pages_handed_back_after_packing(tmp_path: Path) -> None:
+    """A float32 weight read from a safetensors file (memory-mapped) leaves memory once packed, and reads the same."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 256, 3, 3)  # 2.25 MiB
+    save_file({"weight": w, "bias": torch.randn(256)}, str(tmp_path / "conv.safetensors"))
+    sd = load_state_dict(tmp_path / "conv.safetensors")
+    conv = Conv2d(256, 256, 3, padding=1).eval()
+    conv.weight = torch.nn.Parameter(sd["weight"], requires_grad=False)
+    conv.bias = torch.nn.Parameter(sd["bias"], requires_grad=False)
+    assert torch.equal(conv.weight, w)  # every page read
+    assert _file_rss_kib(conv.weight) >= 2 * 1024
+    x = torch.randn(1, 256, 8, 8)
+    with torch.inference_mode():
+        out = conv(x)
+    assert _file_rss_kib(conv.weight) < 512  # the whole pages of the weight went back
+    assert torch.equal(conv.weight, w)  # and read again from the file, unchanged
+    # (a memory-mapped weight is not 64-byte aligned: oneDNN's plain call takes another path, so a tolerance)
+    torch.testing.assert_close(out, F.conv2d(x, w, sd["bias"], padding=1), rtol=1e-5, atol=1e-4)
+
+
+def test_anonymous_weights_stay() -> None:
+    conv = _conv(64, 64)
+    w = conv.weight.detach().clone()
+    with torch.inference_mode():
+        conv(torch.randn(1, 64, 8, 8))
+    assert torch.equal(conv.weight, w)
+
+
+def test_engine_and_cli_switch(tmp_path: Path) -> None:
+    """Through the engine: packed by default, ``pack_weights(False)`` and ``--no-weight-packing`` give plain
+    convolutions, and the two images are within one uint8 level of each other."""
+    path = tmp_path / "tiny.safetensors"
+    save_file(random_single_file(TINY["sd1"], seed=3), str(path))
+    engine = sumie.load(path)
+    params = GenerationParams(prompt="a cat", negative_prompt="blurry", steps=3, width=64, height=64, seed=5)
+    packed = np.asarray(engine.generate(params).images[0], dtype=np.int16)
+    assert packed_bytes(engine.models.unet) > 0 and packed_bytes(engine.models.vae) > 0
+    engine.pack_weights(False)
+    assert packed_bytes(engine.models.unet) == packed_bytes(engine.models.vae) == 0
+    plain = np.asarray(engine.generate(params).images[0], dtype=np.int16)
+    assert packed_bytes(engine.models.unet) == 0
+    assert np.abs(packed - plain).max() <= 1
+
+    common = ["generate", "a cat", "--negative-prompt", "blurry", "--model", str(path), "--steps", "3", "--width",
+              "64", "--height", "64", "--seed", "5", "-q"]
+    assert main([*common, "-o", str(tmp_path / "packed.png")]) == 0
+    assert main([*common, "--no-weight-packing", "-o", str(tmp_path / "plain.png")]) == 0
+    cli_packed = np.asarray(Image.open(tmp_path / "packed.png"), dtype=np.int16)
+    cli_plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    assert np.array_equal(cli_packed, packed) and np.array_equal(cli_plain, plain)
