@@ -1,6 +1,6 @@
 """Prepacked CPU convolutions (sumie.models.packed_conv): the same numbers as the plain convolution, packed again
-whenever the weight or the input shape changes, never used for autograd or training, and a float32 file's pages
-handed back once the packed copy exists."""
+whenever the weight or the input shape changes, never used for autograd or training; "auto" packs only weights in a
+memory-mapped file and hands their pages back once the packed copy exists, "on" packs every weight, "off" none."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ CL = torch.channels_last
 
 def _conv(cin: int = 16, cout: int = 24, k: int = 3, stride: int = 1, bias: bool = True, seed: int = 0) -> Conv2d:
     torch.manual_seed(seed)
-    return Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias).eval()
+    conv = Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias).eval()
+    conv.weight_packing = "on"  # its weight is in ordinary memory: "auto" would not pack it
+    return conv
 
 
 def _plain(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,7 @@ def test_repacked_for_a_new_weight_object_version_and_shape() -> None:
 def test_patcher_patch_and_unpatch_repack() -> None:
     """A weight patch (LoRA's way) and its removal are both seen; the unpatched output is the original one."""
     unet = random_unet()
+    set_weight_packing(unet, "on")
     x, t, ctx = unet_inputs()
     key = "input_blocks.0.0.weight"
     with torch.inference_mode():
@@ -79,10 +82,10 @@ def test_patcher_patch_and_unpatch_repack() -> None:
     patcher.add_patches({key: torch.randn(unet.state_dict()[key].shape)}, strength=0.5)
     with patcher.patched(), torch.inference_mode():
         patched = unet(x, t, ctx)
-    set_weight_packing(unet, False)
+    set_weight_packing(unet, "off")
     with patcher.patched(), torch.inference_mode():
         patched_plain = unet(x, t, ctx)
-    set_weight_packing(unet, True)
+    set_weight_packing(unet, "on")
     with torch.inference_mode():
         after = unet(x, t, ctx)
     assert torch.equal(after, before)
@@ -90,18 +93,25 @@ def test_patcher_patch_and_unpatch_repack() -> None:
     torch.testing.assert_close(patched, patched_plain, rtol=1e-4, atol=1e-4)
 
 
-def test_unet_packed_against_plain_and_off_switch() -> None:
-    unet = random_unet()
+def test_unet_modes_auto_on_off() -> None:
+    unet = random_unet()  # weights in ordinary memory
     x, t, ctx = unet_inputs()
+    with torch.inference_mode():
+        auto = unet(x, t, ctx)
+    assert packed_bytes(unet) == 0  # "auto": packing would cost memory here
+    set_weight_packing(unet, "on")
     with torch.inference_mode():
         packed = unet(x, t, ctx)
     assert packed_bytes(unet) > 0
-    assert set_weight_packing(unet, False) == sum(isinstance(m, Conv2d) for m in unet.modules())
+    assert set_weight_packing(unet, "off") == sum(isinstance(m, Conv2d) for m in unet.modules())
     assert packed_bytes(unet) == 0
     with torch.inference_mode():
         plain = unet(x, t, ctx)
     assert packed_bytes(unet) == 0
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
+    assert torch.equal(auto, plain)
+    with pytest.raises(ValueError, match="auto, on, off"):
+        set_weight_packing(unet, "yes")  # type: ignore[arg-type]
 
 
 def test_plain_path_for_autograd_training_and_other_dtypes() -> None:
@@ -168,15 +178,15 @@ def test_anonymous_weights_stay() -> None:
 
 
 def test_engine_and_cli_switch(tmp_path: Path) -> None:
-    """Through the engine: packed by default, ``pack_weights(False)`` and ``--no-weight-packing`` give plain
-    convolutions, and the two images are within one uint8 level of each other."""
+    """Through the engine with a float32 file: packed by default ("auto"), ``set_weight_packing("off")`` and
+    ``--weight-packing off`` give plain convolutions, and the two images are within one uint8 level."""
     path = tmp_path / "tiny.safetensors"
     save_file(random_single_file(TINY["sd1"], seed=3), str(path))
     engine = sumie.load(path)
     params = GenerationParams(prompt="a cat", negative_prompt="blurry", steps=3, width=64, height=64, seed=5)
     packed = np.asarray(engine.generate(params).images[0], dtype=np.int16)
     assert packed_bytes(engine.models.unet) > 0 and packed_bytes(engine.models.vae) > 0
-    engine.pack_weights(False)
+    engine.set_weight_packing("off")
     assert packed_bytes(engine.models.unet) == packed_bytes(engine.models.vae) == 0
     plain = np.asarray(engine.generate(params).images[0], dtype=np.int16)
     assert packed_bytes(engine.models.unet) == 0
@@ -185,7 +195,7 @@ def test_engine_and_cli_switch(tmp_path: Path) -> None:
     common = ["generate", "a cat", "--negative-prompt", "blurry", "--model", str(path), "--steps", "3", "--width",
               "64", "--height", "64", "--seed", "5", "-q"]
     assert main([*common, "-o", str(tmp_path / "packed.png")]) == 0
-    assert main([*common, "--no-weight-packing", "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--weight-packing", "off", "-o", str(tmp_path / "plain.png")]) == 0
     cli_packed = np.asarray(Image.open(tmp_path / "packed.png"), dtype=np.int16)
     cli_plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
     assert np.array_equal(cli_packed, packed) and np.array_equal(cli_plain, plain)

@@ -45,7 +45,7 @@ from sumie.checkpoints.io import SAFETENSORS_EXT, read_safetensors_header
 from sumie.checkpoints.loader import StableDiffusionModels, load_models, load_vae
 from sumie.checkpoints.precision import Precision
 from sumie.errors import CheckpointError, ConfigError
-from sumie.models.packed_conv import set_weight_packing
+from sumie.models.packed_conv import PACKING_MODES, PackingMode, set_weight_packing
 
 __all__ = ["KINDS", "LoadRequest", "LoadedModel", "ModelFile", "ModelFolders", "ModelManager", "held_bytes",
            "split_title"]
@@ -293,10 +293,10 @@ def _tensors(obj: object) -> Iterable[torch.Tensor]:
             yield from leaf.buffers()
 
 
-def _set_packing(obj: object, enabled: bool) -> None:
+def _set_packing(obj: object, mode: PackingMode) -> None:
     for leaf in _leaves(obj):
         if isinstance(leaf, nn.Module):
-            set_weight_packing(leaf, enabled)
+            set_weight_packing(leaf, mode)
 
 
 def held_bytes(obj: object) -> int:
@@ -394,21 +394,23 @@ class ModelManager:
         self.hashes = hashes if hashes is not None else FileHashes()
         self.warnings: list[str] = []
         self.loads = 0  # models loaded from disk so far (cache misses)
-        self.weight_packing = True  # convolutions prepack their weights for CPU inference (packed_conv)
+        self.weight_packing: PackingMode = "auto"  # CPU convolutions' prepacked weights (models/packed_conv)
         self._loaders: dict[str, Loader] = {"checkpoint": _load_checkpoint, "vae": _load_standalone_vae,
                                             "upscaler": _load_upscaler}
         self._cache: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
         self._lock = threading.Lock()  # the cache and the counters
         self._load_lock = threading.RLock()  # one load at a time (a loader may get() what it needs)
 
-    def set_weight_packing(self, enabled: bool) -> None:
-        """Prepacked convolution weights for CPU inference (:mod:`sumie.models.packed_conv`; on by default) in
-        every model loaded now and later, or (False) plain convolutions and the packed copies dropped."""
-        self.weight_packing = enabled
+    def set_weight_packing(self, mode: PackingMode) -> None:
+        """The packing mode of the CPU convolutions (:mod:`sumie.models.packed_conv`: "auto", the default, "on"
+        or "off") in every model loaded now and later."""
+        if mode not in PACKING_MODES:
+            raise ConfigError(f"weight packing {mode!r}: choose one of {', '.join(PACKING_MODES)}")
+        self.weight_packing = mode
         with self._lock:
             entries = list(self._cache.values())
         for entry in entries:
-            _set_packing(entry.value, enabled)
+            _set_packing(entry.value, mode)
 
     def register_loader(self, kind: str, loader: Loader | None) -> None:
         """Load ``kind`` with ``loader(LoadRequest) -> object`` from now on (None: give the resolved path)."""
@@ -518,8 +520,8 @@ class ModelManager:
                 self._release_memory()
             request = LoadRequest(kind, path, self.device, self.dtype, dict(opts), self)
             value = loader(request)
-            if not self.weight_packing:
-                _set_packing(value, False)
+            if self.weight_packing != "auto":
+                _set_packing(value, self.weight_packing)
             entry = _Entry(kind, self._display_name(kind, path), path, opts, value, held_bytes(value))
             with self._lock:
                 self._cache[key] = entry

@@ -27,10 +27,10 @@ def _timed(fn: Any) -> tuple[Any, float]:
 def run_bench(model: str | Path | None, *, vae: str | Path | None = None, steps: int = 20, width: int | None = None,
               height: int | None = None, sampler: str = "DPM++ 2M", cfg_scale: float | None = None, runs: int = 3,
               dtype: torch.dtype | None = None, device: str = "cpu", threads: int | None = None,
-              compile_unet: bool = False, weight_packing: bool = True) -> dict[str, Any]:
+              compile_unet: bool = False, weight_packing: str = "auto") -> dict[str, Any]:
     """Median seconds per image over ``runs`` generations after one warm-up, plus the share of each stage
-    (``compile_unet``: the opt-in compiled UNet, compiled during the warm-up; ``weight_packing``: False for plain
-    CPU convolutions)."""
+    (``compile_unet``: the opt-in compiled UNet, compiled during the warm-up; ``weight_packing``: the CPU
+    convolutions' mode, auto / on / off)."""
     import torch
 
     import sumie
@@ -43,7 +43,7 @@ def run_bench(model: str | Path | None, *, vae: str | Path | None = None, steps:
         torch.set_num_threads(threads)
     engine, load_s = _timed(lambda: sumie.load(model, dtype=dtype, device=device, vae=vae))
     engine.show_progress = False
-    engine.pack_weights(weight_packing)
+    engine.set_weight_packing(weight_packing)  # type: ignore[arg-type]
     if compile_unet:
         engine.compile_unet()
     cfg = engine.models.config

@@ -60,7 +60,7 @@ class RunSpec:
     config_dir: str = ""  # the diffusers config folder (bench_diffusers.write_config_folder)
     out_dir: str = ""  # where the child writes its images
     compile_unet: bool = False  # Sumie's opt-in compiled UNet (compiled during the warm-up)
-    weight_packing: bool = True  # Sumie's prepacked CPU convolutions (the default)
+    weight_packing: str = "auto"  # Sumie's prepacked CPU convolutions: auto (the default), on, off
 
     @property
     def seeds(self) -> list[int]:
@@ -149,7 +149,7 @@ def _sumie_child(spec: RunSpec) -> tuple[Callable[[int], list[Any]], dict[str, l
 
     engine = sumie.load(spec.model, dtype=_torch_dtype(spec.dtype), device=spec.device)
     engine.show_progress = False
-    engine.pack_weights(spec.weight_packing)
+    engine.set_weight_packing(spec.weight_packing)  # type: ignore[arg-type]
     if spec.compile_unet:
         engine.compile_unet()
     models = engine.models
@@ -370,7 +370,7 @@ def _config_folder(model: str, sampler: str) -> Iterator[tuple[Path, Any]]:
 def run_compare(model: str, *, sizes: list[int], steps: int = 20, sampler: str = "euler", cfg: float = 7.0,
                 batch: int = 1, repeat: int = 1, threads: int | None = None, device: str = "cpu",
                 dtype: str = "fp32", warmup_steps: int = 2, timeout: float = 3600, compile_unet: bool = False,
-                weight_packing: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                weight_packing: str = "auto", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sumie against diffusers at each size: per-engine medians over ``repeat`` interleaved child pairs, the ratios
     diffusers / Sumie, and the mean |diff| between their images."""
     import torch
@@ -436,10 +436,11 @@ COLUMNS = (("s/image", "seconds_per_image"), ("CPU s/image", "cpu_seconds_per_im
 
 
 def _sumie_options(report: dict[str, Any], warmup_s: float | None = None) -> str:
-    """How Sumie ran when not as by default: ", Sumie's UNet compiled", ", Sumie with plain convolutions"."""
+    """How Sumie ran when not as by default: ", Sumie's UNet compiled", ", Sumie's weight packing on"."""
     warm = f" (warm-up {warmup_s:.0f} s)" if warmup_s is not None else ""
     return ((f", Sumie's UNet compiled{warm}" if report.get("compile_unet") else "")
-            + (", Sumie with plain convolutions" if report.get("weight_packing") is False else ""))
+            + (f", Sumie's weight packing {report['weight_packing']}"
+               if report.get("weight_packing", "auto") != "auto" else ""))
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sumie.cli.speed import add_weight_packing_arg
 from sumie.errors import ConfigError
 
 
@@ -30,8 +31,7 @@ def add_parsers(sub: Any, model_arg: Any) -> None:
     p.add_argument("--compile", action="store_true",
                    help="Sumie's UNet through torch.compile with frozen weights (opt-in; compiled in the warm-up, "
                         "minutes on a CPU; not with --cold)")
-    p.add_argument("--no-weight-packing", action="store_true",
-                   help="Sumie with plain CPU convolutions instead of prepacked weights (the default)")
+    add_weight_packing_arg(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("checkpoint", nargs="?", metavar="MODEL", help="the checkpoint (as --model)")
     c = p.add_argument_group("comparison with diffusers (--compare diffusers; needs pip install 'sumie[bench]')")
@@ -137,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_positive(steps=args.steps, runs=runs)
     if args.cold and args.compile:
         raise ConfigError("--compile with --cold would time the compile in every run; bench --compile warm")
-    extra = {} if args.cold else {"compile_unet": args.compile, "weight_packing": not args.no_weight_packing}
+    extra = {} if args.cold else {"compile_unet": args.compile, "weight_packing": args.weight_packing}
     bench = run_cold if args.cold else run_bench
     report = bench(args.model, vae=args.vae, steps=args.steps, width=args.width, height=args.height,
                    sampler=args.sampler, cfg_scale=args.cfg_scale, runs=runs, threads=args.threads, **extra)
@@ -178,7 +178,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     report = run_compare(args.model, sizes=sizes, steps=args.steps, sampler=sampler_key(args.sampler),
                          cfg=7.0 if args.cfg_scale is None else args.cfg_scale, batch=args.batch, repeat=args.repeat,
                          threads=args.threads, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
-                         compile_unet=args.compile, weight_packing=not args.no_weight_packing,
+                         compile_unet=args.compile, weight_packing=args.weight_packing,
                          progress=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else format_markdown(report) if args.markdown
           else format_report(report))

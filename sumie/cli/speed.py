@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from sumie.models.packed_conv import PACKING_MODES
+
 # CLI option -> GenerationParams field (all default to None = not given, as the other one-to-one options)
 PARAM_FIELDS = {
     "token_merging_ratio": "token_merging_ratio", "token_merging_ratio_hr": "token_merging_ratio_hr",
@@ -23,10 +25,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="run the UNet through torch.compile (inductor) with its weights frozen: faster once "
                         "compiled, the image within fp32 rounding; compiling takes minutes on a CPU, again for each "
                         "new size and after a LoRA changes the weights (README \"Speed\")")
-    e.add_argument("--no-weight-packing", action="store_true",
-                   help="plain convolutions on the CPU instead of weights prepacked for oneDNN (on by default: "
-                        "faster, the image within fp32 rounding; off saves the packed copies' memory when the "
-                        "weights are not a float32 file's own, README \"Speed\")")
+    add_weight_packing_arg(e)
     g = p.add_argument_group("speed options that change the image (off by default)")
     g.add_argument("--token-merging-ratio", type=float, metavar="X",
                    help="ToMe: merge this fraction of the self-attention tokens at the highest resolution, in "
@@ -54,9 +53,17 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "\"VAE Decoder: TAESD\")")
 
 
+def add_weight_packing_arg(p: argparse._ActionsContainer) -> None:
+    """``--weight-packing auto|on|off`` (models/packed_conv)."""
+    p.add_argument("--weight-packing", choices=PACKING_MODES, default="auto",
+                   help="CPU convolutions with weights prepacked for oneDNN, the image within fp32 rounding: auto "
+                        "(default) where it costs no memory (a float32 file's weights), on for every weight (faster "
+                        "with fp16 files, a second copy of their convolution weights), off (README \"Speed\")")
+
+
 def apply_engine_args(engine: Any, args: argparse.Namespace) -> None:
-    """``--compile``: the engine's opt-in compiled UNet, its compile messages on stderr; ``--no-weight-packing``."""
-    if getattr(args, "no_weight_packing", False):
-        engine.pack_weights(False)
+    """``--compile``: the engine's opt-in compiled UNet, its compile messages on stderr; ``--weight-packing``."""
+    if getattr(args, "weight_packing", "auto") != "auto":
+        engine.set_weight_packing(args.weight_packing)
     if getattr(args, "compile", False):
         engine.compile_unet(log=lambda m: print(f"sumie: {m}", file=sys.stderr, flush=True))

@@ -8,6 +8,9 @@ SD1.5 UNet step at 256² takes ~0.6x the time (docs/benchmarks.md). The input is
 what ``F.conv2d`` gives for that channels-last input (bit for bit for aligned weights in the tests) and within fp32
 rounding of the plain call.
 
+Three modes (``weight_packing``): ``"auto"`` (the default) packs a weight only when that costs no memory, i.e.
+when the dense weight lies in a memory-mapped file (below); ``"on"`` packs every weight; ``"off"`` none.
+
 The packed copy is taken only for CPU float32 inference calls (no autograd, eval mode, not while ``torch.compile``
 traces); every other call is the plain convolution. It is made again when the weight object or its version changes
 (a LoRA patch, ``load_state_dict``, an optimizer step) or the input shape changes (oneDNN's best layout depends on
@@ -26,11 +29,15 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Conv2d", "set_weight_packing", "packed_bytes"]
+__all__ = ["PACKING_MODES", "Conv2d", "PackingMode", "packed_bytes", "set_weight_packing"]
+
+PackingMode = Literal["auto", "on", "off"]
+PACKING_MODES: tuple[PackingMode, ...] = ("auto", "on", "off")
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _HAVE_OPS = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn,
@@ -42,7 +49,7 @@ class _Packed:
     source: weakref.ref[Tensor]  # the dense weight it was made from
     version: int
     shape: torch.Size  # the input shape it was made for
-    weight: Tensor  # oneDNN's blocked layout
+    weight: Tensor | None  # oneDNN's blocked layout; None: plain calls for this weight and shape ("auto")
 
 
 def _version(t: Tensor) -> int:
@@ -51,9 +58,9 @@ def _version(t: Tensor) -> int:
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and keys) whose CPU float32 inference calls use a prepacked weight (module
-    doc). ``pack_weights = False`` on an instance (:func:`set_weight_packing`) makes every call the plain one."""
+    doc); ``weight_packing``: "auto", "on" or "off" (:func:`set_weight_packing`)."""
 
-    pack_weights = True
+    weight_packing: PackingMode = "auto"
     _packed: _Packed | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,16 +71,22 @@ class Conv2d(nn.Conv2d):
         p = self._packed
         if p is None or p.source() is not w or p.version != _version(w) or p.shape != x.shape:
             self._packed = None  # the old copy goes before the new one is made
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            mapped = _mapped_range(w)
+            packed = None
+            if mapped is not None or self.weight_packing == "on":
+                packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
             p = self._packed = _Packed(weakref.ref(w), _version(w), x.shape, packed)
-            _page_out(w)
+            if mapped is not None:
+                _page_out(*mapped)
+        if p.weight is None:
+            return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(memory_format=torch.channels_last), p.weight, self.bias, list(self.padding),
             list(self.stride), list(self.dilation), self.groups, "none", [], "")
 
     def _packable(self, x: Tensor) -> bool:
-        return (not torch.compiler.is_compiling() and self.pack_weights and _HAVE_OPS and not self.training
+        return (not torch.compiler.is_compiling() and self.weight_packing != "off" and _HAVE_OPS and not self.training
                 and not torch.is_grad_enabled() and x.dim() == 4 and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str))
@@ -85,22 +98,23 @@ class Conv2d(nn.Conv2d):
         return super().train(mode)
 
 
-def set_weight_packing(module: nn.Module, enabled: bool) -> int:
-    """Turn packing on or off for every :class:`Conv2d` in ``module`` (off drops the packed copies); the count."""
+def set_weight_packing(module: nn.Module, mode: PackingMode) -> int:
+    """Set the packing mode of every :class:`Conv2d` in ``module`` (a change drops the packed copies); the count."""
+    if mode not in PACKING_MODES:
+        raise ValueError(f"weight packing {mode!r}: choose one of {', '.join(PACKING_MODES)}")
     n = 0
     for m in module.modules():
         if isinstance(m, Conv2d):
-            m.pack_weights = enabled
-            if not enabled:
-                m._packed = None
+            if m.weight_packing != mode:
+                m.weight_packing, m._packed = mode, None
             n += 1
     return n
 
 
 def packed_bytes(module: nn.Module) -> int:
     """Bytes of packed weights ``module``'s convolutions hold now."""
-    return sum(m._packed.weight.numel() * m._packed.weight.element_size()
-               for m in module.modules() if isinstance(m, Conv2d) and m._packed is not None)
+    return sum(m._packed.weight.numel() * m._packed.weight.element_size() for m in module.modules()
+               if isinstance(m, Conv2d) and m._packed is not None and m._packed.weight is not None)
 
 
 def _file_ranges() -> list[tuple[int, int]]:
@@ -115,21 +129,26 @@ def _file_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
-def _page_out(t: Tensor) -> None:
-    """Give the kernel back the whole pages of ``t`` when it lies in a memory-mapped file (Linux; else nothing)."""
+def _mapped_range(t: Tensor) -> tuple[int, int] | None:
+    """The whole pages of ``t`` (maybe none) when it lies in a memory-mapped regular file (Linux), else None."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu":
-        return
+        return None
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     try:
         if not any(lo <= start and end <= hi for lo, hi in _file_ranges()):
-            return
-        page = os.sysconf("SC_PAGE_SIZE")
-        lo, hi = -(-start // page) * page, end // page * page
-        if hi > lo:
-            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)  # an error: pages stay
+            return None
     except OSError:
-        return
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = -(-start // page) * page, end // page * page
+    return lo, max(lo, hi)
+
+
+def _page_out(lo: int, hi: int) -> None:
+    """Hand the kernel back the file pages in [lo, hi) (read again from the file when touched); errors: kept."""
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
 
 
 @functools.cache

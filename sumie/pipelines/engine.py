@@ -48,7 +48,7 @@ from sumie.checkpoints.loader import StableDiffusionModels, load_models
 from sumie.checkpoints.manager import ModelManager
 from sumie.checkpoints.precision import Precision
 from sumie.errors import ConfigError
-from sumie.models.packed_conv import set_weight_packing
+from sumie.models.packed_conv import PackingMode, set_weight_packing
 from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
@@ -183,15 +183,13 @@ class Engine:
         the eager UNet, each new shape and each weight change compiled again (minutes on a CPU)."""
         self.base.compiled = CompiledUNet(self.models.unet, log) if enabled else None
 
-    def pack_weights(self, enabled: bool = True) -> None:
-        """Prepacked convolution weights on the CPU (on by default; :mod:`sumie.models.packed_conv`): the same
-        images within fp32 rounding, faster; False gives plain convolutions and drops the packed copies (their
-        memory, when the weights do not come straight from a float32 file)."""
-        self.manager.set_weight_packing(enabled)
-        set_weight_packing(self.models.unet, enabled)
-        set_weight_packing(self.models.vae, enabled)
-        for control in self._controls.values():
-            set_weight_packing(control, enabled)
+    def set_weight_packing(self, mode: PackingMode) -> None:
+        """Prepacked CPU convolution weights (:mod:`sumie.models.packed_conv`), the same images within fp32
+        rounding: "auto" (the default) where it costs no memory (weights memory-mapped from a float32 file),
+        "on" for every weight (faster, a second copy of the others), "off" never (the packed copies dropped)."""
+        self.manager.set_weight_packing(mode)
+        for module in (self.models.unet, self.models.vae, *self._controls.values()):
+            set_weight_packing(module, mode)
 
     @property
     def default_cfg_scale(self) -> float:
