@@ -73,9 +73,11 @@ def check_report(report: dict[str, Any], family: str, steps: int) -> None:
 
 def test_compare_runs_both_engines_end_to_end(tiny_sd1: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["bench", "--compare", "diffusers", str(tiny_sd1), "--sizes", "64", "--steps", "2", "--warmup-steps",
-               "1", "--sampler", "euler", "--threads", "1", "--json"])
+               "1", "--sampler", "euler", "--threads", "1", "--weight-packing", "on", "--json"])
     assert rc == 0
-    check_report(json.loads(capsys.readouterr().out), "sd1", 2)
+    report = json.loads(capsys.readouterr().out)
+    check_report(report, "sd1", 2)  # the same image as diffusers' with every convolution packed
+    assert report["weight_packing"] == "on"
 
 
 @pytest.mark.slow
@@ -250,6 +252,10 @@ def test_rows_take_medians_and_ratios(tmp_path: Path) -> None:
     compiled = bench_compare.format_markdown({**report, "compile_unet": True})
     assert "euler (Karras), CFG 7, Sumie's UNet compiled (warm-up 6 s) |" in compiled  # the median warm-up, 3 * 2.0
     assert "warm-up s" in bench_compare.format_report(report)
+    off = {**report, "weight_packing": "off"}
+    assert "CFG 7, Sumie's weight packing off |" in bench_compare.format_markdown(off)
+    assert "(interleaved), Sumie's weight packing off" in bench_compare.format_report(off)
+    assert "packing" not in bench_compare.format_markdown({**report, "weight_packing": "auto"})
     saved = tmp_path / "report.json"
     saved.write_text(json.dumps(report))
     assert main(["bench", "--from-json", str(saved), "--markdown"]) == 0

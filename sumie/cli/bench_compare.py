@@ -438,9 +438,10 @@ COLUMNS = (("s/image", "seconds_per_image"), ("CPU s/image", "cpu_seconds_per_im
 def _sumie_options(report: dict[str, Any], warmup_s: float | None = None) -> str:
     """How Sumie ran when not as by default: ", Sumie's UNet compiled", ", Sumie's weight packing on"."""
     warm = f" (warm-up {warmup_s:.0f} s)" if warmup_s is not None else ""
+    packing = report.get("weight_packing", "auto")
+    packing = {True: "auto", False: "off"}.get(packing, packing)  # reports of commit f0d4764 held a bool
     return ((f", Sumie's UNet compiled{warm}" if report.get("compile_unet") else "")
-            + (f", Sumie's weight packing {report['weight_packing']}"
-               if report.get("weight_packing", "auto") != "auto" else ""))
+            + (f", Sumie's weight packing {packing}" if packing != "auto" else ""))
 
 
 def format_report(report: dict[str, Any]) -> str:
