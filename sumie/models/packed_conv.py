@@ -50,6 +50,7 @@ class _Packed:
     version: int
     shape: torch.Size  # the input shape it was made for
     weight: Tensor | None  # oneDNN's blocked layout; None: plain calls for this weight and shape ("auto")
+    mapped: tuple[int, int] | None  # the dense weight's whole pages in a memory-mapped file (None: not in a file)
 
 
 def _version(t: Tensor) -> int:
@@ -69,14 +70,15 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         w = self.weight
         p = self._packed
-        if p is None or p.source() is not w or p.version != _version(w) or p.shape != x.shape:
+        same_weight = p is not None and p.source() is w and p.version == _version(w)
+        if p is None or not same_weight or p.shape != x.shape:
             self._packed = None  # the old copy goes before the new one is made
-            mapped = _mapped_range(w)
+            mapped = p.mapped if p is not None and same_weight else _mapped_range(w)
             packed = None
             if mapped is not None or self.weight_packing == "on":
                 packed = torch.ops.mkldnn._reorder_convolution_weight(
                     w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
-            p = self._packed = _Packed(weakref.ref(w), _version(w), x.shape, packed)
+            p = self._packed = _Packed(weakref.ref(w), _version(w), x.shape, packed, mapped)
             if mapped is not None:
                 _page_out(*mapped)
         if p.weight is None:
