@@ -234,14 +234,15 @@ def test_standalone_vae_keeps_its_group_norm(tmp_path: Path, tiny_files: dict) -
 
     declared = tmp_path / "declared.safetensors"
     export_vae(declared, vae)
-    assert torch.allclose(decode(load_vae(declared)), want, atol=1e-6)
+    # (the file's weights are memory-mapped, so its convolutions run prepacked: the same numbers within fp32 rounding)
+    assert torch.allclose(decode(load_vae(declared)), want, atol=1e-5)
     models = load_models(tiny_files["sd1"][0], vae=declared)  # the model's own VAE has 32 groups
     assert models.vae.config.norm_groups == 8 and models.config.vae.norm_groups == 8
     assert models.vae.config.scaling_factor == models.config.vae.scaling_factor
 
     bare = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(bare))
-    assert torch.allclose(decode(load_vae(bare, fallback=cfg)), want, atol=1e-6)
+    assert torch.allclose(decode(load_vae(bare, fallback=cfg)), want, atol=1e-5)
     assert not torch.allclose(decode(load_vae(bare)), want, atol=1e-3)  # SD's 32 groups: another function
 
 def _mecha_layout(name: str) -> dict[str, torch.Tensor]:

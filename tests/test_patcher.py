@@ -18,6 +18,7 @@ from sumie.checkpoints.loader import build_module, load_models
 from sumie.checkpoints.save import random_single_file
 from sumie.configs import TINY
 from sumie.errors import ConfigError
+from sumie.models.packed_conv import Conv2d
 from sumie.models.unet import UNetModel
 
 torch.set_num_threads(1)
@@ -460,7 +461,7 @@ def test_clones_take_turns_and_keep_their_own_lists(unet_sd: dict) -> None:
     assert not base.is_patched and other.is_patched and other.patched_keys == {KEY, "out.2.bias"}
     assert torch.equal(unet.get_parameter(KEY), w + d1) and isinstance(unet.out[2], Scaled)
     base.patch()  # and back: other's wrapper and bias patch are gone
-    assert not other.is_patched and unet.get_parameter("out.2.bias") is b and unet.out[2].__class__ is nn.Conv2d
+    assert not other.is_patched and unet.get_parameter("out.2.bias") is b and unet.out[2].__class__ is Conv2d
     assert torch.equal(unet.get_parameter(KEY), w + d1)
     other.unpatch()  # not its patch any more: nothing happens
     assert base.is_patched

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from sumie.models.packed_conv import PACKING_MODES
+from sumie.configs import PACKING_MODES
 
 # CLI option -> GenerationParams field (all default to None = not given, as the other one-to-one options)
 PARAM_FIELDS = {

@@ -29,15 +29,13 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PACKING_MODES", "Conv2d", "PackingMode", "packed_bytes", "set_weight_packing"]
+from sumie.configs import PACKING_MODES, PackingMode
 
-PackingMode = Literal["auto", "on", "off"]
-PACKING_MODES: tuple[PackingMode, ...] = ("auto", "on", "off")
+__all__ = ["PACKING_MODES", "Conv2d", "PackingMode", "packed_bytes", "set_weight_packing"]
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _HAVE_OPS = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn,

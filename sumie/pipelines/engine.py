@@ -415,15 +415,17 @@ class Engine:
                tile: int = 512) -> Tensor:
         """Images ([B, 3, H, W] in [-1, 1], or PIL) -> scaled latents [B, C, H/f, W/f] (posterior means).
 
-        ``tiling`` / ``tile``: as ``GenerationParams.vae_tiling`` / ``vae_tile_size``."""
+        ``tiling`` / ``tile``: as ``GenerationParams.vae_tiling`` / ``vae_tile_size``. No autograd graph."""
         x = images if isinstance(images, Tensor) else torch.cat([img_ops.to_tensor(im) for im in images])
-        return vae_io.encode(self.models.vae, x, tiling=self._tiling(tiling, tile))
+        with torch.no_grad():
+            return vae_io.encode(self.models.vae, x, tiling=self._tiling(tiling, tile))
 
     def decode(self, latent: Tensor, convention: str = "a1111", *, tiling: vae_tiling.TilingMode = "auto",
                tile: int = 512) -> list[Image.Image]:
         """Scaled latents [B, C, h, w] -> PIL images, decoded one at a time (A1111 ``decode_latent_batch``)."""
-        return vae_io.decode_images(self.models.vae, latent, pipeline_convention(convention).rounding,
-                                    tiling=self._tiling(tiling, tile))
+        with torch.no_grad():
+            return vae_io.decode_images(self.models.vae, latent, pipeline_convention(convention).rounding,
+                                        tiling=self._tiling(tiling, tile))
 
 
 def load(model: str | Path | None = None, *, dtype: torch.dtype | Precision = torch.float32,
