@@ -4,6 +4,8 @@ memory-mapped file and hands their pages back once the packed copy exists, "on" 
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +201,17 @@ def test_engine_and_cli_switch(tmp_path: Path) -> None:
     cli_packed = np.asarray(Image.open(tmp_path / "packed.png"), dtype=np.int16)
     cli_plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
     assert np.array_equal(cli_packed, packed) and np.array_equal(cli_plain, plain)
+
+
+def test_deepcopy_and_pickle_leave_the_packed_copy_behind() -> None:
+    conv = _conv()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        want = conv(x)
+    assert conv._packed is not None
+    for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        assert other._packed is None and other.weight_packing == "on"
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
+        assert other._packed is not None
+    assert conv._packed is not None  # the original keeps its own

@@ -91,6 +91,12 @@ class Conv2d(nn.Conv2d):
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str))
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle and deepcopy without the packed copy (an opaque oneDNN tensor; made again on the next call)."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        return state
+
     def train(self, mode: bool = True) -> Conv2d:
         """As ``nn.Module.train``; entering training drops the packed copy."""
         if mode:
