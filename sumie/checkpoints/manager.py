@@ -45,7 +45,7 @@ from sumie.checkpoints.io import SAFETENSORS_EXT, read_safetensors_header
 from sumie.checkpoints.loader import StableDiffusionModels, load_models, load_vae
 from sumie.checkpoints.precision import Precision
 from sumie.errors import CheckpointError, ConfigError
-from sumie.models.packed_conv import PACKING_MODES, PackingMode, set_weight_packing
+from sumie.models.packed_conv import PackingMode, check_packing_mode, set_weight_packing
 
 __all__ = ["KINDS", "LoadRequest", "LoadedModel", "ModelFile", "ModelFolders", "ModelManager", "held_bytes",
            "split_title"]
@@ -404,9 +404,7 @@ class ModelManager:
     def set_weight_packing(self, mode: PackingMode) -> None:
         """The packing mode of the CPU convolutions (:mod:`sumie.models.packed_conv`: "auto", the default, "on"
         or "off") in every model loaded now and later."""
-        if mode not in PACKING_MODES:
-            raise ConfigError(f"weight packing {mode!r}: choose one of {', '.join(PACKING_MODES)}")
-        self.weight_packing = mode
+        self.weight_packing = check_packing_mode(mode)
         with self._lock:
             entries = list(self._cache.values())
         for entry in entries:
@@ -520,8 +518,7 @@ class ModelManager:
                 self._release_memory()
             request = LoadRequest(kind, path, self.device, self.dtype, dict(opts), self)
             value = loader(request)
-            if self.weight_packing != "auto":
-                _set_packing(value, self.weight_packing)
+            _set_packing(value, self.weight_packing)
             entry = _Entry(kind, self._display_name(kind, path), path, opts, value, held_bytes(value))
             with self._lock:
                 self._cache[key] = entry

@@ -34,8 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from sumie.configs import PACKING_MODES, PackingMode
+from sumie.errors import ConfigError
 
-__all__ = ["PACKING_MODES", "Conv2d", "PackingMode", "packed_bytes", "set_weight_packing"]
+__all__ = ["PACKING_MODES", "Conv2d", "PackingMode", "PackingModeError", "check_packing_mode", "packed_bytes",
+           "set_weight_packing"]
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _HAVE_OPS = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn,
@@ -104,10 +106,20 @@ class Conv2d(nn.Conv2d):
         return super().train(mode)
 
 
+class PackingModeError(ConfigError, ValueError):
+    """A packing mode other than auto, on, off."""
+
+
+def check_packing_mode(mode: str) -> PackingMode:
+    """``mode`` if it is one of :data:`PACKING_MODES`, else a :class:`PackingModeError` naming them."""
+    if mode not in PACKING_MODES:
+        raise PackingModeError(f"weight packing {mode!r}: choose one of {', '.join(PACKING_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
 def set_weight_packing(module: nn.Module, mode: PackingMode) -> int:
     """Set the packing mode of every :class:`Conv2d` in ``module`` (a change drops the packed copies); the count."""
-    if mode not in PACKING_MODES:
-        raise ValueError(f"weight packing {mode!r}: choose one of {', '.join(PACKING_MODES)}")
+    check_packing_mode(mode)
     n = 0
     for m in module.modules():
         if isinstance(m, Conv2d):
