@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 Prediction = Literal["eps", "v"]
-# How CPU convolutions prepack their weights (models/packed_conv): only where it costs no memory, always, never
+# How CPU convolutions and linear layers prepack their weights (models/packed): only where it costs no
+# memory, always, never
 PackingMode = Literal["auto", "on", "off"]
 PACKING_MODES: tuple[PackingMode, ...] = ("auto", "on", "off")
 

@@ -18,7 +18,7 @@ from sumie.checkpoints.loader import build_module, load_models
 from sumie.checkpoints.save import random_single_file
 from sumie.configs import TINY
 from sumie.errors import ConfigError
-from sumie.models.packed_conv import Conv2d
+from sumie.models.packed import Conv2d
 from sumie.models.unet import UNetModel
 
 torch.set_num_threads(1)

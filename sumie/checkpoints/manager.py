@@ -45,7 +45,7 @@ from sumie.checkpoints.io import SAFETENSORS_EXT, read_safetensors_header
 from sumie.checkpoints.loader import StableDiffusionModels, load_models, load_vae
 from sumie.checkpoints.precision import Precision
 from sumie.errors import CheckpointError, ConfigError
-from sumie.models.packed_conv import PackingMode, check_packing_mode, set_weight_packing
+from sumie.models.packed import PackingMode, check_packing_mode, set_weight_packing
 
 __all__ = ["KINDS", "LoadRequest", "LoadedModel", "ModelFile", "ModelFolders", "ModelManager", "held_bytes",
            "split_title"]
@@ -394,7 +394,7 @@ class ModelManager:
         self.hashes = hashes if hashes is not None else FileHashes()
         self.warnings: list[str] = []
         self.loads = 0  # models loaded from disk so far (cache misses)
-        self.weight_packing: PackingMode = "auto"  # CPU convolutions' prepacked weights (models/packed_conv)
+        self.weight_packing: PackingMode = "auto"  # CPU convolutions' and linear layers' prepacked weights
         self._loaders: dict[str, Loader] = {"checkpoint": _load_checkpoint, "vae": _load_standalone_vae,
                                             "upscaler": _load_upscaler}
         self._cache: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
@@ -402,8 +402,8 @@ class ModelManager:
         self._load_lock = threading.RLock()  # one load at a time (a loader may get() what it needs)
 
     def set_weight_packing(self, mode: PackingMode) -> None:
-        """The packing mode of the CPU convolutions (:mod:`sumie.models.packed_conv`: "auto", the default, "on"
-        or "off") in every model loaded now and later."""
+        """The packing mode of the CPU convolutions and linear layers (:mod:`sumie.models.packed`: "auto", the
+        default, "on" or "off") in every model loaded now and later."""
         self.weight_packing = check_packing_mode(mode)
         with self._lock:
             entries = list(self._cache.values())

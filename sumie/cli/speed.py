@@ -54,11 +54,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_weight_packing_arg(p: argparse._ActionsContainer) -> None:
-    """``--weight-packing auto|on|off`` (models/packed_conv)."""
+    """``--weight-packing auto|on|off`` (models/packed)."""
     p.add_argument("--weight-packing", choices=PACKING_MODES, default="auto",
-                   help="CPU convolutions with weights prepacked for oneDNN, the image within fp32 rounding: auto "
-                        "(default) where it costs no memory (a float32 file's weights), on for every weight (faster "
-                        "with fp16 files, a second copy of their convolution weights), off (README \"Speed\")")
+                   help="CPU convolutions and linear layers with prepacked weights (oneDNN, Winograd), the image "
+                        "within fp32 rounding: auto (default) where it costs no memory (a float32 file's weights), "
+                        "on for every weight (faster with fp16 files, a second copy of the weights), off (README "
+                        "\"Speed\")")
 
 
 def apply_engine_args(engine: Any, args: argparse.Namespace) -> None:

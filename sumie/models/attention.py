@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sumie.models.hooks import AttnSite, BlockKind, UNetOptions
-from sumie.models.packed_conv import Conv2d
+from sumie.models.packed import Conv2d, Linear
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -28,7 +28,7 @@ def _weight_state(linear: nn.Module) -> tuple[object, ...] | None:
     bumps the version, ``module.to()`` moves the storage. Wrapped layers (training adapters) and inference-mode
     weights (no version counter) are not cached.
     """
-    if type(linear) is not nn.Linear:
+    if type(linear) not in (nn.Linear, Linear):
         return None
     w = linear.weight
     if w.is_inference():
@@ -53,10 +53,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # LDM: to_out.0 (index 1 was dropout)
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim))  # LDM: to_out.0 (index 1 was dropout)
         # (context copy, to_k state, to_v state, k, v) of the last cross-attention call; not part of the state dict
         self._kv_cache: tuple[Tensor, tuple[object, ...], tuple[object, ...], Tensor, Tensor] | None = None
 
@@ -124,7 +124,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """[..., dim] -> [..., inner]."""
@@ -137,7 +137,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, N, dim] -> [B, N, dim]."""
@@ -186,8 +186,8 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = GroupNorm32(norm_groups, channels, eps=1e-6)
         if use_linear:
-            self.proj_in: nn.Module = nn.Linear(channels, inner)
-            self.proj_out: nn.Module = nn.Linear(inner, channels)
+            self.proj_in: nn.Module = Linear(channels, inner)
+            self.proj_out: nn.Module = Linear(inner, channels)
         else:
             self.proj_in = Conv2d(channels, inner, kernel_size=1)
             self.proj_out = Conv2d(inner, channels, kernel_size=1)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sumie.configs import UNetConfig
 from sumie.models.hooks import Residuals
-from sumie.models.packed_conv import Conv2d
+from sumie.models.packed import Conv2d
 from sumie.models.unet import UNetEncoder
 
 __all__ = ["HINT_CHANNELS", "ControlNetModel", "hint_block"]

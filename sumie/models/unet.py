@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from sumie.configs import UNetConfig
 from sumie.models.attention import GroupNorm32, SpatialTransformer
 from sumie.models.hooks import BlockKind, Residuals, UNetOptions
-from sumie.models.packed_conv import Conv2d
+from sumie.models.packed import Conv2d, Linear
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -66,7 +66,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             GroupNorm32(norm_groups, in_ch), nn.SiLU(), Conv2d(in_ch, out_ch, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_ch, out_ch))
         # Index 2 is LDM's dropout slot, kept so the conv stays at out_layers.3.
         self.out_layers = nn.Sequential(
             GroupNorm32(norm_groups, out_ch), nn.SiLU(), nn.Identity(),
@@ -116,7 +116,7 @@ class GuidanceProjection(nn.Module):
 
     def __init__(self, dim: int, channels: int) -> None:
         super().__init__()
-        self.cond_proj = nn.Linear(dim, channels, bias=False)
+        self.cond_proj = Linear(dim, channels, bias=False)
 
     def forward(self, w: Tensor, dtype: torch.dtype) -> Tensor:
         """Guidance w [B] -> [B, channels] in ``dtype``, added to the sinusoidal timestep embedding."""
@@ -158,11 +158,11 @@ class UNetEncoder(nn.Module):
         if len(cfg.transformer_depth) != levels:
             raise ValueError(f"transformer_depth {cfg.transformer_depth} needs one entry per level")
 
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.time_embed = nn.Sequential(Linear(ch, emb_ch), nn.SiLU(), Linear(emb_ch, emb_ch))
         self.label_emb: nn.Sequential | None = None
         if cfg.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+                nn.Sequential(Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), Linear(emb_ch, emb_ch))
             )
         # LCM single files keep diffusers' name for it: model.diffusion_model.time_embedding.cond_proj.weight
         self.time_embedding: GuidanceProjection | None = None

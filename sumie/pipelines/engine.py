@@ -48,7 +48,7 @@ from sumie.checkpoints.loader import StableDiffusionModels, load_models
 from sumie.checkpoints.manager import ModelManager
 from sumie.checkpoints.precision import Precision
 from sumie.errors import ConfigError
-from sumie.models.packed_conv import PackingMode, set_weight_packing
+from sumie.models.packed import PackingMode, set_weight_packing
 from sumie.models.taesd import TAESD
 from sumie.pipelines import hires as hires_mod
 from sumie.pipelines import images as img_ops
@@ -184,7 +184,7 @@ class Engine:
         self.base.compiled = CompiledUNet(self.models.unet, log) if enabled else None
 
     def set_weight_packing(self, mode: PackingMode) -> None:
-        """Prepacked CPU convolution weights (:mod:`sumie.models.packed_conv`), the same images within fp32
+        """Prepacked CPU convolution and linear weights (:mod:`sumie.models.packed`), the same images within fp32
         rounding: "auto" (the default) where it costs no memory (weights memory-mapped from a float32 file),
         "on" for every weight (faster, a second copy of the others), "off" never (the packed copies dropped)."""
         self.manager.set_weight_packing(mode)

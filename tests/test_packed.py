@@ -1,6 +1,7 @@
-"""Prepacked CPU convolutions (sumie.models.packed_conv): the same numbers as the plain convolution, packed again
-whenever the weight or the input shape changes, never used for autograd or training; "auto" packs only weights in a
-memory-mapped file and hands their pages back once the packed copy exists, "on" packs every weight, "off" none."""
+"""Prepacked CPU convolutions and linear layers (sumie.models.packed, sumie.models.winograd): the same numbers as the
+plain layer within fp32 rounding, packed again whenever the weight or the input shape changes, never used for
+autograd or training; Winograd's F(2x2, 3x3) where it fits; "auto" packs only weights in a memory-mapped file and
+hands their pages back once the packed copy exists, "on" packs every weight, "off" none."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from sumie.checkpoints.io import load_state_dict
 from sumie.checkpoints.save import random_single_file
 from sumie.cli.main import main
 from sumie.configs import TINY
-from sumie.models.packed_conv import Conv2d, packed_bytes, set_weight_packing
+from sumie.models import packed as packed_module
+from sumie.models.packed import Conv2d, Linear, packed_bytes, set_weight_packing
+from sumie.models.vae import AutoencoderKL
+from sumie.models.winograd import BAND_TILES, winograd_conv3x3, winograd_weight
 from sumie.pipelines.params import GenerationParams
 
 CL = torch.channels_last
@@ -67,9 +71,9 @@ def test_repacked_for_a_new_weight_object_version_and_shape() -> None:
         assert third is not second
         y = torch.randn(2, 16, 5, 7)
         assert torch.equal(conv(y), _plain(conv, y.contiguous(memory_format=CL)))
-        assert conv._packed is not third and conv._packed.shape == y.shape
+        assert conv._packed is not third and conv._packed.key == y.shape
         conv(y)
-        assert conv._packed.shape == y.shape  # the same shape and weight: kept
+        assert conv._packed.key == y.shape  # the same shape and weight: kept
 
 
 def test_patcher_patch_and_unpatch_repack() -> None:
@@ -105,7 +109,7 @@ def test_unet_modes_auto_on_off() -> None:
     with torch.inference_mode():
         packed = unet(x, t, ctx)
     assert packed_bytes(unet) > 0
-    assert set_weight_packing(unet, "off") == sum(isinstance(m, Conv2d) for m in unet.modules())
+    assert set_weight_packing(unet, "off") == sum(isinstance(m, (Conv2d, Linear)) for m in unet.modules())
     assert packed_bytes(unet) == 0
     with torch.inference_mode():
         plain = unet(x, t, ctx)
@@ -151,24 +155,46 @@ def _file_rss_kib(t: torch.Tensor) -> int:
     raise AssertionError("no mapping holds the tensor")
 
 
-def test_file_pages_handed_back_after_packing(tmp_path: Path) -> None:
-    """A float32 weight read from a safetensors file (memory-mapped) leaves memory once packed, and reads the same."""
+def _mapped(tmp_path: Path, layer: torch.nn.Module, w: torch.Tensor) -> torch.nn.Module:
+    """``layer`` with weight ``w`` and a random bias read back from a safetensors file (memory-mapped), all pages
+    read."""
+    save_file({"weight": w, "bias": torch.randn(w.shape[0])}, str(tmp_path / "layer.safetensors"))
+    sd = load_state_dict(tmp_path / "layer.safetensors")
+    layer.weight = torch.nn.Parameter(sd["weight"], requires_grad=False)
+    layer.bias = torch.nn.Parameter(sd["bias"], requires_grad=False)
+    assert torch.equal(layer.weight, w)  # every page read
+    assert _file_rss_kib(layer.weight) >= 2 * 1024
+    return layer.eval()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_file_pages_handed_back_after_packing(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 weight read from a safetensors file (memory-mapped) leaves memory once packed, and reads the same;
+    a new input shape is packed from the packed copy, not from the file."""
     torch.manual_seed(0)
-    w = torch.randn(256, 256, 3, 3)  # 2.25 MiB
-    save_file({"weight": w, "bias": torch.randn(256)}, str(tmp_path / "conv.safetensors"))
-    sd = load_state_dict(tmp_path / "conv.safetensors")
-    conv = Conv2d(256, 256, 3, padding=1).eval()
-    conv.weight = torch.nn.Parameter(sd["weight"], requires_grad=False)
-    conv.bias = torch.nn.Parameter(sd["bias"], requires_grad=False)
-    assert torch.equal(conv.weight, w)  # every page read
-    assert _file_rss_kib(conv.weight) >= 2 * 1024
-    x = torch.randn(1, 256, 8, 8)
-    with torch.inference_mode():
-        out = conv(x)
-    assert _file_rss_kib(conv.weight) < 512  # the whole pages of the weight went back
-    assert torch.equal(conv.weight, w)  # and read again from the file, unchanged
-    # (a memory-mapped weight is not 64-byte aligned: oneDNN's plain call takes another path, so a tolerance)
-    torch.testing.assert_close(out, F.conv2d(x, w, sd["bias"], padding=1), rtol=1e-5, atol=1e-4)
+    if kind == "conv":
+        w = torch.randn(256, 256, 3, 3)  # 2.25 MiB
+        layer, shapes = _mapped(tmp_path, Conv2d(256, 256, 3, padding=1), w), [(1, 256, 8, 8), (2, 256, 6, 8)]
+        plain = lambda x: F.conv2d(x, w, layer.bias, padding=1)  # noqa: E731
+    else:
+        w = torch.randn(768, 768)  # 2.25 MiB
+        layer, shapes = _mapped(tmp_path, Linear(768, 768), w), [(2, 77, 768), (5, 768)]
+        plain = lambda x: F.linear(x, w, layer.bias)  # noqa: E731
+    sources = []  # where each packing read the dense weight from
+    pack = type(layer)._pack
+    monkeypatch.setattr(type(layer), "_pack", lambda self, dense, x, key: (sources.append(dense.data_ptr()),
+                                                                           pack(self, dense, x, key))[1])
+    for shape in shapes:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            out = layer(x)
+        assert layer._packed.key != "winograd" and layer._packed.weight is not None
+        assert _file_rss_kib(layer.weight) < 512  # the whole pages of the weight went back (and stayed out)
+        # (a memory-mapped weight is not 64-byte aligned: the plain call takes another path, so a tolerance;
+        # the outputs' scale is ~48 for the conv, ~28 for the linear layer)
+        torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=5e-4)
+    assert sources[0] == layer.weight.data_ptr() and sources[1] != sources[0]  # the second from the packed copy
+    assert torch.equal(layer.weight, w)  # read again from the file, unchanged
 
 
 def test_anonymous_weights_stay() -> None:
@@ -215,3 +241,82 @@ def test_deepcopy_and_pickle_leave_the_packed_copy_behind() -> None:
             assert torch.equal(other(x), want)
         assert other._packed is not None
     assert conv._packed is not None  # the original keeps its own
+
+
+@pytest.mark.parametrize("b,c,o,h,w,bias", [(3, 8, 12, 16, 20, True), (2, 8, 12, 40, 16, False),
+                                            (1, 5, 7, 6, 2 * (BAND_TILES + 2), True), (1, 3, 4, 2, 2, True)])
+def test_winograd_is_the_convolution(b: int, c: int, o: int, h: int, w: int, bias: bool) -> None:
+    """F(2x2, 3x3) against a float64 convolution (bands that do not divide the rows, rows longer than a band, one
+    tile); each image's result is the one it gets alone."""
+    torch.manual_seed(0)
+    x, wt = torch.randn(b, c, h, w), torch.randn(o, c, 3, 3)
+    bb = torch.randn(o) if bias else None
+    got = winograd_conv3x3(x, winograd_weight(wt), bb)
+    assert got.shape == (b, o, h, w) and got.is_contiguous(memory_format=CL)
+    ref = F.conv2d(x.double(), wt.double(), None if bb is None else bb.double(), padding=1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[-1:], winograd_conv3x3(x[-1:], winograd_weight(wt), bb))
+
+
+def test_conv_takes_winograd_where_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = _conv(16, 24)
+    with torch.inference_mode():
+        x = torch.randn(2, 16, 16, 16)  # 256 pixels per image, even sides
+        torch.testing.assert_close(conv(x), _plain(conv, x), rtol=1e-5, atol=1e-5)
+        kernel = conv._packed
+        assert kernel.key == "winograd"
+        y = torch.randn(1, 16, 20, 18)
+        torch.testing.assert_close(conv(y), _plain(conv, y), rtol=1e-5, atol=1e-5)
+        assert conv._packed is kernel  # Winograd's kernel does not depend on the input shape
+        for shape in [(1, 16, 14, 14), (1, 16, 17, 16)]:  # too few pixels; an odd side
+            z = torch.randn(shape)
+            assert torch.equal(conv(z), _plain(conv, z.contiguous(memory_format=CL)))
+            assert conv._packed.key == z.shape
+        strided = _conv(16, 24, stride=2)
+        strided(x)
+        assert strided._packed.key == x.shape
+        monkeypatch.setattr(packed_module, "WINOGRAD_MAX_BYTES", 24 * 16 * 9 * 4 - 1)  # a weight too big
+        big = _conv(16, 24)
+        big(x)
+        assert big._packed.key == x.shape
+    assert all(not m.winograd for m in AutoencoderKL(TINY["sd1"].vae).modules() if isinstance(m, Conv2d))
+
+
+def test_unet_with_winograd_matches_the_plain_unet() -> None:
+    unet = random_unet()
+    set_weight_packing(unet, "on")
+    x, t, ctx = unet_inputs()
+    x = torch.randn(x.shape[0], x.shape[1], 16, 16)
+    with torch.inference_mode():
+        packed = unet(x, t, ctx)
+        assert any(m._packed is not None and m._packed.key == "winograd" for m in unet.modules()
+                   if isinstance(m, Conv2d))
+        set_weight_packing(unet, "off")
+        plain = unet(x, t, ctx)
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_packed_repacked_and_plain_for_autograd() -> None:
+    torch.manual_seed(0)
+    lin = Linear(48, 40).eval()
+    lin.weight_packing = "on"
+    x = torch.randn(2, 7, 48)
+    with torch.no_grad():
+        out = lin(x)
+        first = lin._packed
+        assert first.key == 14 and first.weight is not None
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin(x)
+        assert lin._packed is first  # the same rows and weight: kept
+        y = torch.randn(3, 48)
+        torch.testing.assert_close(lin(y), F.linear(y, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert lin._packed.key == 3
+        lin.weight.add_(1.0)
+        torch.testing.assert_close(lin(y), F.linear(y, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert lin._packed.version == lin.weight._version
+    grad = lin(x)  # autograd: the plain call
+    assert grad.requires_grad and torch.equal(grad, F.linear(x, lin.weight, lin.bias))
+    plain = Linear(48, 40).eval()  # "auto" and an ordinary weight: nothing packed
+    with torch.no_grad():
+        plain(x)
+    assert plain._packed is not None and plain._packed.weight is None
