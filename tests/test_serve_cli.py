@@ -69,3 +69,25 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip().count("\n") == 0 and "cannot listen on 127.0.0.1:" in err
     assert "Traceback" not in err
+
+
+def test_weight_packing_reaches_every_model_manager(tmp_path: Path) -> None:
+    """``sumie serve --weight-packing off`` (and ``batch``) sets the mode of each worker's model manager; a mode
+    that does not exist is a usage error naming the choices."""
+    import dataclasses
+
+    from sumie.cli.serve import build_config
+    from sumie.serve.server import Server
+
+    parse = build_parser().parse_args
+    assert build_config(parse(["serve"])).weight_packing == "auto"
+    assert parse(["batch", "jobs.jsonl", "-o", "out", "--weight-packing", "on"]).weight_packing == "on"
+    config = build_config(parse(["serve", "--weight-packing", "off", "--device", "cpu,cpu"]))
+    server = Server(dataclasses.replace(config, preload=False, output_dir=tmp_path / "out"))
+    try:
+        assert [m.weight_packing for m in server.queue.managers] == ["off", "off"]
+    finally:
+        server.close()
+    proc = subprocess.run([sys.executable, "-m", "sumie", "serve", "--weight-packing", "yes"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "--weight-packing" in proc.stderr and "auto" in proc.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sumie.cli.speed import add_weight_packing_arg
 from sumie.errors import ConfigError
 
 _LOCAL = ("127.0.0.1", "localhost", "::1")
@@ -60,7 +61,7 @@ def build_config(args: argparse.Namespace) -> Any:
                        devices=devices, dtype=dtype, limits=limits, auth=parse_auth(args.api_auth),
                        api_tokens=tuple(args.api_token),
                        input_dir=Path(args.input_dir) if args.input_dir else None,
-                       preview_method=args.preview_method)
+                       preview_method=args.preview_method, weight_packing=args.weight_packing)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,6 +113,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                     "(default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights dtype (default: fp16 on a GPU, fp32 "
                                                                       "on the CPU)")
+    add_weight_packing_arg(p)
 
 
 def _ray_args(p: argparse.ArgumentParser, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sumie.configs import PackingMode
 from sumie.errors import ConfigError
 
 __all__ = ["PREVIEW_METHODS", "Limits", "ServeConfig", "parse_auth"]
@@ -51,6 +52,7 @@ class ServeConfig:
     retry_after_s: int = 5
     input_dir: Path | None = None  # ComfyUI's input folder (default: OUTPUT_DIR/../input)
     preview_method: str = "none"  # ComfyUI's --preview-method: none, auto or latent2rgb (binary WebSocket frames)
+    weight_packing: PackingMode = "auto"  # CPU convolutions' and linear layers' prepacked weights (models/packed)
     # One of several processes on one output folder and job records (the replicas of ``sumie serve --ray``): no
     # start-up recovery or temp-file cleanup (whoever starts them does it once: sumie.serve.store.prepare_shared);
     # running jobs write their progress to the records and jobs of the other processes are answered from there.

@@ -158,6 +158,8 @@ class JobQueue:
         precision = Precision.of(_DTYPES[config.dtype])
         self.managers = [ModelManager(folders, device=d, dtype=precision, max_models=2, hashes=hashes)
                          for d in config.devices]
+        for manager in self.managers:
+            manager.set_weight_packing(config.weight_packing)
         self.workers = [FairWorker(m, d, name=f"sumie-serve-{d}") for m, d in zip(self.managers, config.devices,
                                                                               strict=True)]
         self.embeddings_dirs = folders.dirs("embedding")
