@@ -45,6 +45,7 @@ from sumie.checkpoints.io import SAFETENSORS_EXT, read_safetensors_header
 from sumie.checkpoints.loader import StableDiffusionModels, load_models, load_vae
 from sumie.checkpoints.precision import Precision
 from sumie.errors import CheckpointError, ConfigError
+from sumie.memory import trim_heap
 from sumie.models.packed import PackingMode, check_packing_mode, set_weight_packing
 
 __all__ = ["KINDS", "LoadRequest", "LoadedModel", "ModelFile", "ModelFolders", "ModelManager", "held_bytes",
@@ -552,8 +553,9 @@ class ModelManager:
         return evicted
 
     def _release_memory(self) -> None:
-        """Let evicted models go now (reference cycles) and hand cached CUDA blocks back."""
+        """Let evicted models go now (reference cycles) and hand freed heap pages and cached CUDA blocks back."""
         gc.collect()
+        trim_heap()
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 

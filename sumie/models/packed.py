@@ -29,7 +29,6 @@ one); a repack for a new shape then starts from the oneDNN copy, not from the fi
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import sys
 import weakref
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from sumie.configs import PACKING_MODES, PackingMode
 from sumie.errors import ConfigError
+from sumie.memory import libc
 from sumie.models.winograd import winograd_conv3x3, winograd_weight
 
 __all__ = ["PACKING_MODES", "Conv2d", "Linear", "PackingMode", "PackingModeError", "check_packing_mode",
@@ -48,9 +48,10 @@ __all__ = ["PACKING_MODES", "Conv2d", "Linear", "PackingMode", "PackingModeError
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
 # Winograd (models/winograd) where it pays: 64 or more 2x2 tiles per image (fewer make its products too short), and
-# weights of at most 16 MiB (the 320- and 640-channel levels; its kernel copy is 16/9 the weight's size)
+# weights of at most 64 MiB (up to 1920 -> 640 and 1280 -> 1280 channels; its kernel copy is 16/9 the weight's size;
+# the 2560 -> 1280 ones took more memory than their time paid for)
 WINOGRAD_MIN_PIXELS = 256
-WINOGRAD_MAX_BYTES = 16 * 2**20
+WINOGRAD_MAX_BYTES = 64 * 2**20
 _HAVE_OPS = all(hasattr(torch.ops.mkldnn, op) for op in (
     "_convolution_pointwise", "_reorder_convolution_weight", "_linear_pointwise", "_reorder_linear_weight"))
 _WINOGRAD = "winograd"  # the key of a Winograd kernel: good for every input shape it fits
@@ -244,11 +245,4 @@ def _mapped_range(t: Tensor) -> tuple[int, int] | None:
 def _page_out(lo: int, hi: int) -> None:
     """Hand the kernel back the file pages in [lo, hi) (read again from the file when touched); errors: kept."""
     if hi > lo:
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    lib = ctypes.CDLL(None, use_errno=True)
-    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return lib
+        libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)

@@ -68,11 +68,13 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, Cin, H, W] -> [B, Cout, H, W]."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = not torch.is_grad_enabled()  # no autograd: SiLU and the residual reuse their input's memory
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.norm2(h)  # conv1's output goes before conv2's comes
+        h = self.conv2(F.silu(h, inplace=inplace))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if inplace else x + h
 
 
 class AttnBlock(nn.Module):
@@ -132,14 +134,15 @@ class Level(nn.Module):
         self.downsample = Downsample(out_channels) if resample == "down" else None
         self.upsample = Upsample(out_channels) if resample == "up" else None
 
+    def stages(self) -> list[nn.Module]:
+        """The blocks, then the resampling if any, in the order they run."""
+        resample = [m for m in (self.downsample, self.upsample) if m is not None]
+        return [*self.block, *resample]
+
     def forward(self, x: Tensor) -> Tensor:
         """[B, Cin, H, W] -> [B, Cout, H', W'] (H' = H/2, H or 2H)."""
-        for blk in self.block:
-            x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
+        for stage in self.stages():
+            x = stage(x)
         return x
 
 
@@ -214,7 +217,8 @@ class Decoder(nn.Module):
     def upsample(self, h: Tensor) -> Tensor:
         """The convolutional part (up levels, output): [B, C_top, h, w] -> [B, 3, H, W]; local, so it can tile."""
         for level in reversed(self.up):
-            h = level(h)
+            for stage in level.stages():  # stage by stage: a level's input is let go after its first block
+                h = stage(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def forward(self, z: Tensor) -> Tensor:

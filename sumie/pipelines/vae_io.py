@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sumie.configs import VAEConfig
 from sumie.errors import ConfigError, NaNError
+from sumie.memory import trim_heap
 from sumie.models.taesd import TAESD
 from sumie.models.vae import AutoencoderKL
 from sumie.pipelines.images import to_image
@@ -79,6 +80,8 @@ def decode(vae: AutoencoderKL, latent: Tensor, warn: Warn | None = None, tiling:
         raise NaNError("the latent given to the VAE decoder holds NaN or infinite values: sampling diverged; "
                        "lower the CFG scale or run the UNet in float32 (--dtype fp32)")
     tiling = tiling or VAETiling()
+    if latent.device.type == "cpu":
+        trim_heap()  # the denoising loop's freed buffers go back to the kernel before the decoder's come (memory)
     f = vae.downscale
     tile = plan_tiles("decode", vae, latent.shape[-2] * f, latent.shape[-1] * f, tiling)
     out = []
