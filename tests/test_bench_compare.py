@@ -262,6 +262,21 @@ def test_rows_take_medians_and_ratios(tmp_path: Path) -> None:
     text = bench_compare.format_report(report)
     assert re.search(r"256x256  ratio d/s +2.50x +2.50x", text) and "median of 3 (interleaved)" in text
     assert main(["bench", "--from-json", str(tmp_path / "a.png")]) == 2
+    assert "not comparable" not in text
+    assert bench_compare.ONE_STEP_NOTE in bench_compare.format_report({**report, "steps": 1})
+
+
+def test_one_step_note_holds_for_diffusers_scheduler() -> None:
+    """The 1-step note's claim, read from diffusers itself: with the configs the bench writes, one Euler step starts
+    at t = 0 (sigma 0.029) where two start at sigma_max (14.6), as A1111's and Sumie's Karras schedules always do."""
+    from sumie.cli.bench_diffusers import SCHEDULER
+
+    sched = diffusers.EulerDiscreteScheduler.from_config(SCHEDULER, use_karras_sigmas=True)
+    sched.set_timesteps(1)
+    assert sched.timesteps.tolist() == [0.0] and sched.sigmas[0].item() == pytest.approx(0.0292, abs=1e-4)
+    sched.set_timesteps(2)
+    assert sched.sigmas[0].item() == pytest.approx(14.6146, abs=1e-3)
+    assert "0.029" in bench_compare.ONE_STEP_NOTE and "14.6" in bench_compare.ONE_STEP_NOTE
 
 
 # ------------------------------------------------------------------------------------------------ --make-random

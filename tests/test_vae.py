@@ -427,3 +427,22 @@ def test_full_size_sd_vae_parity() -> None:
     assert infer_vae_config(sd) == SD1.vae
     ours.load_state_dict(sd, strict=True)
     print(compare_with_diffusers(ours, ref, 64, 64))
+
+
+def test_inference_frees_in_place_and_matches_the_autograd_path() -> None:
+    """Without autograd the decoder's SiLU and residuals reuse their input's memory: the same numbers as the
+    out-of-place autograd path (packing off, so both run the same convolutions), and gradients still flow."""
+    from sumie.models.packed import set_weight_packing
+
+    cfg, _, h, w = TINY[1].values
+    model = AutoencoderKL(cfg).eval()
+    randomize(model, 3)
+    set_weight_packing(model, "off")
+    z = torch.randn(1, 4, h // model.downscale, w // model.downscale, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        fast = model.decode(z)
+    zg = z.clone().requires_grad_(True)
+    slow = model.decode(zg)
+    assert torch.equal(fast, slow.detach())
+    slow.square().mean().backward()
+    assert zg.grad is not None and bool(torch.isfinite(zg.grad).all()) and zg.grad.abs().sum() > 0

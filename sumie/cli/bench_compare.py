@@ -444,6 +444,12 @@ def _sumie_options(report: dict[str, Any], warmup_s: float | None = None) -> str
             + (f", Sumie's weight packing {packing}" if packing != "auto" else ""))
 
 
+# diffusers' "linspace" timestep spacing (SD1.x / SDXL scheduler configs) puts a lone step at t = 0
+ONE_STEP_NOTE = ("note: with 1 step the images are not comparable: diffusers' linspace timestep spacing takes its one "
+                 "step from t = 0 (sigma 0.029), A1111 and Sumie from the schedule's sigma_max (14.6 for SD); "
+                 "compare speed only, or use 2 steps or more")
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table: one line per engine and size, then the ratios."""
     m = report["machine"]
@@ -470,6 +476,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{_num(ratio['seconds_per_image'], 'x')}, peak RSS {_num(ratio['peak_rss_mib'], 'x')}; the "
                      f"images differ by {row['mean_abs_diff_uint8']:.3f} uint8 levels on average (image std "
                      f"{row['image_std_uint8']:.1f})")
+    if report["steps"] == 1:
+        lines.append(ONE_STEP_NOTE)
     return "\n".join(lines)
 
 
