@@ -354,6 +354,11 @@ def test_view_serves_only_inside_the_folders(srv: Running) -> None:
             == 403
         assert http.get("/view", params={"filename": "probe.png", "type": "models"}).status_code == 400
         assert http.get("/view", params={"filename": "nothing.png"}).status_code == 404
+        for params in ({"filename": "x" * 300 + ".png"}, {"filename": "probe.png", "subfolder": "d" * 300}):
+            long = http.get("/view", params=params)  # over a name's 255 bytes: the request's fault, not a 500
+            assert long.status_code in (400, 403, 404) and "error" in long.json(), (params, long.text)
+        long = http.post("/upload/image", files={"image": ("y" * 300 + ".png", b"x", "image/png")})
+        assert long.status_code == 400 and "255 bytes" in long.json()["detail"]
         rgb = http.get("/view", params={"filename": "probe.png", "channel": "rgb"})
         assert Image.open(io.BytesIO(rgb.content)).getpixel((0, 0)) == (1, 2, 3)
 

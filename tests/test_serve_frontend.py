@@ -149,6 +149,18 @@ def test_userdata_files_stay_inside_the_user_folder(srv: Running) -> None:
     assert _get(srv, "/api/userdata").status_code == 400
     assert _get(srv, "/api/userdata?dir=nothing-here").status_code == 404
     assert secret.read_text() == "no"
+    long_name = "e%CC%81" * 90  # 90 x "é" as e + combining accent: 270 bytes, over a file name's 255
+    for method, url, field in (("GET", f"/api/userdata/{long_name}", "file"),
+                               ("POST", f"/api/userdata/{long_name}", "file"),
+                               ("DELETE", f"/api/userdata/{long_name}", "file"),
+                               ("POST", f"/api/userdata/workflows%2Fours.json/move/{long_name}", "dest"),
+                               ("POST", f"/api/userdata/{long_name}/move/workflows%2Fx.json", "file"),
+                               ("GET", f"/api/userdata?dir={long_name}", "dir"),
+                               ("GET", "/api/userdata/" + "%2F".join(["a" * 200] * 6), "file")):
+        r = httpx.request(method, srv.url + url, content=b"x", timeout=60)
+        assert r.status_code == 400 and r.json()["field"] == field, (method, url, r.status_code, r.text)
+        assert "bytes" in r.json()["detail"]
+    assert (root / "workflows" / "ours.json").read_bytes() == body  # not moved
     assert httpx.delete(f"{srv.url}/api/userdata/workflows%2Fours.json", timeout=60).status_code == 204
     assert _get(srv, "/api/userdata/workflows%2Fours.json").status_code == 404
 

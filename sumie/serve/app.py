@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,6 +88,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(SumieError)
     async def sumie_error(_request: Request, e: SumieError) -> JSONResponse:
         return JSONResponse(error_body(type(e).__name__, str(e)), status_code=400)
+
+    @app.exception_handler(OSError)
+    async def os_error(_request: Request, e: OSError) -> JSONResponse:
+        if e.errno == errno.ENAMETOOLONG:  # a file name from the request (/view, an upload...) over 255 bytes
+            return JSONResponse(error_body("ApiError", "a file name in the request is longer than the file system "
+                                                       "allows (255 bytes a name): shorten it"), status_code=400)
+        logging.getLogger("sumie.serve").error("unhandled error", exc_info=e)
+        return JSONResponse(error_body(type(e).__name__, str(e) or type(e).__name__), status_code=500)
 
     @app.exception_handler(Exception)
     async def any_error(_request: Request, e: Exception) -> JSONResponse:

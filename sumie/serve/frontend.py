@@ -189,6 +189,9 @@ async def list_userdata(request: Request, dir: str = "", recurse: bool = False, 
     ``split``: ``[path, *parts]``); 400 without ``dir``, 403 outside the user folder, 404 for a missing folder."""
     if not dir:
         return _refuse(400, "dir: give the folder to list, e.g. dir=workflows", "dir")
+    problem = _name_problem(dir)
+    if problem is not None:
+        return _refuse(400, f"dir: {problem}", "dir")
     store = _store(request)
     folder = store.path(dir)
     if folder is None:
@@ -206,11 +209,33 @@ async def list_userdata(request: Request, dir: str = "", recurse: bool = False, 
     return JSONResponse(out)
 
 
-def _user_file(request: Request, file: str) -> tuple[UserStore, Path] | JSONResponse:
+NAME_MAX_BYTES = 255  # one file or folder name (Linux's NAME_MAX); a longer one fails every file call
+PATH_MAX_BYTES = 1024  # a user path, relative to the user folder
+
+
+def _name_problem(relative: str) -> str | None:
+    """Why ``relative`` cannot name a user file (a name over 255 bytes, a path over 1024), else None."""
+    try:
+        parts = [os.fsencode(part) for part in relative.split("/")]
+    except UnicodeEncodeError:
+        return "not a valid file name (unencodable characters)"
+    longest = max(len(part) for part in parts)
+    if longest > NAME_MAX_BYTES:
+        return f"a name of {longest} bytes; file and folder names are at most {NAME_MAX_BYTES} bytes"
+    total = sum(len(part) + 1 for part in parts) - 1
+    if total > PATH_MAX_BYTES:
+        return f"a path of {total} bytes; user paths are at most {PATH_MAX_BYTES} bytes"
+    return None
+
+
+def _user_file(request: Request, file: str, field: str = "file") -> tuple[UserStore, Path] | JSONResponse:
+    problem = _name_problem(file)
+    if problem is not None:
+        return _refuse(400, f"{field}: {problem}", field)
     store = _store(request)
     path = store.path(file)
     if path is None:
-        return _refuse(403, "file: outside the user folder", "file")
+        return _refuse(403, f"{field}: outside the user folder", field)
     return store, path
 
 
@@ -218,7 +243,7 @@ def _user_file(request: Request, file: str) -> tuple[UserStore, Path] | JSONResp
 async def move_userdata(request: Request, file: str, dest: str, overwrite: bool = True,
                         full_info: bool = False) -> Response:
     """Rename a user file (409 when ``dest`` exists and ``overwrite`` is false)."""
-    found, target = _user_file(request, file), _user_file(request, dest)
+    found, target = _user_file(request, file), _user_file(request, dest, "dest")
     if isinstance(found, JSONResponse):
         return found
     if isinstance(target, JSONResponse):
