@@ -93,7 +93,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def os_error(_request: Request, e: OSError) -> JSONResponse:
         if e.errno == errno.ENAMETOOLONG:  # a file name from the request (/view, an upload...) over 255 bytes
             return JSONResponse(error_body("ApiError", "a file name in the request is longer than the file system "
-                                                       "allows (255 bytes a name): shorten it"), status_code=400)
+                                                       f"allows ({frontend.NAME_MAX_BYTES} bytes a name): shorten it"),
+                                status_code=400)
         logging.getLogger("sumie.serve").error("unhandled error", exc_info=e)
         return JSONResponse(error_body(type(e).__name__, str(e) or type(e).__name__), status_code=500)
 

@@ -216,15 +216,14 @@ PATH_MAX_BYTES = 1024  # a user path, relative to the user folder
 def _name_problem(relative: str) -> str | None:
     """Why ``relative`` cannot name a user file (a name over 255 bytes, a path over 1024), else None."""
     try:
-        parts = [os.fsencode(part) for part in relative.split("/")]
+        encoded = os.fsencode(relative)
     except UnicodeEncodeError:
         return "not a valid file name (unencodable characters)"
-    longest = max(len(part) for part in parts)
+    longest = max(len(part) for part in encoded.split(b"/"))
     if longest > NAME_MAX_BYTES:
         return f"a name of {longest} bytes; file and folder names are at most {NAME_MAX_BYTES} bytes"
-    total = sum(len(part) + 1 for part in parts) - 1
-    if total > PATH_MAX_BYTES:
-        return f"a path of {total} bytes; user paths are at most {PATH_MAX_BYTES} bytes"
+    if len(encoded) > PATH_MAX_BYTES:
+        return f"a path of {len(encoded)} bytes; user paths are at most {PATH_MAX_BYTES} bytes"
     return None
 
 
