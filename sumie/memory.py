@@ -20,6 +20,8 @@ def libc() -> ctypes.CDLL:
     """This process's C library (``madvise``, ``malloc_trim``)."""
     lib = ctypes.CDLL(None, use_errno=True)
     lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if hasattr(lib, "malloc_trim"):  # glibc only (not musl)
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
     return lib
 
 
@@ -27,8 +29,5 @@ def trim_heap() -> bool:
     """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``); False where there is none."""
     if not sys.platform.startswith("linux"):
         return False
-    trim = getattr(libc(), "malloc_trim", None)  # glibc only (not musl)
-    if trim is None:
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
+    lib = libc()
+    return hasattr(lib, "malloc_trim") and bool(lib.malloc_trim(0))

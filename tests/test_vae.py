@@ -19,6 +19,7 @@ from sumie.checkpoints.keymaps.vae import (
 )
 from sumie.configs import SD1, SDXL, VAEConfig
 from sumie.errors import CheckpointError, ConfigError
+from sumie.models.packed import set_weight_packing
 from sumie.models.taesd import TAESD
 from sumie.models.vae import AutoencoderKL
 
@@ -432,8 +433,6 @@ def test_full_size_sd_vae_parity() -> None:
 def test_inference_frees_in_place_and_matches_the_autograd_path() -> None:
     """Without autograd the decoder's SiLU and residuals reuse their input's memory: the same numbers as the
     out-of-place autograd path (packing off, so both run the same convolutions), and gradients still flow."""
-    from sumie.models.packed import set_weight_packing
-
     cfg, _, h, w = TINY[1].values
     model = AutoencoderKL(cfg).eval()
     randomize(model, 3)
